@@ -1,0 +1,186 @@
+//! Configuration: one typed, validated value built from file, environment and flags.
+//!
+//! The types in this file are the contract the rest of the crate reads. Loading, merging
+//! (flag > env > file), validation and documentation live in the sibling files.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A secret value (password, verifier). Never printed: `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself. Call sites are the only places a secret leaves this type.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    /// The server is held for one transaction (released at ReadyForQuery 'I').
+    Transaction,
+    /// The server is held for the whole client session.
+    Session,
+}
+
+/// How clients authenticate to iampool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthType {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+/// Client-facing TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientTls {
+    Disable,
+    Allow,
+    Require,
+}
+
+/// libpq's sslmode, for the upstream connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How iampool signs in to the upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamAuth {
+    /// Password from the URL / config (SCRAM-SHA-256, md5 or cleartext, as the server asks).
+    Password,
+    /// A short-lived RDS IAM token sent as the cleartext password, over verified TLS only.
+    Iam(IamConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IamConfig {
+    /// Signing region: explicit, or inferred from an `*.REGION.rds.amazonaws.com` host.
+    pub region: String,
+    /// True when `region` was inferred from the host name (logged at start).
+    pub region_inferred: bool,
+    /// Roles assumed in order (cross-account chains): the first with the default chain's
+    /// credentials, each next one with the previous role's.
+    pub assume_role_arns: Vec<String>,
+    pub external_id: Option<String>,
+    pub role_session_name: String,
+    /// Usable life of a token; at most 900 s.
+    pub token_lifetime: Duration,
+}
+
+/// Where and how to reach one upstream database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name: the name dialled (unless `hostaddr`), verified in TLS and signed for IAM.
+    pub host: String,
+    /// Address dialled instead of resolving `host` (libpq's hostaddr).
+    pub hostaddr: Option<IpAddr>,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub dbname: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub auth: UpstreamAuth,
+    /// Send a cleartext password over a connection without TLS (off by default).
+    pub allow_cleartext_password: bool,
+    /// New server logins per second to this host, shared by every pool to it.
+    pub max_new_connections_per_second: u32,
+    /// Optional bound on how long a pooled session lives after its login (IAM re-authentication).
+    pub reauth_interval: Option<Duration>,
+}
+
+/// One client-facing database (= one pool).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Database {
+    /// Name clients put in their startup packet.
+    pub name: String,
+    pub upstream: Upstream,
+    pub pool_mode: PoolMode,
+    pub pool_size: usize,
+    pub min_pool_size: usize,
+}
+
+/// A client user's stored secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserSecret {
+    /// Plain password (config file or auth file).
+    Plain(Secret),
+    /// `md5` + md5(password + user), as in pg_authid / PgBouncer's auth file.
+    Md5(Secret),
+    /// `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
+    Scram(Secret),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// TCP listen addresses (default 127.0.0.1:6432).
+    pub listen: Vec<SocketAddr>,
+    /// Directory for a `.s.PGSQL.<port>` unix socket, if any.
+    pub unix_socket_dir: Option<PathBuf>,
+    pub max_client_conn: usize,
+    pub server_lifetime: Duration,
+    /// Up to this much is added at random to each server's lifetime so they do not expire together.
+    pub server_lifetime_jitter: Duration,
+    pub server_idle_timeout: Duration,
+    pub server_connect_timeout: Duration,
+    pub server_login_retry: Duration,
+    pub query_wait_timeout: Duration,
+    pub client_login_timeout: Duration,
+    /// None = disabled.
+    pub idle_transaction_timeout: Option<Duration>,
+    pub max_message_size: usize,
+    pub server_reset_query: String,
+    pub auth_type: AuthType,
+    pub auth_file: Option<PathBuf>,
+    /// Client users: from `[users.NAME]`, the auth file, and upstream URLs that carry a password.
+    pub users: BTreeMap<String, UserSecret>,
+    pub client_tls: ClientTls,
+    pub client_tls_cert_file: Option<PathBuf>,
+    pub client_tls_key_file: Option<PathBuf>,
+    pub shutdown_timeout: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub metrics_listen: Option<SocketAddr>,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
+    pub databases: Vec<Database>,
+}
+
+impl Config {
+    pub fn database(&self, name: &str) -> Option<&Database> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+}

@@ -1,0 +1,13 @@
+//! iampool: a PostgreSQL connection pooler sidecar that signs in to RDS and Aurora with IAM.
+//!
+//! `main.rs` is thin; [`app`] is the composition root that builds the shared state and
+//! hands it down. Nothing here is a process global, so tests start the real server
+//! in-process on port 0.
+
+pub mod app;
+pub mod client;
+pub mod config;
+pub mod iam;
+pub mod pool;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,1 @@
+//! Server connection pools: one per (database, user).

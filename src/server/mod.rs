@@ -1,0 +1,3 @@
+//! The server side: connecting upstream, TLS, upstream authentication, server connection state.
+
+pub mod tls;
