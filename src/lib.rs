@@ -11,3 +11,4 @@ pub mod iam;
 pub mod pool;
 pub mod protocol;
 pub mod server;
+pub mod stream;

@@ -1,3 +1,65 @@
-//! The client side: listener, startup handshake, client authentication and the relay.
+//! The client side: startup handshake, client authentication, cancel keys and the relay.
 
+pub mod auth;
+pub mod cancel;
+pub mod cycle;
+pub mod handshake;
+pub mod relay;
 pub mod tls;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tracing::debug;
+
+use crate::app::Shared;
+use crate::stream::Stream;
+
+/// Counts a client connection for max_client_conn while it lives.
+struct ClientSlot<'a>(&'a Shared);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one accepted client connection from startup to the end.
+pub async fn serve(shared: Arc<Shared>, stream: Stream) {
+    let open = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    let _slot = ClientSlot(&shared);
+    let config = shared.config();
+    let over_limit = open > config.max_client_conn;
+    let registration = shared.cancel.register();
+    let key = (registration.pid, registration.secret);
+    let login = tokio::time::timeout(
+        config.client_login_timeout,
+        handshake::handshake(&shared, stream, over_limit, key),
+    )
+    .await;
+    let login = match login {
+        Ok(Ok(login)) => login,
+        Ok(Err(refused)) => {
+            debug!(?refused, "client not logged in");
+            return;
+        }
+        Err(_) => {
+            debug!("client_login_timeout: dropping a client that did not finish its startup");
+            return;
+        }
+    };
+    debug!(user = %login.user, database = %login.database, "client logged in");
+    let session = relay::Session::new(relay::SessionArgs {
+        pool: login.pool,
+        client: login.stream,
+        leftover: login.leftover,
+        params: login.params,
+        cancel: registration.slot.clone(),
+        max_message: config.max_message_size,
+        idle_tx_timeout: config.idle_transaction_timeout,
+        server_reset_query: config.server_reset_query.clone(),
+        shutdown: shared.shutdown_signal(),
+    });
+    let end = session.run().await;
+    debug!(?end, "client session ended");
+}

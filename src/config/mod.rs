@@ -3,11 +3,31 @@
 //! The types in this file are the contract the rest of the crate reads. Loading, merging
 //! (flag > env > file), validation and documentation live in the sibling files.
 
+pub mod auth_file;
+mod build;
+mod cli;
+mod database;
+mod error;
+pub mod keys;
+mod load;
+mod render;
+#[cfg(test)]
+mod tests;
+pub mod url;
+mod value;
+
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub use cli::command as cli_command;
+pub use error::{ConfigError, ConfigErrors, Origin, Problem};
+pub use keys::is_reloadable;
+pub use render::example_toml;
+pub use value::Named;
 
 /// A secret value (password, verifier). Never printed: `Debug` and `Display` redact it.
 #[derive(Clone, PartialEq, Eq)]
@@ -182,5 +202,96 @@ pub struct Config {
 impl Config {
     pub fn database(&self, name: &str) -> Option<&Database> {
         self.databases.iter().find(|d| d.name == name)
+    }
+}
+
+/// What the command line asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run the pooler (no subcommand).
+    Run,
+    /// Validate the configuration and print [`Loaded::render_redacted`].
+    CheckConfig,
+    /// Print an IAM token; no configuration is loaded.
+    Token(TokenArgs),
+}
+
+/// Arguments of `iampool token`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenArgs {
+    pub host: String,
+    /// Default 5432.
+    pub port: u16,
+    pub user: String,
+    /// Unset: infer from the host ([`url::infer_region`]).
+    pub region: Option<String>,
+    /// RFC 3339, checked to parse; unset means now.
+    pub signing_time: Option<String>,
+}
+
+/// The result of a full load.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub command: Command,
+    /// `None` for [`Command::Token`].
+    pub config: Option<Config>,
+    /// Where each effective value came from, by key: `listen`, `databases.app.sslmode`,
+    /// `databases.app.password`, `users.alice`. Values not listed are defaults.
+    pub sources: BTreeMap<String, Origin>,
+}
+
+impl Loaded {
+    /// [`Config::render_redacted`] with the source of each value in a trailing comment.
+    pub fn render_redacted(&self) -> String {
+        match &self.config {
+            Some(config) => render::render(config, &|label| {
+                Some(
+                    self.sources
+                        .get(label)
+                        .unwrap_or(&Origin::Default)
+                        .to_string(),
+                )
+            }),
+            None => String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Full load from process args (including argv[0]) and an environment, flag > env > file >
+    /// default. Every mistake is reported together. Like clap's `parse`, `--help` and
+    /// `--version` print and exit the process.
+    pub fn load(
+        args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigErrors> {
+        load::load(args, env)
+    }
+
+    /// For tests: `load(["iampool", ..args], env)`, for the run or check-config command.
+    pub fn from_args(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let args = std::iter::once("iampool").chain(args.iter().copied());
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let loaded = Config::load(args, env)?;
+        loaded.config.ok_or_else(|| {
+            ConfigErrors(vec![ConfigError {
+                key: "command line".into(),
+                source: "arguments".into(),
+                message: "the token command loads no configuration".into(),
+                fix: "use Config::load for the token command".into(),
+            }])
+        })
+    }
+
+    /// The effective configuration as TOML with secrets redacted. Without provenance; use
+    /// [`Loaded::render_redacted`] for each value's source.
+    pub fn render_redacted(&self) -> String {
+        render::render(self, &|_| None)
+    }
+
+    /// Keys whose effective value differs in `new` (global key names, then `databases` and
+    /// `users`). RELOAD applies those [`is_reloadable`] accepts and reports the rest.
+    pub fn changed_keys(&self, new: &Config) -> Vec<&'static str> {
+        render::changed_keys(self, new)
     }
 }

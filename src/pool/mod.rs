@@ -1,1 +1,353 @@
 //! Server connection pools: one per (database, user).
+//!
+//! Checkout is FIFO: a returned or newly opened connection goes to the longest-waiting
+//! client. A connection comes back only through [`Pool::checkin`] (provably clean) or
+//! [`Pool::discard`] (closed); nothing is repaired. The janitor retires idle connections
+//! that died, outlived `server_lifetime` or sat idle past `server_idle_timeout`, and keeps
+//! `min_pool_size` open.
+
+mod janitor;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::config::PoolMode;
+use crate::server::connect::ServerParamList;
+use crate::server::{Connector, LoginError, ServerConn};
+
+/// The reloadable part of a pool's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub pool_size: usize,
+    pub min_pool_size: usize,
+    pub query_wait_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub login_retry: Duration,
+}
+
+#[derive(Debug, Error, Clone)]
+pub enum PoolError {
+    #[error("no server connection became available within query_wait_timeout ({waited:?}){}",
+        .last_error.as_ref().map(|e| format!("; last login error: {e}")).unwrap_or_default())]
+    Timeout {
+        waited: Duration,
+        last_error: Option<String>,
+    },
+    /// The upstream refused the login: (SQLSTATE, message).
+    #[error("{1}")]
+    Login(String, String),
+    #[error("pool is shutting down")]
+    Closed,
+}
+
+impl PoolError {
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            PoolError::Timeout { .. } => crate::protocol::messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH,
+            PoolError::Login(code, _) => code,
+            PoolError::Closed => crate::protocol::messages::sqlstate::ADMIN_SHUTDOWN,
+        }
+    }
+}
+
+type Delivery = Result<ServerConn, PoolError>;
+
+struct Waiter {
+    tx: oneshot::Sender<Delivery>,
+}
+
+struct State {
+    settings: PoolSettings,
+    /// Most recently used first (LIFO reuse keeps a warm core; the rest can idle out).
+    idle: VecDeque<ServerConn>,
+    /// Every connection that exists or is being opened: idle + in use + connecting.
+    total: usize,
+    connecting: usize,
+    waiters: VecDeque<Waiter>,
+    /// Last login failure and when, so a burst of clients does not hammer a failing upstream.
+    last_error: Option<(Instant, LoginError)>,
+    closed: bool,
+}
+
+/// A snapshot for the admin console and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct PoolStatus {
+    pub idle: usize,
+    pub active: usize,
+    pub connecting: usize,
+    pub waiting: usize,
+    pub pool_size: usize,
+}
+
+pub struct Pool {
+    pub database: String,
+    pub user: String,
+    connector: Connector,
+    state: Mutex<State>,
+    /// ParameterStatus set from the first login, sent to clients at their login.
+    welcome: Mutex<Option<Arc<ServerParamList>>>,
+}
+
+impl Pool {
+    pub fn new(database: String, connector: Connector, settings: PoolSettings) -> Arc<Pool> {
+        let user = connector.upstream.user.clone();
+        Arc::new(Pool {
+            database,
+            user,
+            connector,
+            state: Mutex::new(State {
+                settings,
+                idle: VecDeque::new(),
+                total: 0,
+                connecting: 0,
+                waiters: VecDeque::new(),
+                last_error: None,
+                closed: false,
+            }),
+            welcome: Mutex::new(None),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        self.lock().settings.clone()
+    }
+
+    pub fn mode(&self) -> PoolMode {
+        self.lock().settings.mode
+    }
+
+    /// Applies reloaded settings; a smaller pool shrinks as connections come back.
+    pub fn update_settings(self: &Arc<Self>, settings: PoolSettings) {
+        let mut st = self.lock();
+        st.settings = settings;
+        self.grow_for_waiters(&mut st);
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let st = self.lock();
+        PoolStatus {
+            idle: st.idle.len(),
+            active: st.total - st.idle.len() - st.connecting,
+            connecting: st.connecting,
+            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
+            pool_size: st.settings.pool_size,
+        }
+    }
+
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// Waits (FIFO, up to `query_wait_timeout`) for a clean server connection.
+    pub async fn checkout(self: &Arc<Self>) -> Result<ServerConn, PoolError> {
+        let (mut rx, wait) = {
+            let mut st = self.lock();
+            if st.closed {
+                return Err(PoolError::Closed);
+            }
+            let now = Instant::now();
+            while let Some(mut conn) = st.idle.pop_front() {
+                if conn.is_broken() || conn.expired(now) {
+                    self.forget(&mut st, conn);
+                    continue;
+                }
+                return Ok(conn);
+            }
+            // A login failed permanently a moment ago: fail fast instead of hammering.
+            if let Some((at, e)) = &st.last_error {
+                if e.is_permanent() && now.duration_since(*at) < st.settings.login_retry {
+                    let (code, msg) = e.client_error();
+                    return Err(PoolError::Login(code, msg));
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(Waiter { tx });
+            self.grow_for_waiters(&mut st);
+            (rx, st.settings.query_wait_timeout)
+        };
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(Ok(delivery)) => delivery,
+            Ok(Err(_)) => Err(PoolError::Closed),
+            Err(_) => {
+                // Close the channel first: a connection sent in the meantime is still ours.
+                rx.close();
+                if let Ok(delivery) = rx.try_recv() {
+                    return delivery;
+                }
+                let mut st = self.lock();
+                st.waiters.retain(|w| !w.tx.is_closed());
+                Err(PoolError::Timeout {
+                    waited: wait,
+                    last_error: st.last_error.as_ref().map(|(_, e)| e.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Returns a provably clean connection (ReadyForQuery 'I', nothing outstanding).
+    pub fn checkin(self: &Arc<Self>, mut conn: ServerConn) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if st.closed || conn.expired(now) || st.total > st.settings.pool_size {
+            self.forget(&mut st, conn);
+            return;
+        }
+        conn.idle_since = now;
+        self.deliver(&mut st, conn);
+    }
+
+    /// Closes a connection that is not clean, or that the caller otherwise will not return.
+    pub fn discard(self: &Arc<Self>, conn: ServerConn) {
+        let mut st = self.lock();
+        self.forget(&mut st, conn);
+    }
+
+    /// The ParameterStatus set clients get at login, logging a server in if none has yet.
+    pub async fn welcome_params(self: &Arc<Self>) -> Result<Arc<ServerParamList>, PoolError> {
+        if let Some(p) = self.welcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(p);
+        }
+        let conn = self.checkout().await?;
+        self.checkin(conn);
+        self.welcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(PoolError::Closed)
+    }
+
+    /// Stops handing out connections, fails waiters and closes idle connections.
+    pub fn close(self: &Arc<Self>) {
+        let mut st = self.lock();
+        st.closed = true;
+        for w in st.waiters.drain(..) {
+            let _ = w.tx.send(Err(PoolError::Closed));
+        }
+        while let Some(conn) = st.idle.pop_front() {
+            self.forget(&mut st, conn);
+        }
+    }
+
+    /// Closes every idle connection now and marks the rest to close when they come back
+    /// (admin RECONNECT, credential changes).
+    pub fn retire_all(self: &Arc<Self>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        while let Some(mut conn) = st.idle.pop_front() {
+            conn.retire_at = now;
+            self.forget(&mut st, conn);
+        }
+        self.grow_for_waiters(&mut st);
+    }
+
+    fn deliver(self: &Arc<Self>, st: &mut State, mut conn: ServerConn) {
+        while let Some(w) = st.waiters.pop_front() {
+            match w.tx.send(Ok(conn)) {
+                Ok(()) => return,
+                Err(Ok(back)) => conn = back,
+                Err(Err(_)) => unreachable!("only connections are sent here"),
+            }
+        }
+        st.idle.push_front(conn);
+    }
+
+    /// Drops a connection from the books and closes it politely in the background.
+    fn forget(self: &Arc<Self>, st: &mut State, conn: ServerConn) {
+        st.total -= 1;
+        debug!(pool = %self.database, backend_pid = conn.backend_pid, "closing server connection");
+        close_in_background(conn);
+        self.grow_for_waiters(st);
+    }
+
+    /// Opens connections while clients wait and the pool has room.
+    fn grow_for_waiters(self: &Arc<Self>, st: &mut State) {
+        st.waiters.retain(|w| !w.tx.is_closed());
+        while !st.closed
+            && st.total < st.settings.pool_size
+            && st.waiters.len() > st.connecting
+        {
+            self.spawn_connect(st);
+        }
+    }
+
+    fn spawn_connect(self: &Arc<Self>, st: &mut State) {
+        st.total += 1;
+        st.connecting += 1;
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let result = pool.connector.connect().await;
+            pool.connected(result);
+        });
+    }
+
+    fn connected(self: &Arc<Self>, result: Result<(ServerConn, ServerParamList), LoginError>) {
+        let mut st = self.lock();
+        st.connecting -= 1;
+        match result {
+            Ok((conn, params)) => {
+                st.last_error = None;
+                {
+                    let mut w = self.welcome.lock().unwrap_or_else(|e| e.into_inner());
+                    if w.is_none() {
+                        *w = Some(Arc::new(params));
+                    }
+                }
+                if st.closed {
+                    st.total -= 1;
+                    close_in_background(conn);
+                } else {
+                    self.deliver(&mut st, conn);
+                }
+            }
+            Err(e) => {
+                st.total -= 1;
+                if e.is_permanent() {
+                    // Retrying cannot help: tell every waiting client now.
+                    let (code, msg) = e.client_error();
+                    for w in st.waiters.drain(..) {
+                        let _ = w.tx.send(Err(PoolError::Login(code.clone(), msg.clone())));
+                    }
+                } else if !st.waiters.is_empty() {
+                    // Transient (refused, reset, timeout): try again after server_login_retry
+                    // while clients still wait; they give up at query_wait_timeout.
+                    let pool = self.clone();
+                    let delay = st.settings.login_retry;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let mut st = pool.lock();
+                        pool.grow_for_waiters(&mut st);
+                    });
+                }
+                st.last_error = Some((Instant::now(), e));
+            }
+        }
+    }
+
+    /// Janitor's entry point: see `janitor.rs`.
+    pub fn spawn_janitor(self: &Arc<Self>) {
+        janitor::spawn(self.clone());
+    }
+}
+
+/// Sends Terminate and closes, without making anyone wait for it.
+pub fn close_in_background(mut conn: ServerConn) {
+    tokio::spawn(async move {
+        let terminate = [b'X', 0, 0, 0, 4];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            conn.stream.write_all(&terminate).await?;
+            conn.stream.shutdown().await
+        })
+        .await;
+    });
+}

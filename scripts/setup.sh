@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Install what iampool's tests and benchmarks need on Debian 12. Idempotent; fast when all is there.
+#
+# Installs: PostgreSQL 15 server and client (the test harness starts throwaway clusters),
+# pgbouncer (benchmark baseline), python3, libpam-modules (pam_exec for the IAM-checking
+# PostgreSQL), openssl, prometheus (promtool and the scrape test; its service is not started),
+# procps (pgrep) and util-linux (setpriv, runuser). Creates OS user `postgres` if missing.
+set -euo pipefail
+
+PACKAGES=(
+  postgresql-15
+  postgresql-client-15
+  pgbouncer
+  python3
+  libpam-modules
+  openssl
+  prometheus
+  procps
+  util-linux
+  ca-certificates
+)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+  [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
+done
+need_user=0
+id -u postgres >/dev/null 2>&1 || need_user=1
+
+if [[ ${#missing[@]} -eq 0 && $need_user -eq 0 ]]; then
+  log "all packages present, OS user postgres exists"
+  exit 0
+fi
+
+# Run privileged steps as root, through sudo when we are not root.
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO=(sudo -n)
+  else
+    log "not root and no passwordless sudo; please install as root:"
+    [[ ${#missing[@]} -gt 0 ]] && log "  apt-get install -y --no-install-recommends ${missing[*]}"
+    [[ $need_user -eq 1 ]] && log "  adduser --system --group --home /var/lib/postgresql postgres"
+    exit 1
+  fi
+fi
+
+if [[ ${#missing[@]} -gt 0 ]]; then
+  log "installing: ${missing[*]}"
+  # Keep package scripts from starting services (prometheus, pgbouncer, a PostgreSQL main
+  # cluster): policy-rc.d exit 101 = "action forbidden" for invoke-rc.d.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+    "${SUDO[@]}" chmod 755 "$policy"
+    own_policy=1
+  fi
+  restore_policy() { [[ $own_policy -eq 1 ]] && "${SUDO[@]}" rm -f "$policy"; return 0; }
+  trap restore_policy EXIT
+  running_before=$(pg_lsclusters -h 2>/dev/null | awk '$4 == "online" {print $1 "/" $2}' || true)
+
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update -q
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}"
+
+  # Without systemd-aware policy some installs still start things; stop what we started.
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    pg_lsclusters -h 2>/dev/null | awk '$4 == "online" {print $1 " " $2}' |
+      while read -r ver name; do
+        if ! grep -qx "$ver/$name" <<<"$running_before"; then
+          log "stopping PostgreSQL cluster $ver/$name started by the package install"
+          "${SUDO[@]}" pg_ctlcluster "$ver" "$name" stop || true
+        fi
+      done
+  fi
+  for svc in prometheus prometheus-node-exporter pgbouncer; do
+    if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+      "${SUDO[@]}" systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    elif pgrep -x "$svc" >/dev/null 2>&1; then
+      "${SUDO[@]}" service "$svc" stop >/dev/null 2>&1 || true
+    fi
+  done
+fi
+
+if ! id -u postgres >/dev/null 2>&1; then
+  log "creating OS user postgres"
+  "${SUDO[@]}" adduser --system --group --home /var/lib/postgresql --no-create-home \
+    --shell /bin/bash postgres
+fi
+
+for tool in /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/postgres psql \
+  /usr/sbin/pgbouncer promtool openssl python3 pgrep setpriv; do
+  command -v "$tool" >/dev/null 2>&1 || { log "still missing after install: $tool"; exit 1; }
+done
+log "done"

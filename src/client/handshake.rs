@@ -1,0 +1,338 @@
+//! The startup phase: SSL/GSS negotiation, cancel requests, the startup packet, client
+//! authentication and the welcome (ParameterStatus, BackendKeyData, ReadyForQuery).
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use super::auth;
+use crate::app::Shared;
+use crate::config::ClientTls;
+use crate::pool::Pool;
+use crate::protocol::framing::{
+    startup_packet_len, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST,
+};
+use crate::protocol::messages::{self, sqlstate, BodyReader, Severity, TxStatus};
+use crate::server::params::SessionParams;
+use crate::stream::Stream;
+
+/// A client that finished the startup phase.
+pub struct Login {
+    pub stream: Stream,
+    pub leftover: BytesMut,
+    pub user: String,
+    pub database: String,
+    pub pool: Arc<Pool>,
+    pub params: SessionParams,
+}
+
+/// The startup phase ended without a session.
+#[derive(Debug)]
+pub enum Refused {
+    /// A cancel request was handled, or the client went away.
+    Done,
+    /// The client got a FATAL with this SQLSTATE.
+    Fatal(&'static str),
+}
+
+/// A FATAL for the client, then the connection closes.
+struct Fatal(&'static str, String);
+
+async fn read_startup_packet(stream: &mut Stream, buf: &mut BytesMut) -> Result<BytesMut, Fatal> {
+    loop {
+        match startup_packet_len(buf) {
+            Err(e) => return Err(Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+            Ok(Some(len)) if buf.len() >= len => return Ok(buf.split_to(len)),
+            Ok(Some(len)) => buf.reserve(len - buf.len()),
+            Ok(None) => buf.reserve(64),
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(gone()),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Runs the startup phase for one client connection.
+pub async fn handshake(
+    shared: &Arc<Shared>,
+    stream: Stream,
+    over_limit: bool,
+    key: (i32, i32),
+) -> Result<Login, Refused> {
+    let mut buf = BytesMut::with_capacity(512);
+    let (mut stream, packet) = match negotiate(shared, stream, &mut buf).await {
+        Ok(v) => v,
+        Err((Some(mut s), fatal)) => return Err(refuse(&mut s, fatal).await),
+        Err((None, _)) => return Err(Refused::Done),
+    };
+    match login(shared, &mut stream, &mut buf, &packet, over_limit, key).await {
+        Ok((user, database, pool, params)) => Ok(Login {
+            stream,
+            leftover: buf,
+            user,
+            database,
+            pool,
+            params,
+        }),
+        Err(f) => Err(refuse(&mut stream, f).await),
+    }
+}
+
+async fn refuse(stream: &mut Stream, Fatal(code, message): Fatal) -> Refused {
+    if code.is_empty() {
+        return Refused::Done;
+    }
+    debug!(code, %message, "client refused at startup");
+    let mut b = BytesMut::new();
+    messages::error_response(&mut b, Severity::Fatal, code, &message);
+    let _ = stream.write_all(&b).await;
+    let _ = stream.flush().await;
+    Refused::Fatal(code)
+}
+
+fn gone() -> Fatal {
+    Fatal("", String::new())
+}
+
+type Negotiated = Result<(Stream, BytesMut), (Option<Stream>, Fatal)>;
+
+/// SSLRequest / GSSENCRequest / CancelRequest, until the client sends its startup packet.
+async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut) -> Negotiated {
+    let mut negotiated_tls = false;
+    loop {
+        let packet = match read_startup_packet(&mut stream, buf).await {
+            Ok(p) => p,
+            Err(f) => return Err((Some(stream), f)),
+        };
+        let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        match code {
+            SSL_REQUEST if packet.len() == 8 => {
+                let acceptor = shared.tls_acceptor.as_ref().filter(|_| !negotiated_tls);
+                match (acceptor, stream) {
+                    (Some(acceptor), Stream::Tcp(mut tcp)) => {
+                        // Bytes pipelined behind the SSLRequest would bypass TLS: refuse them.
+                        if !buf.is_empty() {
+                            let f = Fatal(
+                                sqlstate::PROTOCOL_VIOLATION,
+                                "received unencrypted data after SSL request".into(),
+                            );
+                            return Err((Some(Stream::Tcp(tcp)), f));
+                        }
+                        if tcp.write_all(b"S").await.is_err() {
+                            return Err((None, gone()));
+                        }
+                        match acceptor.accept(tcp).await {
+                            Ok(tls) => stream = Stream::TlsServer(Box::new(tls)),
+                            Err(e) => {
+                                debug!(error = %e, "client TLS handshake failed");
+                                return Err((None, gone()));
+                            }
+                        }
+                        negotiated_tls = true;
+                    }
+                    (_, mut other) => {
+                        if other.write_all(b"N").await.is_err() {
+                            return Err((None, gone()));
+                        }
+                        stream = other;
+                    }
+                }
+            }
+            GSSENC_REQUEST if packet.len() == 8 => {
+                if stream.write_all(b"N").await.is_err() {
+                    return Err((None, gone()));
+                }
+            }
+            CANCEL_REQUEST if packet.len() == 16 => {
+                let mut r = BodyReader::new(&packet[8..]);
+                let pid = r.i32().unwrap_or(0);
+                let secret = r.i32().unwrap_or(0);
+                shared.cancel.cancel(pid, secret).await;
+                return Err((None, gone()));
+            }
+            code if code >> 16 == 3 => return Ok((stream, packet)),
+            code => {
+                let f = Fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0",
+                        code >> 16,
+                        code & 0xffff
+                    ),
+                );
+                return Err((Some(stream), f));
+            }
+        }
+    }
+}
+
+/// The startup packet's parameters, client authentication and the welcome.
+async fn login(
+    shared: &Arc<Shared>,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    packet: &[u8],
+    over_limit: bool,
+    key: (i32, i32),
+) -> Result<(String, String, Arc<Pool>, SessionParams), Fatal> {
+    let config = shared.config();
+    // Startup parameters, decoded strictly.
+    let minor = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]) & 0xffff;
+    let mut r = BodyReader::new(&packet[8..]);
+    let mut user = None;
+    let mut database = None;
+    let mut startup_params: Vec<(String, String)> = Vec::new();
+    let mut unsupported_options = Vec::new();
+    let bad = |_| Fatal(sqlstate::PROTOCOL_VIOLATION, "invalid startup packet layout: expected terminator as last byte".into());
+    loop {
+        let name = r.cstr().map_err(bad)?;
+        if name.is_empty() {
+            break;
+        }
+        let value = r.cstr().map_err(bad)?;
+        match name {
+            "user" => user = Some(value.to_owned()),
+            "database" => database = Some(value.to_owned()),
+            "replication" => {
+                return Err(Fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "replication connections are not supported by iampool".into(),
+                ))
+            }
+            "options" => startup_params.extend(parse_options(value)),
+            n if n.starts_with("_pq_.") => unsupported_options.push(n.to_owned()),
+            n => startup_params.push((n.to_owned(), value.to_owned())),
+        }
+    }
+    if !r.is_empty() {
+        return Err(bad(messages::DecodeError::Truncated));
+    }
+    if minor > 0 || !unsupported_options.is_empty() {
+        let mut b = BytesMut::new();
+        messages::negotiate_protocol_version(&mut b, 0, &unsupported_options);
+        stream.write_all(&b).await.map_err(|_| gone())?;
+    }
+
+    if config.client_tls == ClientTls::Require && !stream.is_tls() {
+        return Err(Fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "TLS is required (client_tls = require): connect with sslmode=require".into(),
+        ));
+    }
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        return Err(Fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet".into(),
+        ));
+    };
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    if over_limit {
+        return Err(Fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "no more connections allowed (max_client_conn)".into(),
+        ));
+    }
+    let Some(pool) = shared.pool(&database) else {
+        return Err(Fatal(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" does not exist"),
+        ));
+    };
+
+    let users = shared.users();
+    auth::authenticate(stream, buf, config.auth_type, &users, &user)
+        .await
+        .map_err(|(code, msg)| Fatal(code, msg))?;
+
+    // The welcome: the server's parameters with the client's own values on top.
+    let welcome = pool.welcome_params().await.map_err(|e| {
+        let code: &'static str = match e.sqlstate() {
+            "28P01" => sqlstate::INVALID_PASSWORD,
+            "28000" => sqlstate::INVALID_AUTHORIZATION,
+            "3D000" => sqlstate::INVALID_CATALOG_NAME,
+            "57P01" => sqlstate::ADMIN_SHUTDOWN,
+            _ => sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH,
+        };
+        Fatal(code, e.to_string())
+    })?;
+    let mut params = SessionParams::default();
+    for (n, v) in welcome.iter() {
+        params.set_reported(n, v);
+    }
+    for (n, v) in &startup_params {
+        params.set_startup(n, v);
+    }
+    let mut out = BytesMut::with_capacity(512);
+    for (n, v) in welcome.iter() {
+        let v = params.reported(n).unwrap_or(v);
+        messages::parameter_status(&mut out, n, v);
+    }
+    messages::backend_key_data(&mut out, key.0, key.1);
+    messages::ready_for_query(&mut out, TxStatus::Idle);
+    stream.write_all(&out).await.map_err(|_| gone())?;
+    stream.flush().await.map_err(|_| gone())?;
+
+    Ok((user, database, pool, params))
+}
+
+/// Parses the `options` startup parameter: `-c name=value` and `--name=value`, with `\`
+/// escaping a space, as PostgreSQL does.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_ascii_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            Some(rest.to_owned())
+        } else {
+            w.strip_prefix("-c").map(str::to_owned)
+        };
+        if let Some((n, v)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            out.push((n.replace('-', "_"), v.to_owned()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_options;
+
+    #[test]
+    fn options_parsing() {
+        assert_eq!(
+            parse_options("-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x=a\\ b"),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "64MB".into()),
+                ("x".into(), "a b".into()),
+            ]
+        );
+    }
+}

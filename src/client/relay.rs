@@ -1,0 +1,663 @@
+//! The session relay: one client's life after login, and the hot path.
+//!
+//! Bytes are read into one buffer per direction, the framer walks message boundaries in
+//! place, and the same bytes are written on: no per-message allocation, one write per read.
+//! Only the messages that decide pooling are looked at (ReadyForQuery, ParameterStatus,
+//! ErrorResponse and the COPY responses from the server; the tag of each client message).
+//!
+//! While a server is linked, both directions are driven from one task with `poll_fn`, so a
+//! server that is blocked writing results can never deadlock against a client that is
+//! blocked writing a large pipeline: each side is read as long as its buffer has room.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Sleep;
+use tokio_util::io::poll_read_buf;
+use tracing::debug;
+
+use super::cancel::{CancelSlot, CancelTarget};
+use super::cycle::{ClientMsg, Cycle};
+use crate::config::PoolMode;
+use crate::pool::{Pool, PoolError};
+use crate::protocol::framing::{Scanner, Step, HEADER_LEN};
+use crate::protocol::messages::{
+    self, backend, parse_error_fields, parse_parameter_status, sqlstate, Severity, TxStatus,
+};
+use crate::server::params::SessionParams;
+use crate::server::ServerConn;
+use crate::stream::{read_message, Stream};
+
+/// Read size per syscall, and how many unsent bytes a direction may hold before it stops reading.
+const READ_CHUNK: usize = 16 * 1024;
+const HIGH_WATER: usize = 64 * 1024;
+/// PostgreSQL never sends a message over 1 GiB.
+const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1;
+
+/// Why the linked phase stopped.
+#[derive(Debug)]
+enum Wake {
+    /// Transaction mode: the server is clean and goes back to the pool.
+    Released,
+    /// The client closed, sent Terminate, or failed; everything it sent has been passed on.
+    ClientGone,
+    ServerGone(Option<io::Error>),
+    ClientProtocol(String),
+    ServerProtocol(String),
+    IdleInTransaction,
+}
+
+/// How the session ended (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    ClientGone,
+    ServerGone,
+    ProtocolError,
+    Timeout,
+    Shutdown,
+    PoolError,
+}
+
+/// One direction of the relay: a read buffer whose front `ready` bytes are scanned and
+/// waiting to be written to the other side.
+#[derive(Default)]
+struct Half {
+    buf: BytesMut,
+    ready: usize,
+    scan: Scanner,
+    /// Bytes written since the last flush (TLS streams buffer until flushed).
+    unflushed: bool,
+    /// Size of an inspected message that is not complete yet, so the buffer can grow for it.
+    want: usize,
+}
+
+impl Half {
+    fn reserve(&mut self) {
+        let spare = self.buf.capacity() - self.buf.len();
+        let need = READ_CHUNK.max(self.want.saturating_sub(self.buf.len() - self.ready));
+        if spare < need {
+            self.buf.reserve(need);
+        }
+    }
+
+    /// Nothing scanned is waiting and the stream sits at a message boundary.
+    fn settled(&self) -> bool {
+        self.ready == 0 && !self.unflushed && self.scan.at_boundary()
+    }
+
+    fn poll_write_to(&mut self, cx: &mut Context<'_>, dst: &mut Stream) -> Poll<io::Result<()>> {
+        while self.ready > 0 {
+            match Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.ready]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.buf.advance(n);
+                    self.ready -= n;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.unflushed {
+            match Pin::new(&mut *dst).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+pub struct Session {
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    client: Stream,
+    c: Half,
+    s: Half,
+    server: Option<ServerConn>,
+    cycle: Cycle,
+    /// The parameter values this client believes in.
+    params: SessionParams,
+    cancel: Arc<CancelSlot>,
+    max_message: usize,
+    /// The client will send nothing more (EOF or Terminate).
+    client_done: bool,
+    /// The linked server sent a FATAL error: it is about to close.
+    server_fatal: bool,
+    idle_tx_timeout: Option<Duration>,
+    idle_timer: Pin<Box<Sleep>>,
+    idle_armed: bool,
+    server_reset_query: String,
+    shutdown: watch::Receiver<bool>,
+}
+
+pub struct SessionArgs {
+    pub pool: Arc<Pool>,
+    pub client: Stream,
+    /// Bytes the client sent after its startup packet, already read.
+    pub leftover: BytesMut,
+    pub params: SessionParams,
+    pub cancel: Arc<CancelSlot>,
+    pub max_message: usize,
+    pub idle_tx_timeout: Option<Duration>,
+    pub server_reset_query: String,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Session {
+    pub fn new(a: SessionArgs) -> Session {
+        let mode = a.pool.mode();
+        let mut c = Half {
+            buf: a.leftover,
+            ..Half::default()
+        };
+        c.buf.reserve(READ_CHUNK);
+        Session {
+            pool: a.pool,
+            mode,
+            client: a.client,
+            c,
+            s: Half {
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                ..Half::default()
+            },
+            server: None,
+            cycle: Cycle::default(),
+            params: a.params,
+            cancel: a.cancel,
+            max_message: a.max_message,
+            client_done: false,
+            server_fatal: false,
+            idle_tx_timeout: a.idle_tx_timeout,
+            idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            idle_armed: false,
+            server_reset_query: a.server_reset_query,
+            shutdown: a.shutdown,
+        }
+    }
+
+    /// Runs the session to its end and settles the server it may hold.
+    pub async fn run(mut self) -> End {
+        let end = self.run_inner().await;
+        if let Some(server) = self.server.take() {
+            self.cancel.unlink();
+            self.settle_server(server).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
+        end
+    }
+
+    async fn run_inner(&mut self) -> End {
+        loop {
+            // Unlinked: hand the client what the last server sent, then wait for its next request.
+            if let Err(e) = self.flush_to_client().await {
+                debug!(error = %e, "client write failed");
+                return End::ClientGone;
+            }
+            if self.c.ready == 0 {
+                // A Terminate only ends the session once what came before it is delivered.
+                if let Some(Wake::ClientProtocol(m)) = self.scan_client() {
+                    return self.fatal_protocol(&m).await;
+                }
+            }
+            if self.c.ready == 0 {
+                if self.client_done {
+                    return End::ClientGone;
+                }
+                self.c.reserve();
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    r = self.client.read_buf(&mut self.c.buf) => match r {
+                        Ok(0) | Err(_) => return End::ClientGone,
+                        Ok(_) => continue,
+                    },
+                    _ = wait_for_shutdown(&mut shutdown) => {
+                        self.send_fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command (iampool is shutting down)").await;
+                        return End::Shutdown;
+                    }
+                }
+            }
+
+            // The client has a request: link a server.
+            let server = match self.pool.checkout().await {
+                Ok(s) => s,
+                Err(e) => return self.pool_error(e).await,
+            };
+            if let Err(end) = self.link(server).await {
+                return end;
+            }
+
+            let wake = poll_fn(|cx| self.poll_linked(cx)).await;
+            match wake {
+                Wake::Released => {
+                    let server = self.server.take().expect("linked");
+                    self.cancel.unlink();
+                    self.pool.checkin(server);
+                    if *self.shutdown.borrow() {
+                        let _ = self.flush_to_client().await;
+                        self.send_fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command (iampool is shutting down)").await;
+                        return End::Shutdown;
+                    }
+                }
+                Wake::ClientGone => return End::ClientGone,
+                Wake::ServerGone(err) => {
+                    let server = self.server.take().expect("linked");
+                    self.cancel.unlink();
+                    debug!(backend_pid = server.backend_pid, error = ?err, "server connection lost while linked");
+                    self.pool.discard(server);
+                    let _ = self.flush_to_client().await;
+                    if !self.server_fatal {
+                        self.send_fatal(
+                            sqlstate::CONNECTION_FAILURE,
+                            "server closed the connection unexpectedly",
+                        )
+                        .await;
+                    }
+                    return End::ServerGone;
+                }
+                Wake::ClientProtocol(m) => return self.fatal_protocol(&m).await,
+                Wake::ServerProtocol(m) => {
+                    let server = self.server.take().expect("linked");
+                    self.cancel.unlink();
+                    self.pool.discard(server);
+                    self.send_fatal(sqlstate::PROTOCOL_VIOLATION, &format!("server protocol error: {m}")).await;
+                    return End::ProtocolError;
+                }
+                Wake::IdleInTransaction => {
+                    self.send_fatal(
+                        sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                        "terminating connection due to idle-in-transaction timeout",
+                    )
+                    .await;
+                    let server = self.server.take().expect("linked");
+                    self.cancel.unlink();
+                    self.pool.discard(server);
+                    return End::Timeout;
+                }
+            }
+        }
+    }
+
+    /// Links a server: brings its session parameters in line with the client's first.
+    async fn link(&mut self, mut server: ServerConn) -> Result<(), End> {
+        if let Some(sql) = SessionParams::sync_sql(&self.params, &mut server.params) {
+            match self.apply_params(&mut server, &sql).await {
+                Ok(()) => {}
+                Err(Some((code, msg))) => {
+                    // The client asked for a value the server rejects: as PostgreSQL would at startup.
+                    self.pool.discard(server);
+                    self.send_fatal(&code, &msg).await;
+                    return Err(End::ProtocolError);
+                }
+                Err(None) => {
+                    self.pool.discard(server);
+                    self.send_fatal(sqlstate::CONNECTION_FAILURE, "server connection failed while applying session parameters").await;
+                    return Err(End::ServerGone);
+                }
+            }
+        }
+        self.cancel.link(CancelTarget {
+            addr: server.cancel_addr,
+            pid: server.backend_pid,
+            secret: server.backend_secret,
+        });
+        self.server_fatal = false;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Runs the SET statements on a server before the client's request. ParameterStatus
+    /// answers go to the client too (they carry the server's canonical spelling).
+    /// Err(Some) is the server's error, Err(None) an I/O failure.
+    async fn apply_params(
+        &mut self,
+        server: &mut ServerConn,
+        sql: &str,
+    ) -> Result<(), Option<(String, String)>> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        server.stream.write_all(&out).await.map_err(|_| None)?;
+        server.stream.flush().await.map_err(|_| None)?;
+        let (error, status) = self.drain_to_ready(server, true).await.map_err(|_| None)?;
+        match (error, status) {
+            (Some(e), _) => Err(Some(e)),
+            (None, TxStatus::Idle) => Ok(()),
+            (None, _) => Err(None),
+        }
+    }
+
+    /// Reads a server's answers to iampool's own query up to ReadyForQuery.
+    async fn drain_to_ready(
+        &mut self,
+        server: &mut ServerConn,
+        forward_params: bool,
+    ) -> io::Result<(Option<(String, String)>, TxStatus)> {
+        let mut error = None;
+        let mut buf = BytesMut::with_capacity(1024);
+        loop {
+            let (tag, body) = read_message(&mut server.stream, &mut buf, MAX_SERVER_MESSAGE).await?;
+            match tag {
+                backend::READY_FOR_QUERY => {
+                    let status = body.first().copied().and_then(TxStatus::from_byte).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad ReadyForQuery"))?;
+                    if !buf.is_empty() {
+                        server.leftover.extend_from_slice(&buf);
+                    }
+                    return Ok((error, status));
+                }
+                backend::PARAMETER_STATUS => {
+                    if let Ok((n, v)) = parse_parameter_status(&body) {
+                        server.params.set_reported(n, v);
+                        if forward_params && self.params.set_reported(n, v) {
+                            let mut m = BytesMut::new();
+                            messages::parameter_status(&mut m, n, v);
+                            let _ = self.client.write_all(&m).await;
+                        }
+                    }
+                }
+                backend::ERROR_RESPONSE => {
+                    let f = parse_error_fields(&body);
+                    error = Some((f.code, f.message));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The client is gone (or the session ended) while a server is linked: deliver what the
+    /// client sent (a COMMIT must not be lost), then return the server only if it is clean.
+    async fn settle_server(&mut self, mut server: ServerConn) {
+        let delivered = tokio::time::timeout(Duration::from_secs(5), async {
+            poll_fn(|cx| self.c.poll_write_to(cx, &mut server.stream)).await
+        })
+        .await;
+        let clean = matches!(delivered, Ok(Ok(())))
+            && self.cycle.is_clean()
+            && self.c.scan.at_boundary()
+            && self.s.buf.len() == self.s.ready
+            && !self.server_fatal;
+        if !clean {
+            self.pool.discard(server);
+            return;
+        }
+        match self.mode {
+            PoolMode::Transaction => self.pool.checkin(server),
+            PoolMode::Session => {
+                // A session leaves state behind: reset it before anyone else gets the server.
+                let sql = self.server_reset_query.clone();
+                let reset = if sql.trim().is_empty() {
+                    Ok(Ok((None, TxStatus::Idle)))
+                } else {
+                    tokio::time::timeout(Duration::from_secs(10), async {
+                        let mut out = BytesMut::new();
+                        messages::query(&mut out, &sql);
+                        server.stream.write_all(&out).await?;
+                        server.stream.flush().await?;
+                        self.drain_to_ready(&mut server, false).await
+                    })
+                    .await
+                };
+                match reset {
+                    Ok(Ok((None, TxStatus::Idle))) => self.pool.checkin(server),
+                    _ => self.pool.discard(server),
+                }
+            }
+        }
+    }
+
+    fn releasable(&self) -> bool {
+        self.mode == PoolMode::Transaction
+            && self.cycle.is_clean()
+            && self.c.settled()
+            && self.s.scan.at_boundary()
+            && self.s.buf.len() == self.s.ready
+            && !self.server_fatal
+    }
+
+    /// Drives both directions while a server is linked.
+    fn poll_linked(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        loop {
+            let mut progress = false;
+            let server = self.server.as_mut().expect("linked");
+
+            // Client -> server.
+            let before = self.c.ready;
+            match self.c.poll_write_to(cx, &mut server.stream) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Wake::ServerGone(Some(e))),
+                Poll::Ready(Ok(())) => {
+                    if self.client_done {
+                        return Poll::Ready(Wake::ClientGone);
+                    }
+                }
+                Poll::Pending => {}
+            }
+            progress |= self.c.ready != before;
+
+            // Server -> client.
+            let before = self.s.ready;
+            if let Poll::Ready(Err(_)) = self.s.poll_write_to(cx, &mut self.client) {
+                self.client_done = true;
+                return Poll::Ready(Wake::ClientGone);
+            }
+            progress |= self.s.ready != before;
+
+            if self.releasable() {
+                return Poll::Ready(Wake::Released);
+            }
+
+            // Read the client while its half has room.
+            if self.c.ready < HIGH_WATER {
+                self.c.reserve();
+                match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c.buf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        self.client_done = true;
+                        continue;
+                    }
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        if let Some(w) = self.scan_client() {
+                            match w {
+                                Wake::ClientGone => continue,
+                                other => return Poll::Ready(other),
+                            }
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            // Read the server while its half has room.
+            if self.s.ready < HIGH_WATER {
+                self.s.reserve();
+                let server = self.server.as_mut().expect("linked");
+                match poll_read_buf(Pin::new(&mut server.stream), cx, &mut self.s.buf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Wake::ServerGone(None)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Wake::ServerGone(Some(e))),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        if let Some(w) = self.scan_server() {
+                            return Poll::Ready(w);
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            if progress {
+                self.idle_armed = false;
+                continue;
+            }
+            return self.poll_idle_in_transaction(cx);
+        }
+    }
+
+    fn poll_idle_in_transaction(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        let Some(limit) = self.idle_tx_timeout else {
+            return Poll::Pending;
+        };
+        let idle_in_tx = self.cycle.status() != TxStatus::Idle
+            && self.cycle.is_quiet()
+            && self.c.ready == 0
+            && self.s.ready == 0;
+        if !idle_in_tx {
+            self.idle_armed = false;
+            return Poll::Pending;
+        }
+        if !self.idle_armed {
+            self.idle_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limit);
+            self.idle_armed = true;
+        }
+        match self.idle_timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Wake::IdleInTransaction),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Walks new client bytes: marks complete and partial messages ready to forward.
+    /// Terminate ends the scan (it is never forwarded) and marks the client done.
+    fn scan_client(&mut self) -> Option<Wake> {
+        let mut pos = self.c.ready;
+        loop {
+            match self.c.scan.step(&self.c.buf[pos..], self.max_message) {
+                Err(e) => {
+                    self.c.ready = pos;
+                    return Some(Wake::ClientProtocol(e.to_string()));
+                }
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Continue(n)) => {
+                    self.c.scan.consume_body(n);
+                    pos += n;
+                }
+                Ok(Step::Message { header, .. }) => match self.cycle.on_client(header.tag) {
+                    ClientMsg::Forward => {
+                        let avail = self.c.buf.len() - pos;
+                        pos += self.c.scan.consume_message(header, avail);
+                    }
+                    ClientMsg::Terminate => {
+                        self.c.buf.truncate(pos);
+                        self.c.ready = pos;
+                        self.client_done = true;
+                        return Some(Wake::ClientGone);
+                    }
+                    ClientMsg::Invalid => {
+                        self.c.ready = pos;
+                        return Some(Wake::ClientProtocol(format!(
+                            "invalid frontend message type {}",
+                            header.tag
+                        )));
+                    }
+                },
+            }
+        }
+        self.c.ready = pos;
+        None
+    }
+
+    /// Walks new server bytes, looking into the few messages that decide pooling.
+    fn scan_server(&mut self) -> Option<Wake> {
+        let mut pos = self.s.ready;
+        self.s.want = 0;
+        loop {
+            let header = match self.s.scan.step(&self.s.buf[pos..], MAX_SERVER_MESSAGE) {
+                Err(e) => return Some(Wake::ServerProtocol(e.to_string())),
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Continue(n)) => {
+                    self.s.scan.consume_body(n);
+                    pos += n;
+                    continue;
+                }
+                Ok(Step::Message { header, complete }) => {
+                    let inspected = matches!(
+                        header.tag,
+                        backend::READY_FOR_QUERY
+                            | backend::PARAMETER_STATUS
+                            | backend::ERROR_RESPONSE
+                    );
+                    if inspected && !complete {
+                        self.s.want = header.frame_len();
+                        break;
+                    }
+                    header
+                }
+            };
+            let body = &self.s.buf[pos + HEADER_LEN..(pos + header.frame_len()).min(self.s.buf.len())];
+            match header.tag {
+                backend::READY_FOR_QUERY => {
+                    let Some(status) = body.first().copied().and_then(TxStatus::from_byte) else {
+                        return Some(Wake::ServerProtocol("bad ReadyForQuery".into()));
+                    };
+                    self.cycle.on_ready(status);
+                }
+                backend::PARAMETER_STATUS => {
+                    if let Ok((n, v)) = parse_parameter_status(body) {
+                        if let Some(server) = self.server.as_mut() {
+                            server.params.set_reported(n, v);
+                        }
+                        self.params.set_reported(n, v);
+                    }
+                }
+                backend::ERROR_RESPONSE => {
+                    if parse_error_fields(body).is_fatal() {
+                        self.server_fatal = true;
+                    }
+                    self.cycle.on_error();
+                }
+                tag => self.cycle.on_server(tag),
+            }
+            let avail = self.s.buf.len() - pos;
+            pos += self.s.scan.consume_message(header, avail);
+        }
+        self.s.ready = pos;
+        None
+    }
+
+    async fn flush_to_client(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.s.poll_write_to(cx, &mut self.client)).await
+    }
+
+    async fn send_fatal(&mut self, code: &str, message: &str) {
+        let _ = self.flush_to_client().await;
+        let mut b = BytesMut::new();
+        messages::error_response(&mut b, Severity::Fatal, code, message);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            self.client.write_all(&b).await?;
+            self.client.flush().await
+        })
+        .await;
+    }
+
+    async fn fatal_protocol(&mut self, message: &str) -> End {
+        self.send_fatal(sqlstate::PROTOCOL_VIOLATION, message).await;
+        End::ProtocolError
+    }
+
+    async fn pool_error(&mut self, e: PoolError) -> End {
+        let msg = match &e {
+            PoolError::Timeout { .. } => format!("query_wait_timeout: {e}"),
+            _ => e.to_string(),
+        };
+        let code = match &e {
+            PoolError::Timeout { .. } => sqlstate::PROTOCOL_VIOLATION.to_owned(),
+            other => other.sqlstate().to_owned(),
+        };
+        self.send_fatal(&code, &msg).await;
+        End::PoolError
+    }
+}
+
+async fn wait_for_shutdown(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The table of configuration keys: name, kind, default, unit, whether it reloads, and help.
+//!
+//! `--help`, `config/iampool.example.toml` and [`is_reloadable`] are all generated from this
+//! table, so the documentation cannot drift from what the loader accepts.
+
+use super::value::Named;
+use super::{AuthType, ClientTls, LogFormat, PoolMode, SslMode};
+
+/// Where a key may be set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Top level of the file, `IAMPOOL_<KEY>`, `--<key>`.
+    Global,
+    /// As `Global`, and also per database (`[databases.NAME]` or a URL parameter), which wins.
+    PerDatabase,
+    /// Only per database: `[databases.NAME]` or a URL parameter.
+    DatabaseOnly,
+}
+
+/// What a key's value looks like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Comma-separated `host:port` list (an array in the file).
+    Addrs,
+    /// One `host:port`.
+    Addr,
+    /// A directory that must exist.
+    Dir,
+    /// A file that must exist.
+    File,
+    /// A whole number of `Key::unit`.
+    Count,
+    /// Seconds, or a number with a unit: us, ms, s, min, h, d.
+    Duration,
+    /// Bytes, or a number with a unit: B, kB, MB, GB.
+    Size,
+    Text,
+    /// One of these names.
+    Choice(&'static [&'static str]),
+    /// A tracing `EnvFilter` directive string.
+    LogFilter,
+    /// Comma-separated names (an array in the file).
+    Names,
+    /// Whitespace-separated upstream URLs (a string or an array in the file).
+    Urls,
+    /// One IAM role ARN or a comma-separated chain (an array in the file).
+    Arns,
+    Bool,
+    /// An IP address literal.
+    Ip,
+    /// An AWS region name.
+    Region,
+}
+
+impl Kind {
+    /// Whether repeated flags append rather than override.
+    pub fn is_list(self) -> bool {
+        matches!(self, Kind::Addrs | Kind::Names | Kind::Urls | Kind::Arns)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// Parsed by the same code as a user's value.
+    Value(&'static str),
+    Unset,
+    /// Computed from other settings; the text says how.
+    Derived(&'static str),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Key {
+    /// Name in the file; the env var is `IAMPOOL_` + upper case.
+    pub name: &'static str,
+    /// Long flag without the leading dashes (the name with `-` for `_`).
+    pub flag: &'static str,
+    pub kind: Kind,
+    pub default: DefaultValue,
+    /// Unit of a `Count` ("server connections"), used in docs and fixes.
+    pub unit: &'static str,
+    /// Takes effect on RELOAD; otherwise needs a restart.
+    pub reload: bool,
+    pub scope: Scope,
+    /// `--help` heading and example-file section.
+    pub group: &'static str,
+    pub help: &'static str,
+    /// A valid value other than the default, used in docs and fixes.
+    pub example: &'static str,
+}
+
+impl Key {
+    const fn new(name: &'static str, flag: &'static str, kind: Kind, group: &'static str) -> Key {
+        Key {
+            name,
+            flag,
+            kind,
+            default: DefaultValue::Unset,
+            unit: "",
+            reload: true,
+            scope: Scope::Global,
+            group,
+            help: "",
+            example: "",
+        }
+    }
+    const fn default(mut self, value: &'static str) -> Key {
+        self.default = DefaultValue::Value(value);
+        self
+    }
+    const fn derived(mut self, how: &'static str) -> Key {
+        self.default = DefaultValue::Derived(how);
+        self
+    }
+    const fn unit(mut self, unit: &'static str) -> Key {
+        self.unit = unit;
+        self
+    }
+    const fn restart(mut self) -> Key {
+        self.reload = false;
+        self
+    }
+    const fn per_database(mut self) -> Key {
+        self.scope = Scope::PerDatabase;
+        self
+    }
+    const fn database_only(mut self) -> Key {
+        self.scope = Scope::DatabaseOnly;
+        self
+    }
+    const fn help(mut self, help: &'static str) -> Key {
+        self.help = help;
+        self
+    }
+    const fn example(mut self, example: &'static str) -> Key {
+        self.example = example;
+        self
+    }
+
+    /// `IAMPOOL_POOL_SIZE` for `pool_size`.
+    pub fn env_var(&self) -> String {
+        format!("IAMPOOL_{}", self.name.to_ascii_uppercase())
+    }
+
+    /// Whether the key can be set at the top level / in env / as a flag.
+    pub fn is_global(&self) -> bool {
+        self.scope != Scope::DatabaseOnly
+    }
+
+    /// Whether the key can be set per database.
+    pub fn is_per_database(&self) -> bool {
+        self.scope != Scope::Global
+    }
+}
+
+const LISTENING: &str = "Listening";
+const POOLS: &str = "Pools";
+const TIMEOUTS: &str = "Timeouts and limits";
+const CLIENTS: &str = "Client authentication and TLS";
+const LOGGING: &str = "Logging, metrics and admin";
+const UPSTREAM: &str = "Upstream: database URLs, and defaults each database may override";
+const DATABASE: &str = "Per database only (URL parameter or [databases.NAME] key)";
+
+/// The upstream `auth` choices.
+pub const UPSTREAM_AUTH_NAMES: &[&str] = &["password", "iam"];
+
+pub static KEYS: &[Key] = &[
+    Key::new("listen", "listen", Kind::Addrs, LISTENING)
+        .default("127.0.0.1:6432")
+        .restart()
+        .help("TCP addresses clients connect to, comma-separated host:port ([::1]:6432 for IPv6)")
+        .example("0.0.0.0:6432"),
+    Key::new("unix_socket_dir", "unix-socket-dir", Kind::Dir, LISTENING)
+        .restart()
+        .help("Directory for a .s.PGSQL.<port> unix socket (unset: no unix socket)")
+        .example("/var/run/iampool"),
+    Key::new("max_client_conn", "max-client-conn", Kind::Count, LISTENING)
+        .default("1000")
+        .unit("client connections")
+        .help("Most client connections accepted at once")
+        .example("5000"),
+    Key::new("pool_mode", "pool-mode", Kind::Choice(PoolMode::NAMES), POOLS)
+        .default("transaction")
+        .per_database()
+        .help("transaction: a server connection is held for one transaction; session: for the whole client session")
+        .example("session"),
+    Key::new("pool_size", "pool-size", Kind::Count, POOLS)
+        .default("10")
+        .unit("server connections")
+        .per_database()
+        .help("Most server connections per database pool")
+        .example("20"),
+    Key::new("min_pool_size", "min-pool-size", Kind::Count, POOLS)
+        .default("0")
+        .unit("server connections")
+        .per_database()
+        .help("Server connections kept open even when idle; at most pool_size")
+        .example("2"),
+    Key::new("server_lifetime", "server-lifetime", Kind::Duration, POOLS)
+        .default("3600s")
+        .help("A server connection is closed this long after it opened, when next released")
+        .example("30min"),
+    Key::new("server_lifetime_jitter", "server-lifetime-jitter", Kind::Duration, POOLS)
+        .derived("10% of server_lifetime")
+        .help("Up to this much is added at random to each server lifetime so connections do not all expire together")
+        .example("5min"),
+    Key::new("server_idle_timeout", "server-idle-timeout", Kind::Duration, POOLS)
+        .default("600s")
+        .help("Idle server connections above min_pool_size are closed after this long")
+        .example("5min"),
+    Key::new("server_reset_query", "server-reset-query", Kind::Text, POOLS)
+        .default("DISCARD ALL")
+        .help("Run on a server connection before it goes back to the pool in session mode; empty for none")
+        .example("RESET ALL"),
+    Key::new("server_connect_timeout", "server-connect-timeout", Kind::Duration, TIMEOUTS)
+        .default("15s")
+        .help("Give up opening a server connection (TCP, TLS and login) after this long")
+        .example("5s"),
+    Key::new("server_login_retry", "server-login-retry", Kind::Duration, TIMEOUTS)
+        .default("2s")
+        .help("Wait this long before trying again after a failed server login")
+        .example("500ms"),
+    Key::new("query_wait_timeout", "query-wait-timeout", Kind::Duration, TIMEOUTS)
+        .default("120s")
+        .help("A client waiting this long for a server connection gets an error")
+        .example("30s"),
+    Key::new("client_login_timeout", "client-login-timeout", Kind::Duration, TIMEOUTS)
+        .default("60s")
+        .help("A client that has not finished logging in after this long is disconnected")
+        .example("10s"),
+    Key::new("idle_transaction_timeout", "idle-transaction-timeout", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .help("A client idle inside a transaction this long is disconnected; 0 disables")
+        .example("5min"),
+    Key::new("max_message_size", "max-message-size", Kind::Size, TIMEOUTS)
+        .default("256MB")
+        .help("Largest protocol message accepted from either side, 8kB to 1GB")
+        .example("64MB"),
+    Key::new("shutdown_timeout", "shutdown-timeout", Kind::Duration, TIMEOUTS)
+        .default("30s")
+        .restart()
+        .help("On shutdown, wait this long for clients to finish before closing them")
+        .example("10s"),
+    Key::new("auth_type", "auth-type", Kind::Choice(AuthType::NAMES), CLIENTS)
+        .default("scram-sha-256")
+        .help("How clients prove their password to iampool: scram-sha-256, md5, or trust (no password)")
+        .example("md5"),
+    Key::new("auth_file", "auth-file", Kind::File, CLIENTS)
+        .help("PgBouncer-style user list, one \"user\" \"secret\" per line; secrets plain, md5... or SCRAM-SHA-256$...")
+        .example("/etc/iampool/userlist.txt"),
+    Key::new("client_tls", "client-tls", Kind::Choice(ClientTls::NAMES), CLIENTS)
+        .derived("allow if client_tls_cert_file is set, else disable")
+        .restart()
+        .help("TLS for clients: disable, allow (the client chooses) or require; allow and require need client_tls_cert_file and client_tls_key_file")
+        .example("require"),
+    Key::new("client_tls_cert_file", "client-tls-cert-file", Kind::File, CLIENTS)
+        .restart()
+        .help("PEM certificate chain presented to clients")
+        .example("/etc/iampool/tls.crt"),
+    Key::new("client_tls_key_file", "client-tls-key-file", Kind::File, CLIENTS)
+        .restart()
+        .help("PEM private key of client_tls_cert_file")
+        .example("/etc/iampool/tls.key"),
+    Key::new("log_level", "log-level", Kind::LogFilter, LOGGING)
+        .default("info")
+        .help("Log filter in tracing EnvFilter syntax, e.g. debug or iampool=debug,warn")
+        .example("iampool=debug,info"),
+    Key::new("log_format", "log-format", Kind::Choice(LogFormat::NAMES), LOGGING)
+        .default("text")
+        .restart()
+        .help("Log line format: text or json")
+        .example("json"),
+    Key::new("metrics_listen", "metrics-listen", Kind::Addr, LOGGING)
+        .restart()
+        .help("host:port serving Prometheus metrics (unset: no metrics listener)")
+        .example("127.0.0.1:9187"),
+    Key::new("admin_users", "admin-users", Kind::Names, LOGGING)
+        .default("")
+        .help("Users allowed to run admin commands (comma-separated; an array in the file)")
+        .example("admin"),
+    Key::new("stats_users", "stats-users", Kind::Names, LOGGING)
+        .default("")
+        .help("Users allowed to read statistics (comma-separated; an array in the file)")
+        .example("monitor"),
+    Key::new("upstream", "upstream", Kind::Urls, UPSTREAM)
+        .help("Upstream URL postgres://user[:password]@host[:port]/dbname?param=value, one database each; several are separated by whitespace")
+        .example("postgres://app@mydb.abc123.us-east-1.rds.amazonaws.com/appdb?auth=iam"),
+    Key::new("sslmode", "sslmode", Kind::Choice(SslMode::NAMES), UPSTREAM)
+        .derived("verify-full with auth=iam, else prefer")
+        .per_database()
+        .help("TLS to the upstream, as libpq's sslmode; auth=iam needs require or stronger")
+        .example("verify-full"),
+    Key::new("sslrootcert", "sslrootcert", Kind::File, UPSTREAM)
+        .per_database()
+        .help("PEM CA bundle that verifies the upstream certificate (unset: the built-in roots)")
+        .example("/etc/iampool/rds-ca.pem"),
+    Key::new("region", "region", Kind::Region, UPSTREAM)
+        .derived("inferred from a *.REGION.rds.amazonaws.com host; never guessed otherwise")
+        .per_database()
+        .help("AWS region IAM tokens are signed for")
+        .example("us-east-1"),
+    Key::new("assume_role_arn", "assume-role-arn", Kind::Arns, UPSTREAM)
+        .per_database()
+        .help("IAM role assumed before signing; several (comma-separated; an array in the file) form a chain, each assumed with the previous role's credentials")
+        .example("arn:aws:iam::123456789012:role/db-connect"),
+    Key::new("external_id", "external-id", Kind::Text, UPSTREAM)
+        .per_database()
+        .help("External ID sent when assuming assume_role_arn")
+        .example("my-external-id"),
+    Key::new("role_session_name", "role-session-name", Kind::Text, UPSTREAM)
+        .default("iampool")
+        .per_database()
+        .help("Session name when assuming assume_role_arn (shown in CloudTrail)")
+        .example("iampool-orders"),
+    Key::new("token_lifetime", "token-lifetime", Kind::Duration, UPSTREAM)
+        .default("900s")
+        .per_database()
+        .help("How long one IAM token is used for new logins, 10s to 900s")
+        .example("600s"),
+    Key::new("max_new_connections_per_second", "max-new-connections-per-second", Kind::Count, UPSTREAM)
+        .default("50")
+        .unit("logins per second")
+        .per_database()
+        .help("Most new server logins per second to one host, 1 to 1000 (AWS advises under 200 IAM logins per second)")
+        .example("100"),
+    Key::new("reauth_interval", "reauth-interval", Kind::Duration, UPSTREAM)
+        .default("0")
+        .per_database()
+        .help("Close a pooled server connection this long after its login so it signs in again; 0 disables")
+        .example("12h"),
+    Key::new("allow_cleartext_password", "allow-cleartext-password", Kind::Bool, UPSTREAM)
+        .default("false")
+        .per_database()
+        .help("Allow sending a cleartext password to an upstream over a connection without TLS")
+        .example("true"),
+    Key::new("auth", "auth", Kind::Choice(UPSTREAM_AUTH_NAMES), DATABASE)
+        .default("password")
+        .database_only()
+        .help("How iampool signs in to the upstream: password, or iam (an RDS IAM token, over TLS)")
+        .example("iam"),
+    Key::new("hostaddr", "hostaddr", Kind::Ip, DATABASE)
+        .database_only()
+        .help("IP address dialled instead of resolving the host; the host name is still verified by TLS and signed for IAM")
+        .example("10.0.0.12"),
+];
+
+/// The key with this name.
+pub fn key(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|key| key.name == name)
+}
+
+/// Whether a change to `key` takes effect on RELOAD. Accepts `databases.NAME.key` too.
+/// Databases and users are reloadable; unknown keys are not.
+pub fn is_reloadable(key: &str) -> bool {
+    if key == "databases" || key == "users" || key.starts_with("users.") {
+        return true;
+    }
+    let name = match key.strip_prefix("databases.") {
+        Some(rest) => rest.rsplit('.').next().unwrap_or(rest),
+        None => key,
+    };
+    self::key(name).is_some_and(|key| key.reload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_names_with_dashes() {
+        for key in KEYS {
+            assert_eq!(key.flag, key.name.replace('_', "-"), "{}", key.name);
+            assert!(
+                !key.help.is_empty() && !key.example.is_empty(),
+                "{}",
+                key.name
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, key) in KEYS.iter().enumerate() {
+            assert!(KEYS[i + 1..].iter().all(|other| other.name != key.name));
+        }
+    }
+
+    #[test]
+    fn reloadable_keys() {
+        assert!(is_reloadable("pool_size"));
+        assert!(is_reloadable("databases.app.pool_size"));
+        assert!(is_reloadable("auth_file"));
+        assert!(!is_reloadable("listen"));
+        assert!(!is_reloadable("client_tls"));
+        assert!(!is_reloadable("no_such_key"));
+    }
+}

@@ -1,0 +1,477 @@
+//! Gathering raw settings from flags, environment and the TOML file, each with its origin,
+//! and merging them flag > env > file. Nothing is parsed here beyond the file's TOML syntax.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::error::ErrorKind;
+
+use super::build;
+use super::cli::{self, CliCommand, CliInput};
+use super::error::{unknown_fix, ConfigError, ConfigErrors, Origin, Problem};
+use super::keys::{self, KEYS};
+use super::value::Raw;
+use super::{url, Command, Loaded, Secret};
+
+/// One raw value and where it came from.
+#[derive(Clone, Debug)]
+pub(crate) struct Setting {
+    pub raw: Raw,
+    pub origin: Origin,
+    /// Key as errors name it: `pool_size`, or `databases.app.pool_size` when set per database.
+    pub label: String,
+}
+
+/// The winning setting per key in one context (the globals, or one database).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Layer {
+    /// `""` for globals, `databases.NAME.` for a database: where provenance is recorded.
+    pub prefix: String,
+    pub settings: BTreeMap<&'static str, Setting>,
+}
+
+/// A `[databases.NAME]` table.
+#[derive(Debug)]
+pub(crate) struct TableDatabase {
+    pub name: String,
+    pub upstream: Option<Setting>,
+    pub password: Option<(Secret, Origin)>,
+    /// Per-database keys set in the table, labelled `databases.NAME.key`.
+    pub settings: BTreeMap<&'static str, Setting>,
+    pub origin: Origin,
+}
+
+/// A `[users.NAME]` table.
+#[derive(Debug)]
+pub(crate) struct TableUser {
+    pub name: String,
+    pub password: Secret,
+    pub origin: Origin,
+}
+
+/// Everything gathered before typed parsing.
+#[derive(Debug, Default)]
+pub(crate) struct Inputs {
+    pub globals: Layer,
+    pub databases: Vec<TableDatabase>,
+    pub users: Vec<TableUser>,
+    pub errors: Vec<ConfigError>,
+}
+
+pub(crate) fn load<I, T>(
+    args: I,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigErrors>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match cli::parse(args) {
+        Ok(cli) => cli,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => return Err(ConfigErrors(vec![clap_error(&e)])),
+        },
+    };
+    let command = match cli.command {
+        CliCommand::Token(ref args) => {
+            check_signing_time(args.signing_time.as_deref())?;
+            return Ok(Loaded {
+                command: Command::Token(args.clone()),
+                config: None,
+                sources: BTreeMap::new(),
+            });
+        }
+        CliCommand::Run => Command::Run,
+        CliCommand::CheckConfig => Command::CheckConfig,
+    };
+    let inputs = gather(&cli, env);
+    let (config, sources) = build::build(inputs)?;
+    Ok(Loaded {
+        command,
+        config: Some(config),
+        sources,
+    })
+}
+
+fn check_signing_time(time: Option<&str>) -> Result<(), ConfigErrors> {
+    let Some(time) = time else { return Ok(()) };
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    match time::OffsetDateTime::parse(time, rfc3339) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ConfigErrors(vec![ConfigError::new(
+            "signing_time",
+            &Origin::Flag("--signing-time".into()),
+            Problem::new(
+                format!("{time:?} is not an RFC 3339 time"),
+                "write e.g. 2024-01-02T03:04:05Z",
+            ),
+        )])),
+    }
+}
+
+/// clap's own complaint (an unknown flag, a missing value) as a config error, URLs redacted.
+fn clap_error(error: &clap::Error) -> ConfigError {
+    let rendered = error.render().to_string();
+    let redacted = |line: &str| {
+        line.split(' ')
+            .map(|word| {
+                if word.contains("://") {
+                    url::redact(word)
+                } else {
+                    word.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let message = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    let fix = rendered
+        .lines()
+        .map(str::trim)
+        .find_map(|line| line.strip_prefix("tip: "))
+        .unwrap_or("run iampool --help to see every flag");
+    ConfigError {
+        key: "command line".into(),
+        source: "arguments".into(),
+        message: redacted(message),
+        fix: redacted(fix),
+    }
+}
+
+/// Flags, env and file merged: flag > env > file.
+pub(crate) fn gather(cli: &CliInput, env: impl IntoIterator<Item = (String, String)>) -> Inputs {
+    let mut inputs = Inputs::default();
+    let (env_layer, env_config) = environment(env, &mut inputs.errors);
+
+    let config_path = match (&cli.config, env_config) {
+        (Some(path), _) => Some((path.clone(), Origin::Flag("--config".into()))),
+        (None, Some(path)) => Some((path, Origin::Env("IAMPOOL_CONFIG".into()))),
+        (None, None) => None,
+    };
+    if let Some((path, origin)) = config_path {
+        read_file(Path::new(&path), &origin, &mut inputs);
+    }
+    inputs.globals.settings.extend(env_layer);
+    for (key, value) in &cli.values {
+        let origin = Origin::Flag(format!("--{}", key.flag));
+        inputs.globals.settings.insert(
+            key.name,
+            global_setting(key.name, Raw::Text(value.clone()), origin),
+        );
+    }
+    inputs
+}
+
+fn global_setting(name: &'static str, raw: Raw, origin: Origin) -> Setting {
+    Setting {
+        raw,
+        origin,
+        label: name.to_string(),
+    }
+}
+
+/// `IAMPOOL_<KEY>` settings and `IAMPOOL_CONFIG`; any other `IAMPOOL_*` variable is an error,
+/// except the service links Kubernetes injects for a Service named `iampool`.
+/// Empty variables count as unset.
+fn environment(
+    env: impl IntoIterator<Item = (String, String)>,
+    errors: &mut Vec<ConfigError>,
+) -> (BTreeMap<&'static str, Setting>, Option<String>) {
+    let mut layer = BTreeMap::new();
+    let mut config = None;
+    for (var, value) in env {
+        let Some(suffix) = var.strip_prefix("IAMPOOL_") else {
+            continue;
+        };
+        if value.is_empty() || is_kubernetes_service_link(suffix, &value) {
+            continue;
+        }
+        if suffix == "CONFIG" {
+            config = Some(value);
+            continue;
+        }
+        let name = suffix.to_ascii_lowercase();
+        match keys::key(&name).filter(|key| key.is_global() && key.env_var() == var) {
+            Some(key) => {
+                layer.insert(
+                    key.name,
+                    global_setting(key.name, Raw::Text(value), Origin::Env(var)),
+                );
+            }
+            None => {
+                let candidates = KEYS.iter().filter(|k| k.is_global()).map(|k| k.name);
+                let fix = match super::error::did_you_mean(&name, candidates) {
+                    Some(close) => format!("did you mean IAMPOOL_{}?", close.to_ascii_uppercase()),
+                    None => {
+                        unknown_key_fix(&name, "unset it; iampool --help lists every IAMPOOL_<KEY>")
+                    }
+                };
+                errors.push(ConfigError {
+                    key: name,
+                    source: var,
+                    message: "unknown environment variable".into(),
+                    fix,
+                });
+            }
+        }
+    }
+    (layer, config)
+}
+
+/// `SERVICE_HOST`, `SERVICE_PORT[_NAME]`, `PORT=tcp://...`, `PORT_6432_TCP[_PROTO|_PORT|_ADDR]`:
+/// set in every pod of a namespace with a Service named `iampool`, so they cannot be typos.
+fn is_kubernetes_service_link(suffix: &str, value: &str) -> bool {
+    if suffix == "SERVICE_HOST" || suffix.starts_with("SERVICE_PORT") {
+        return true;
+    }
+    if suffix == "PORT" {
+        return ["tcp://", "udp://", "sctp://"]
+            .iter()
+            .any(|scheme| value.starts_with(scheme));
+    }
+    let Some(rest) = suffix.strip_prefix("PORT_") else {
+        return false;
+    };
+    let mut parts = rest.splitn(3, '_');
+    let port = parts.next().unwrap_or_default();
+    let protocol = parts.next().unwrap_or_default();
+    let field = parts.next();
+    !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && ["TCP", "UDP", "SCTP"].contains(&protocol)
+        && field.is_none_or(|field| ["PROTO", "PORT", "ADDR"].contains(&field))
+}
+
+/// Fix for an unknown global key that is really a per-database-only key.
+fn unknown_key_fix(name: &str, otherwise: &str) -> String {
+    match keys::key(name) {
+        Some(key) if !key.is_global() => format!(
+            "{name} is set per database: add ?{name}={} to the upstream URL or set it in [databases.NAME]",
+            key.example
+        ),
+        _ => otherwise.to_string(),
+    }
+}
+
+fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
+    let file_origin = Origin::File(path.to_path_buf());
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            inputs.errors.push(ConfigError::new(
+                "config",
+                path_origin,
+                Problem::new(
+                    format!("cannot read {}: {e}", path.display()),
+                    "check the path, or leave the file out and configure with env and flags only",
+                ),
+            ));
+            return;
+        }
+    };
+    // The error's own Display quotes the offending line, which may hold a password.
+    let table = match toml::from_str::<toml::Table>(&text) {
+        Ok(table) => table,
+        Err(e) => {
+            let at = e
+                .span()
+                .map(|span| line_and_column(&text, span.start))
+                .unwrap_or_default();
+            inputs.errors.push(ConfigError::new(
+                "config",
+                &file_origin,
+                Problem::new(format!("{at}{}", e.message()), "fix the TOML syntax"),
+            ));
+            return;
+        }
+    };
+    for (name, value) in table {
+        match name.as_str() {
+            "databases" => file_databases(value, path, inputs),
+            "users" => file_users(value, path, inputs),
+            _ => match keys::key(&name).filter(|key| key.is_global()) {
+                Some(key) => {
+                    let setting = global_setting(key.name, Raw::Toml(value), file_origin.clone());
+                    inputs.globals.settings.insert(key.name, setting);
+                }
+                None => {
+                    let candidates = KEYS
+                        .iter()
+                        .filter(|key| key.is_global())
+                        .map(|key| key.name)
+                        .chain(["databases", "users"]);
+                    let otherwise =
+                        unknown_key_fix(&name, "remove it; iampool --help lists every key");
+                    inputs.errors.push(ConfigError::new(
+                        name.clone(),
+                        &file_origin,
+                        Problem::new("unknown key", unknown_fix(&name, candidates, &otherwise)),
+                    ));
+                }
+            },
+        }
+    }
+}
+
+fn line_and_column(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}: ")
+}
+
+/// The sub-tables of `[databases]` or `[users]`, reporting anything that is not a table.
+fn sub_tables(
+    section: &str,
+    value: toml::Value,
+    origin: &Origin,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(String, toml::Table)> {
+    let fix = format!("write [{section}.NAME] tables");
+    let toml::Value::Table(table) = value else {
+        errors.push(ConfigError::new(
+            section,
+            origin,
+            Problem::new("is not a table", fix),
+        ));
+        return Vec::new();
+    };
+    let mut tables = Vec::new();
+    for (name, value) in table {
+        match value {
+            toml::Value::Table(table) => tables.push((name, table)),
+            _ => errors.push(ConfigError::new(
+                format!("{section}.{name}"),
+                origin,
+                Problem::new("is not a table", fix.clone()),
+            )),
+        }
+    }
+    tables
+}
+
+/// A string secret from the file; the value itself never reaches a message.
+fn secret(
+    label: &str,
+    value: toml::Value,
+    origin: &Origin,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Secret> {
+    match value {
+        toml::Value::String(secret) => Some(Secret::new(secret)),
+        other => {
+            errors.push(ConfigError::new(
+                label,
+                origin,
+                Problem::new(
+                    format!("is a {}, not a string", other.type_str()),
+                    "write the password in quotes",
+                ),
+            ));
+            None
+        }
+    }
+}
+
+fn file_databases(value: toml::Value, path: &Path, inputs: &mut Inputs) {
+    let origin = Origin::File(PathBuf::from(path));
+    for (name, table) in sub_tables("databases", value, &origin, &mut inputs.errors) {
+        let mut database = TableDatabase {
+            name: name.clone(),
+            upstream: None,
+            password: None,
+            settings: BTreeMap::new(),
+            origin: origin.clone(),
+        };
+        for (key_name, value) in table {
+            let label = format!("databases.{name}.{key_name}");
+            match key_name.as_str() {
+                "upstream" => {
+                    database.upstream = Some(Setting {
+                        raw: Raw::Toml(value),
+                        origin: origin.clone(),
+                        label,
+                    });
+                }
+                "password" => {
+                    database.password = secret(&label, value, &origin, &mut inputs.errors)
+                        .map(|secret| (secret, origin.clone()));
+                }
+                _ => match keys::key(&key_name).filter(|key| key.is_per_database()) {
+                    Some(key) => {
+                        let setting = Setting {
+                            raw: Raw::Toml(value),
+                            origin: origin.clone(),
+                            label,
+                        };
+                        database.settings.insert(key.name, setting);
+                    }
+                    None => {
+                        let candidates = KEYS
+                            .iter()
+                            .filter(|key| key.is_per_database())
+                            .map(|key| key.name)
+                            .chain(["upstream", "password"]);
+                        let fix = unknown_fix(
+                            &key_name,
+                            candidates,
+                            "remove it, or set it at the top level if it applies to every database",
+                        );
+                        inputs.errors.push(ConfigError::new(
+                            label,
+                            &origin,
+                            Problem::new("unknown key", fix),
+                        ));
+                    }
+                },
+            }
+        }
+        inputs.databases.push(database);
+    }
+}
+
+fn file_users(value: toml::Value, path: &Path, inputs: &mut Inputs) {
+    let origin = Origin::File(PathBuf::from(path));
+    for (name, table) in sub_tables("users", value, &origin, &mut inputs.errors) {
+        let mut password = None;
+        let mut given = false;
+        for (key_name, value) in table {
+            let label = format!("users.{name}.{key_name}");
+            if key_name == "password" {
+                given = true;
+                password = secret(&label, value, &origin, &mut inputs.errors);
+            } else {
+                let fix = unknown_fix(&key_name, ["password"], "a user has only a password");
+                inputs.errors.push(ConfigError::new(
+                    label,
+                    &origin,
+                    Problem::new("unknown key", fix),
+                ));
+            }
+        }
+        match password {
+            Some(password) => inputs.users.push(TableUser {
+                name,
+                password,
+                origin: origin.clone(),
+            }),
+            None if given => {}
+            None => inputs.errors.push(ConfigError::new(
+                format!("users.{name}.password"),
+                &origin,
+                Problem::new(
+                    "is missing",
+                    "set password = \"...\" (plain, md5..., or SCRAM-SHA-256$...)",
+                ),
+            )),
+        }
+    }
+}

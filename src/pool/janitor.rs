@@ -1,0 +1,64 @@
+//! Periodic maintenance of one pool.
+//!
+//! Every tick: idle connections that the upstream closed (or that sent something
+//! unsolicited) are dropped, those past `server_lifetime` (+ jitter) or idle longer than
+//! `server_idle_timeout` (above `min_pool_size`) are retired, and the pool is topped up
+//! to `min_pool_size`. Clients never see any of it.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::Pool;
+
+const TICK: Duration = Duration::from_millis(500);
+
+pub(super) fn spawn(pool: Arc<Pool>) {
+    let weak: Weak<Pool> = Arc::downgrade(&pool);
+    drop(pool);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = weak.upgrade() else { return };
+            if !pool.maintain() {
+                return;
+            }
+        }
+    });
+}
+
+impl Pool {
+    /// One janitor pass. Returns false once the pool is closed.
+    pub(super) fn maintain(self: &Arc<Self>) -> bool {
+        let mut st = self.lock();
+        if st.closed {
+            return false;
+        }
+        let now = Instant::now();
+        let idle_timeout = st.settings.idle_timeout;
+        let min = st.settings.min_pool_size;
+        let mut keep = std::collections::VecDeque::with_capacity(st.idle.len());
+        while let Some(mut conn) = st.idle.pop_front() {
+            let idle_too_long = !idle_timeout.is_zero()
+                && now.duration_since(conn.idle_since) >= idle_timeout
+                && st.total > min;
+            if conn.is_broken() || conn.expired(now) || idle_too_long {
+                self.forget(&mut st, conn);
+            } else {
+                keep.push_back(conn);
+            }
+        }
+        st.idle = keep;
+        // Top up to min_pool_size, unless logins are failing right now (then wait out
+        // server_login_retry before trying again).
+        let backing_off = st
+            .last_error
+            .as_ref()
+            .is_some_and(|(at, _)| now.duration_since(*at) < st.settings.login_retry);
+        while !backing_off && st.total < min && st.total < st.settings.pool_size {
+            self.spawn_connect(&mut st);
+        }
+        true
+    }
+}

@@ -1,0 +1,318 @@
+//! Opening a server connection: TCP, TLS per sslmode, startup and upstream authentication.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use rand::Rng;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::auth::{authenticate, Password};
+use super::conn::ServerConn;
+use super::login_limit::LoginLimiter;
+use super::params::SessionParams;
+use crate::config::{SslMode, Upstream};
+use crate::protocol::framing::SSL_REQUEST;
+use crate::protocol::messages::{self, backend, parse_error_fields, ErrorFields};
+use crate::stream::{read_message, Stream};
+
+/// Messages during login are small; this bounds what an upstream can make us buffer.
+const MAX_LOGIN_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum LoginError {
+    #[error("could not connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {0}")]
+    Timeout(String),
+    #[error("TLS to {host}: {message}")]
+    Tls { host: String, message: String },
+    #[error("{}", .0.message)]
+    Server(ErrorFields),
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+    #[error("connection lost during login: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("IAM token: {0}")]
+    Iam(String),
+}
+
+impl LoginError {
+    /// Failures that retrying cannot fix without a configuration change.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            LoginError::Server(e) => {
+                e.code.starts_with("28") || e.code == "3D000" || e.code.starts_with("42")
+            }
+            LoginError::Tls { .. } | LoginError::Config(_) => true,
+            _ => false,
+        }
+    }
+
+    /// SQLSTATE and message a client may be told. Never contains a secret: server messages
+    /// do not echo passwords, and iampool's own messages never include one.
+    pub fn client_error(&self) -> (String, String) {
+        match self {
+            LoginError::Server(e) => (e.code.clone(), format!("server login failed: {}", e.message)),
+            other => (
+                messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH.to_owned(),
+                format!("server login failed: {other}"),
+            ),
+        }
+    }
+
+    /// The SQLSTATE class (or a kind) for metrics and logs.
+    pub fn kind(&self) -> &str {
+        match self {
+            LoginError::Server(e) => &e.code,
+            LoginError::Connect { .. } => "connect",
+            LoginError::Timeout(_) => "timeout",
+            LoginError::Tls { .. } => "tls",
+            LoginError::Protocol(_) => "protocol",
+            LoginError::Io(_) => "io",
+            LoginError::Config(_) => "config",
+            LoginError::Iam(_) => "iam",
+        }
+    }
+}
+
+/// Everything needed to open connections to one upstream (database + user).
+pub struct Connector {
+    pub upstream: Upstream,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    server_name: Option<rustls_pki_types::ServerName<'static>>,
+    password: Password,
+    limiter: Arc<LoginLimiter>,
+    connect_timeout: Duration,
+    lifetime: Duration,
+    lifetime_jitter: Duration,
+    next_id: AtomicU64,
+}
+
+/// What a successful login returns besides the connection: every ParameterStatus, in order.
+pub type ServerParamList = Vec<(String, String)>;
+
+impl Connector {
+    pub fn new(
+        upstream: Upstream,
+        password: Password,
+        limiter: Arc<LoginLimiter>,
+        connect_timeout: Duration,
+        lifetime: Duration,
+        lifetime_jitter: Duration,
+    ) -> Result<Connector, LoginError> {
+        let tls = super::tls::upstream_client_config(
+            upstream.sslmode,
+            &upstream.host,
+            upstream.sslrootcert.as_deref(),
+        )
+        .map_err(|e| LoginError::Config(e.to_string()))?;
+        let server_name = match tls {
+            Some(_) => Some(
+                super::tls::server_name(&upstream.host)
+                    .map_err(|e| LoginError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Connector {
+            upstream,
+            tls,
+            server_name,
+            password,
+            limiter,
+            connect_timeout,
+            lifetime,
+            lifetime_jitter,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Opens and logs in one server connection, within `server_connect_timeout`.
+    pub async fn connect(&self) -> Result<(ServerConn, ServerParamList), LoginError> {
+        self.limiter.acquire().await;
+        let started = Instant::now();
+        let u = &self.upstream;
+        let result = tokio::time::timeout(self.connect_timeout, self.connect_inner()).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(LoginError::Timeout(format!("{}:{}", u.host, u.port))),
+        };
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        match &result {
+            Ok((conn, _)) => info!(
+                target: "iampool::login",
+                host = %u.host, port = u.port, user = %u.user, database = %u.dbname,
+                backend_pid = conn.backend_pid, duration_ms = format_args!("{ms:.1}"),
+                result = "ok", "upstream login"
+            ),
+            Err(e) => warn!(
+                target: "iampool::login",
+                host = %u.host, port = u.port, user = %u.user, database = %u.dbname,
+                duration_ms = format_args!("{ms:.1}"), result = e.kind(), error = %e,
+                "upstream login failed"
+            ),
+        }
+        result
+    }
+
+    async fn connect_inner(&self) -> Result<(ServerConn, ServerParamList), LoginError> {
+        match self.upstream.sslmode {
+            SslMode::Allow => match self.attempt(false).await {
+                // No pg_hba entry for a non-TLS connection: try again with TLS, as libpq does.
+                Err(LoginError::Server(e)) if e.code == "28000" => self.attempt(true).await,
+                r => r,
+            },
+            SslMode::Disable => self.attempt(false).await,
+            _ => self.attempt(true).await,
+        }
+    }
+
+    async fn dial(&self) -> Result<(TcpStream, SocketAddr), LoginError> {
+        let u = &self.upstream;
+        let addr_text = format!("{}:{}", u.host, u.port);
+        let tcp = match u.hostaddr {
+            Some(ip) => TcpStream::connect(SocketAddr::new(ip, u.port)).await,
+            None => TcpStream::connect((u.host.as_str(), u.port)).await,
+        }
+        .map_err(|source| LoginError::Connect {
+            addr: addr_text,
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let peer = tcp.peer_addr()?;
+        Ok((tcp, peer))
+    }
+
+    async fn attempt(&self, want_tls: bool) -> Result<(ServerConn, ServerParamList), LoginError> {
+        let u = &self.upstream;
+        let (mut tcp, peer) = self.dial().await?;
+        let mut stream = match (&self.tls, &self.server_name) {
+            (Some(cfg), Some(name)) if want_tls => {
+                let mut req = [0u8; 8];
+                req[..4].copy_from_slice(&8i32.to_be_bytes());
+                req[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
+                tcp.write_all(&req).await?;
+                let answer = tcp.read_u8().await?;
+                match answer {
+                    b'S' => {
+                        let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+                        let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                            LoginError::Tls {
+                                host: u.host.clone(),
+                                message: e.to_string(),
+                            }
+                        })?;
+                        Stream::TlsClient(Box::new(tls))
+                    }
+                    b'N' if u.sslmode <= SslMode::Prefer => Stream::Tcp(tcp),
+                    b'N' => {
+                        return Err(LoginError::Tls {
+                            host: u.host.clone(),
+                            message: format!(
+                                "server does not support TLS, but sslmode is {:?}",
+                                u.sslmode
+                            ),
+                        })
+                    }
+                    other => {
+                        return Err(LoginError::Protocol(format!(
+                            "unexpected answer {other:#x} to SSLRequest"
+                        )))
+                    }
+                }
+            }
+            _ => Stream::Tcp(tcp),
+        };
+
+        let mut out = BytesMut::with_capacity(256);
+        messages::startup(
+            &mut out,
+            &[("user", u.user.as_str()), ("database", u.dbname.as_str())],
+        );
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+
+        let mut buf = BytesMut::with_capacity(1024);
+        authenticate(
+            &mut stream,
+            &mut buf,
+            &u.user,
+            &self.password,
+            self.upstream.allow_cleartext_password,
+        )
+        .await?;
+
+        // After AuthenticationOk: ParameterStatus*, BackendKeyData, ReadyForQuery.
+        let mut params = ServerParamList::new();
+        let mut session = SessionParams::default();
+        let mut key = None;
+        loop {
+            let (tag, body) = read_message(&mut stream, &mut buf, MAX_LOGIN_MESSAGE).await?;
+            match tag {
+                backend::PARAMETER_STATUS => {
+                    let (n, v) = messages::parse_parameter_status(&body)
+                        .map_err(|e| LoginError::Protocol(format!("ParameterStatus: {e}")))?;
+                    session.set_reported(n, v);
+                    params.push((n.to_owned(), v.to_owned()));
+                }
+                backend::BACKEND_KEY_DATA => {
+                    let mut r = messages::BodyReader::new(&body);
+                    let pid = r.i32().map_err(|e| LoginError::Protocol(e.to_string()))?;
+                    let secret = r.i32().map_err(|e| LoginError::Protocol(e.to_string()))?;
+                    key = Some((pid, secret));
+                }
+                backend::READY_FOR_QUERY => break,
+                backend::ERROR_RESPONSE => return Err(LoginError::Server(parse_error_fields(&body))),
+                backend::NOTICE_RESPONSE => {
+                    debug!(message = %parse_error_fields(&body).message, "upstream notice at login")
+                }
+                other => {
+                    return Err(LoginError::Protocol(format!(
+                        "unexpected message {:?} after authentication",
+                        other as char
+                    )))
+                }
+            }
+        }
+        let (backend_pid, backend_secret) =
+            key.ok_or_else(|| LoginError::Protocol("no BackendKeyData".into()))?;
+        let now = Instant::now();
+        let jitter = if self.lifetime_jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            rand::thread_rng().gen_range(Duration::ZERO..=self.lifetime_jitter)
+        };
+        let mut lifetime = self.lifetime + jitter;
+        if let Some(reauth) = self.upstream.reauth_interval {
+            lifetime = lifetime.min(reauth);
+        }
+        let mut leftover = BytesMut::new();
+        if !buf.is_empty() {
+            leftover.put_slice(&buf);
+        }
+        let conn = ServerConn {
+            stream,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            backend_pid,
+            backend_secret,
+            cancel_addr: peer,
+            params: session,
+            created_at: now,
+            retire_at: now + lifetime,
+            idle_since: now,
+            leftover,
+        };
+        Ok((conn, params))
+    }
+}

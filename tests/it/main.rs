@@ -1,0 +1,8 @@
+//! The one integration-test binary (one link, one shared PostgreSQL); each module is a suite.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod core;
+mod harness;
+mod pooler;

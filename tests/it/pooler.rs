@@ -1,0 +1,134 @@
+//! Starting iampool in-process in front of a test cluster, and talking to it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use iampool::app::Running;
+use iampool::config::{
+    AuthType, ClientTls, Config, Database, LogFormat, PoolMode, Secret, SslMode, Upstream,
+    UpstreamAuth, UserSecret,
+};
+
+use crate::support::pg::{PgCluster, TestDb};
+
+/// A config for one database in front of `pg`, with the database's own user as client user.
+pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
+    let mut users = BTreeMap::new();
+    users.insert(
+        db.user.clone(),
+        UserSecret::Plain(Secret::new(db.password.clone())),
+    );
+    Config {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        unix_socket_dir: None,
+        max_client_conn: 2000,
+        server_lifetime: Duration::from_secs(3600),
+        server_lifetime_jitter: Duration::ZERO,
+        server_idle_timeout: Duration::from_secs(600),
+        server_connect_timeout: Duration::from_secs(10),
+        server_login_retry: Duration::from_millis(200),
+        query_wait_timeout: Duration::from_secs(60),
+        client_login_timeout: Duration::from_secs(10),
+        idle_transaction_timeout: None,
+        max_message_size: 64 << 20,
+        server_reset_query: "DISCARD ALL".into(),
+        auth_type: AuthType::ScramSha256,
+        auth_file: None,
+        users,
+        client_tls: ClientTls::Disable,
+        client_tls_cert_file: None,
+        client_tls_key_file: None,
+        shutdown_timeout: Duration::from_secs(10),
+        log_level: "info".into(),
+        log_format: LogFormat::Text,
+        metrics_listen: None,
+        admin_users: vec![],
+        stats_users: vec![],
+        databases: vec![Database {
+            name: db.name.clone(),
+            upstream: Upstream {
+                host: "127.0.0.1".into(),
+                hostaddr: None,
+                port: pg.port(),
+                user: db.user.clone(),
+                password: Some(Secret::new(db.password.clone())),
+                dbname: db.name.clone(),
+                sslmode: SslMode::Disable,
+                sslrootcert: None,
+                auth: UpstreamAuth::Password,
+                allow_cleartext_password: false,
+                max_new_connections_per_second: 200,
+                reauth_interval: None,
+            },
+            pool_mode: PoolMode::Transaction,
+            pool_size: 10,
+            min_pool_size: 0,
+        }],
+    }
+}
+
+pub async fn start(config: Config) -> Running {
+    iampool::app::start(config).await.expect("iampool starts")
+}
+
+pub fn client_config(addr: SocketAddr, db: &TestDb) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(addr.ip().to_string())
+        .port(addr.port())
+        .user(&db.user)
+        .password(&db.password)
+        .dbname(&db.name)
+        .connect_timeout(Duration::from_secs(20));
+    c
+}
+
+pub async fn connect(addr: SocketAddr, db: &TestDb) -> tokio_postgres::Client {
+    try_connect(addr, db)
+        .await
+        .expect("connect through iampool")
+}
+
+pub async fn try_connect(
+    addr: SocketAddr,
+    db: &TestDb,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = client_config(addr, db)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a tokio-postgres error, or "" if it has none.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_owned()).unwrap_or_default()
+}
+
+/// Runs a command with a hard bound on its run time; returns (status ok, stdout, stderr).
+pub fn run(cmd: &mut std::process::Command, limit: Duration) -> (bool, String, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut out = String::new();
+            let mut err = String::new();
+            child.stdout.take().unwrap().read_to_string(&mut out).ok();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            return (status.success(), out, err);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command {cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
