@@ -29,7 +29,9 @@ pub struct UserAuth {
 }
 
 /// Prepares every configured user's secrets.
-pub fn prepare_users(users: &std::collections::BTreeMap<String, UserSecret>) -> Result<HashMap<String, UserAuth>, String> {
+pub fn prepare_users(
+    users: &std::collections::BTreeMap<String, UserSecret>,
+) -> Result<HashMap<String, UserAuth>, String> {
     let mut out = HashMap::new();
     for (name, secret) in users {
         let auth = match secret {
@@ -42,7 +44,9 @@ pub fn prepare_users(users: &std::collections::BTreeMap<String, UserSecret>) -> 
                 md5: Some(h.expose().to_owned()),
             },
             UserSecret::Scram(v) => UserAuth {
-                scram: Some(ScramVerifier::parse(v.expose()).map_err(|e| format!("user {name:?}: {e}"))?),
+                scram: Some(
+                    ScramVerifier::parse(v.expose()).map_err(|e| format!("user {name:?}: {e}"))?,
+                ),
                 md5: None,
             },
         };

@@ -107,6 +107,10 @@ impl CancelRegistry {
             s.shutdown().await
         })
         .await;
-        debug!(backend_pid = t.pid, ok = matches!(sent, Ok(Ok(()))), "cancel forwarded");
+        debug!(
+            backend_pid = t.pid,
+            ok = matches!(sent, Ok(Ok(()))),
+            "cancel forwarded"
+        );
     }
 }

@@ -89,9 +89,11 @@ impl Cycle {
                 self.exec_open = true;
                 self.exec_syncs = 0;
             }
-            frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::CLOSE | frontend::FLUSH => {
-                self.unsynced = true
-            }
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::CLOSE
+            | frontend::FLUSH => self.unsynced = true,
             frontend::COPY_DATA => {}
             frontend::COPY_DONE | frontend::COPY_FAIL => {
                 self.exec_open = false;

@@ -11,9 +11,7 @@ use super::auth;
 use crate::app::Shared;
 use crate::config::ClientTls;
 use crate::pool::Pool;
-use crate::protocol::framing::{
-    startup_packet_len, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST,
-};
+use crate::protocol::framing::{startup_packet_len, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::protocol::messages::{self, sqlstate, BodyReader, Severity, TxStatus};
 use crate::server::params::SessionParams;
 use crate::stream::Stream;
@@ -186,7 +184,12 @@ async fn login(
     let mut database = None;
     let mut startup_params: Vec<(String, String)> = Vec::new();
     let mut unsupported_options = Vec::new();
-    let bad = |_| Fatal(sqlstate::PROTOCOL_VIOLATION, "invalid startup packet layout: expected terminator as last byte".into());
+    let bad = |_| {
+        Fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            "invalid startup packet layout: expected terminator as last byte".into(),
+        )
+    };
     loop {
         let name = r.cstr().map_err(bad)?;
         if name.is_empty() {
@@ -228,7 +231,9 @@ async fn login(
             "no PostgreSQL user name specified in startup packet".into(),
         ));
     };
-    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
     if over_limit {
         return Err(Fatal(
             sqlstate::TOO_MANY_CONNECTIONS,

@@ -52,6 +52,7 @@ enum Wake {
     ClientProtocol(String),
     ServerProtocol(String),
     IdleInTransaction,
+    Shutdown,
 }
 
 /// How the session ended (for logs and metrics).
@@ -137,6 +138,9 @@ pub struct Session {
     idle_armed: bool,
     server_reset_query: String,
     shutdown: watch::Receiver<bool>,
+    /// Resolves once iampool starts shutting down; polled only until it does.
+    shutdown_signal: Pin<Box<dyn Future<Output = ()> + Send>>,
+    shutdown_seen: bool,
 }
 
 pub struct SessionArgs {
@@ -180,7 +184,12 @@ impl Session {
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             idle_armed: false,
             server_reset_query: a.server_reset_query,
+            shutdown_signal: {
+                let mut rx = a.shutdown.clone();
+                Box::pin(async move { wait_for_shutdown(&mut rx).await })
+            },
             shutdown: a.shutdown,
+            shutdown_seen: false,
         }
     }
 
@@ -212,16 +221,18 @@ impl Session {
                 if self.client_done {
                     return End::ClientGone;
                 }
+                if self.shutdown_seen {
+                    return self.shut_down().await;
+                }
                 self.c.reserve();
-                let mut shutdown = self.shutdown.clone();
                 tokio::select! {
                     r = self.client.read_buf(&mut self.c.buf) => match r {
                         Ok(0) | Err(_) => return End::ClientGone,
                         Ok(_) => continue,
                     },
-                    _ = wait_for_shutdown(&mut shutdown) => {
-                        self.send_fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command (iampool is shutting down)").await;
-                        return End::Shutdown;
+                    _ = self.shutdown_signal.as_mut() => {
+                        self.shutdown_seen = true;
+                        return self.shut_down().await;
                     }
                 }
             }
@@ -242,11 +253,11 @@ impl Session {
                     self.cancel.unlink();
                     self.pool.checkin(server);
                     if *self.shutdown.borrow() {
-                        let _ = self.flush_to_client().await;
-                        self.send_fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command (iampool is shutting down)").await;
-                        return End::Shutdown;
+                        return self.shut_down().await;
                     }
                 }
+                // Session mode: shutting down and the session is between transactions.
+                Wake::Shutdown => return self.shut_down().await,
                 Wake::ClientGone => return End::ClientGone,
                 Wake::ServerGone(err) => {
                     let server = self.server.take().expect("linked");
@@ -268,7 +279,11 @@ impl Session {
                     let server = self.server.take().expect("linked");
                     self.cancel.unlink();
                     self.pool.discard(server);
-                    self.send_fatal(sqlstate::PROTOCOL_VIOLATION, &format!("server protocol error: {m}")).await;
+                    self.send_fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &format!("server protocol error: {m}"),
+                    )
+                    .await;
                     return End::ProtocolError;
                 }
                 Wake::IdleInTransaction => {
@@ -299,7 +314,11 @@ impl Session {
                 }
                 Err(None) => {
                     self.pool.discard(server);
-                    self.send_fatal(sqlstate::CONNECTION_FAILURE, "server connection failed while applying session parameters").await;
+                    self.send_fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "server connection failed while applying session parameters",
+                    )
+                    .await;
                     return Err(End::ServerGone);
                 }
             }
@@ -343,10 +362,17 @@ impl Session {
         let mut error = None;
         let mut buf = BytesMut::with_capacity(1024);
         loop {
-            let (tag, body) = read_message(&mut server.stream, &mut buf, MAX_SERVER_MESSAGE).await?;
+            let (tag, body) =
+                read_message(&mut server.stream, &mut buf, MAX_SERVER_MESSAGE).await?;
             match tag {
                 backend::READY_FOR_QUERY => {
-                    let status = body.first().copied().and_then(TxStatus::from_byte).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad ReadyForQuery"))?;
+                    let status = body
+                        .first()
+                        .copied()
+                        .and_then(TxStatus::from_byte)
+                        .ok_or_else(|| {
+                            io::Error::new(io::ErrorKind::InvalidData, "bad ReadyForQuery")
+                        })?;
                     if !buf.is_empty() {
                         server.leftover.extend_from_slice(&buf);
                     }
@@ -494,6 +520,17 @@ impl Session {
                 self.idle_armed = false;
                 continue;
             }
+            if !self.shutdown_seen && self.shutdown_signal.as_mut().poll(cx).is_ready() {
+                self.shutdown_seen = true;
+            }
+            if self.shutdown_seen
+                && self.cycle.is_clean()
+                && self.c.settled()
+                && self.s.settled()
+                && self.s.buf.is_empty()
+            {
+                return Poll::Ready(Wake::Shutdown);
+            }
             return self.poll_idle_in_transaction(cx);
         }
     }
@@ -589,7 +626,8 @@ impl Session {
                     header
                 }
             };
-            let body = &self.s.buf[pos + HEADER_LEN..(pos + header.frame_len()).min(self.s.buf.len())];
+            let body =
+                &self.s.buf[pos + HEADER_LEN..(pos + header.frame_len()).min(self.s.buf.len())];
             match header.tag {
                 backend::READY_FOR_QUERY => {
                     let Some(status) = body.first().copied().and_then(TxStatus::from_byte) else {
@@ -633,6 +671,15 @@ impl Session {
             self.client.flush().await
         })
         .await;
+    }
+
+    async fn shut_down(&mut self) -> End {
+        self.send_fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection due to administrator command (iampool is shutting down)",
+        )
+        .await;
+        End::Shutdown
     }
 
     async fn fatal_protocol(&mut self, message: &str) -> End {

@@ -50,7 +50,9 @@ pub enum PoolError {
 impl PoolError {
     pub fn sqlstate(&self) -> &str {
         match self {
-            PoolError::Timeout { .. } => crate::protocol::messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH,
+            PoolError::Timeout { .. } => {
+                crate::protocol::messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH
+            }
             PoolError::Login(code, _) => code,
             PoolError::Closed => crate::protocol::messages::sqlstate::ADMIN_SHUTDOWN,
         }
@@ -215,7 +217,12 @@ impl Pool {
 
     /// The ParameterStatus set clients get at login, logging a server in if none has yet.
     pub async fn welcome_params(self: &Arc<Self>) -> Result<Arc<ServerParamList>, PoolError> {
-        if let Some(p) = self.welcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(p) = self
+            .welcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Ok(p);
         }
         let conn = self.checkout().await?;
@@ -273,10 +280,7 @@ impl Pool {
     /// Opens connections while clients wait and the pool has room.
     fn grow_for_waiters(self: &Arc<Self>, st: &mut State) {
         st.waiters.retain(|w| !w.tx.is_closed());
-        while !st.closed
-            && st.total < st.settings.pool_size
-            && st.waiters.len() > st.connecting
-        {
+        while !st.closed && st.total < st.settings.pool_size && st.waiters.len() > st.connecting {
             self.spawn_connect(st);
         }
     }

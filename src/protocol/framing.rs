@@ -194,10 +194,7 @@ mod tests {
     #[test]
     fn header_accepts_exact_cap() {
         let m = msg(b'd', &[0u8; 11]);
-        assert_eq!(
-            Header::parse(&m, 16).unwrap().unwrap().frame_len(),
-            m.len()
-        );
+        assert_eq!(Header::parse(&m, 16).unwrap().unwrap().frame_len(), m.len());
         assert!(Header::parse(&m, 15).is_err());
     }
 

@@ -324,7 +324,12 @@ mod tests {
     #[test]
     fn error_response_round_trip() {
         let mut b = BytesMut::new();
-        error_response(&mut b, Severity::Fatal, "28P01", "password authentication failed");
+        error_response(
+            &mut b,
+            Severity::Fatal,
+            "28P01",
+            "password authentication failed",
+        );
         assert_eq!(b[0], b'E');
         let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
         assert_eq!(len + 1, b.len());
@@ -343,7 +348,7 @@ mod tests {
         let mut r = BodyReader::new(&[0xff, 0]);
         assert_eq!(r.cstr(), Err(DecodeError::BadUtf8));
         assert!(parse_parameter_status(b"only\0").is_err());
-        let f = parse_error_fields(&[b'C', b'x']);
+        let f = parse_error_fields(b"Cx");
         assert_eq!(f.code, "");
     }
 

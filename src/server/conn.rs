@@ -1,7 +1,7 @@
 //! A logged-in server connection and what iampool knows about its session.
 
 use std::net::SocketAddr;
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -42,11 +42,11 @@ impl ServerConn {
         let mut cx = Context::from_waker(waker);
         let mut byte = [0u8; 1];
         let mut rb = ReadBuf::new(&mut byte);
-        match std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut rb) {
-            Poll::Pending => false,
-            // EOF, an error, or unsolicited data: none of it is a clean idle server.
-            Poll::Ready(_) => true,
-        }
+        // Pending is a healthy idle server. EOF, an error or unsolicited data (e.g. the FATAL
+        // from pg_terminate_backend) all mean it is not clean.
+        std::pin::Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut rb)
+            .is_ready()
     }
 
     pub fn expired(&self, now: Instant) -> bool {

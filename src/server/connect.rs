@@ -64,7 +64,10 @@ impl LoginError {
     /// do not echo passwords, and iampool's own messages never include one.
     pub fn client_error(&self) -> (String, String) {
         match self {
-            LoginError::Server(e) => (e.code.clone(), format!("server login failed: {}", e.message)),
+            LoginError::Server(e) => (
+                e.code.clone(),
+                format!("server login failed: {}", e.message),
+            ),
             other => (
                 messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH.to_owned(),
                 format!("server login failed: {other}"),
@@ -273,7 +276,9 @@ impl Connector {
                     key = Some((pid, secret));
                 }
                 backend::READY_FOR_QUERY => break,
-                backend::ERROR_RESPONSE => return Err(LoginError::Server(parse_error_fields(&body))),
+                backend::ERROR_RESPONSE => {
+                    return Err(LoginError::Server(parse_error_fields(&body)))
+                }
                 backend::NOTICE_RESPONSE => {
                     debug!(message = %parse_error_fields(&body).message, "upstream notice at login")
                 }

@@ -69,6 +69,13 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
 }
 
 pub async fn start(config: Config) -> Running {
+    // RUST_LOG=iampool=debug shows iampool's logs for a failing test.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     iampool::app::start(config).await.expect("iampool starts")
 }
 
