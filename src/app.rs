@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::client::auth::{prepare_users, UserAuth};
 use crate::client::cancel::CancelRegistry;
-use crate::config::{Config, Database, Upstream};
+use crate::config::{Config, Database, Upstream, UpstreamAuth};
 use crate::pool::{Pool, PoolSettings};
 use crate::server::auth::Password;
 use crate::server::login_limit::LoginLimiter;
@@ -160,6 +160,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
 
     let mut limiters: HashMap<String, Arc<LoginLimiter>> = HashMap::new();
+    // AWS configuration is loaded once per region and shared by every IAM upstream.
+    let iam_registry = crate::iam::IamRegistry::default();
     let mut pools = HashMap::new();
     for db in &config.databases {
         let u = &db.upstream;
@@ -167,7 +169,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .entry(limiter_key(u))
             .or_insert_with(|| Arc::new(LoginLimiter::new(u.max_new_connections_per_second)))
             .clone();
-        let password = Password::Static(u.password.clone());
+        let password = match &u.auth {
+            UpstreamAuth::Password => Password::Static(u.password.clone()),
+            UpstreamAuth::Iam(iam) => {
+                if iam.region_inferred {
+                    info!(database = %db.name, host = %u.host, region = %iam.region,
+                        "IAM signing region inferred from the host name");
+                }
+                let auth = iam_registry
+                    .authenticator(iam, &u.host, u.port, &u.user)
+                    .await
+                    .map_err(|e| StartError::Upstream {
+                        database: db.name.clone(),
+                        message: e.to_string(),
+                    })?;
+                Password::Iam(auth)
+            }
+        };
         let connector = Connector::new(
             u.clone(),
             password,

@@ -8,6 +8,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::connect::LoginError;
 use crate::config::Secret;
+use crate::iam::token::IamToken;
+use crate::iam::IamAuthenticator;
 use crate::protocol::md5::{md5_password_hash, md5_salted_response};
 use crate::protocol::messages::{self, auth, backend, frontend, parse_error_fields, BodyReader};
 use crate::protocol::scram::ScramClient;
@@ -19,13 +21,45 @@ const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 pub enum Password {
     /// A static password from the configuration (or none, for trust/peer upstreams).
     Static(Option<Secret>),
+    /// A short-lived RDS IAM token, from the token cache.
+    Iam(IamAuthenticator),
+}
+
+/// The secret for one login, and the IAM token it came from (to drop it if it is refused).
+pub struct LoginSecret {
+    pub secret: Option<Secret>,
+    pub token: Option<IamToken>,
 }
 
 impl Password {
-    fn get(&self) -> Result<Option<Secret>, LoginError> {
+    pub async fn resolve(&self) -> Result<LoginSecret, LoginError> {
         match self {
-            Password::Static(p) => Ok(p.clone()),
+            Password::Static(p) => Ok(LoginSecret {
+                secret: p.clone(),
+                token: None,
+            }),
+            Password::Iam(auth) => {
+                let token = auth
+                    .token()
+                    .await
+                    .map_err(|e| LoginError::Iam(e.to_string()))?;
+                Ok(LoginSecret {
+                    secret: Some(Secret::new(token.expose())),
+                    token: Some(token),
+                })
+            }
         }
+    }
+
+    /// A login with this token was refused: never use it again.
+    pub fn refused(&self, secret: &LoginSecret) {
+        if let (Password::Iam(auth), Some(token)) = (self, &secret.token) {
+            auth.invalidate(token);
+        }
+    }
+
+    pub fn is_iam(&self) -> bool {
+        matches!(self, Password::Iam(_))
     }
 }
 
@@ -46,10 +80,9 @@ pub async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
-    password: &Password,
+    secret: &Option<Secret>,
     allow_cleartext_without_tls: bool,
 ) -> Result<(), LoginError> {
-    let secret = password.get()?;
     let mut scram: Option<ScramClient> = None;
     let mut out = BytesMut::with_capacity(256);
     loop {
@@ -78,7 +111,7 @@ pub async fn authenticate(
                             .into(),
                     ));
                 }
-                let p = need(&secret, "cleartext password")?;
+                let p = need(secret, "cleartext password")?;
                 messages::frontend_message(&mut out, frontend::PASSWORD, |b| {
                     b.put_slice(p.expose().as_bytes());
                     b.put_u8(0);
@@ -86,7 +119,7 @@ pub async fn authenticate(
             }
             auth::MD5_PASSWORD => {
                 let salt = r.bytes(4).map_err(protocol)?;
-                let p = need(&secret, "md5")?;
+                let p = need(secret, "md5")?;
                 let stored = md5_password_hash(user, p.expose());
                 let resp = md5_salted_response(&stored, [salt[0], salt[1], salt[2], salt[3]]);
                 messages::frontend_message(&mut out, frontend::PASSWORD, |b| {
@@ -107,7 +140,7 @@ pub async fn authenticate(
                         "server offers SASL mechanisms {offered:?}, none of which iampool supports"
                     )));
                 }
-                let p = need(&secret, "SCRAM-SHA-256")?;
+                let p = need(secret, "SCRAM-SHA-256")?;
                 let mut client = ScramClient::new(p.expose());
                 let first = client.client_first();
                 messages::frontend_message(&mut out, frontend::PASSWORD, |b| {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::auth::{authenticate, Password};
+use super::auth::{authenticate, LoginSecret, Password};
 use super::conn::ServerConn;
 use super::login_limit::LoginLimiter;
 use super::params::SessionParams;
@@ -20,6 +20,9 @@ use crate::config::{SslMode, Upstream};
 use crate::protocol::framing::SSL_REQUEST;
 use crate::protocol::messages::{self, backend, parse_error_fields, ErrorFields};
 use crate::stream::{read_message, Stream};
+
+/// Pause before retrying a login whose IAM token was refused.
+const IAM_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 /// Messages during login are small; this bounds what an upstream can make us buffer.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
@@ -170,14 +173,44 @@ impl Connector {
     }
 
     async fn connect_inner(&self) -> Result<(ServerConn, ServerParamList), LoginError> {
+        let secret = self.password.resolve().await?;
+        let result = self.attempt_per_sslmode(&secret).await;
+        match result {
+            // A refused IAM token (expired, revoked, signed by rotated-out credentials): drop
+            // it, mint a fresh one and try once more after a short pause.
+            Err(LoginError::Server(e)) if e.code == "28P01" && self.password.is_iam() => {
+                self.password.refused(&secret);
+                warn!(
+                    target: "iampool::login",
+                    host = %self.upstream.host, user = %self.upstream.user,
+                    "IAM token refused; retrying once with a fresh token"
+                );
+                tokio::time::sleep(IAM_RETRY_BACKOFF).await;
+                let fresh = self.password.resolve().await?;
+                let result = self.attempt_per_sslmode(&fresh).await;
+                if let Err(LoginError::Server(e)) = &result {
+                    if e.code == "28P01" {
+                        self.password.refused(&fresh);
+                    }
+                }
+                result
+            }
+            r => r,
+        }
+    }
+
+    async fn attempt_per_sslmode(
+        &self,
+        secret: &LoginSecret,
+    ) -> Result<(ServerConn, ServerParamList), LoginError> {
         match self.upstream.sslmode {
-            SslMode::Allow => match self.attempt(false).await {
+            SslMode::Allow => match self.attempt(false, secret).await {
                 // No pg_hba entry for a non-TLS connection: try again with TLS, as libpq does.
-                Err(LoginError::Server(e)) if e.code == "28000" => self.attempt(true).await,
+                Err(LoginError::Server(e)) if e.code == "28000" => self.attempt(true, secret).await,
                 r => r,
             },
-            SslMode::Disable => self.attempt(false).await,
-            _ => self.attempt(true).await,
+            SslMode::Disable => self.attempt(false, secret).await,
+            _ => self.attempt(true, secret).await,
         }
     }
 
@@ -197,7 +230,11 @@ impl Connector {
         Ok((tcp, peer))
     }
 
-    async fn attempt(&self, want_tls: bool) -> Result<(ServerConn, ServerParamList), LoginError> {
+    async fn attempt(
+        &self,
+        want_tls: bool,
+        secret: &LoginSecret,
+    ) -> Result<(ServerConn, ServerParamList), LoginError> {
         let u = &self.upstream;
         let (mut tcp, peer) = self.dial().await?;
         let mut stream = match (&self.tls, &self.server_name) {
@@ -251,7 +288,7 @@ impl Connector {
             &mut stream,
             &mut buf,
             &u.user,
-            &self.password,
+            &secret.secret,
             self.upstream.allow_cleartext_password,
         )
         .await?;

@@ -5,4 +5,5 @@ mod support;
 
 mod core;
 mod harness;
+mod pgbench;
 mod pooler;
