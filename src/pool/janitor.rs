@@ -3,7 +3,10 @@
 //! Every tick: idle connections that the upstream closed (or that sent something
 //! unsolicited) are dropped, those past `server_lifetime` (+ jitter) or idle longer than
 //! `server_idle_timeout` (above `min_pool_size`) are retired, and the pool is topped up
-//! to `min_pool_size`. Clients never see any of it.
+//! to `min_pool_size`. A connection nearing its retirement gets its replacement opened
+//! first when the pool has room (make-before-break), so in steady state no client waits on
+//! a login, which for IAM upstreams means signing and a PAM round trip. Clients never see
+//! any of it.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -45,9 +48,13 @@ impl Pool {
                 && st.total > min;
             if conn.is_broken() || conn.expired(now) || idle_too_long {
                 self.forget(&mut st, conn);
-            } else {
-                keep.push_back(conn);
+                continue;
             }
+            if !conn.renewing && now >= conn.renew_at() && st.total < st.settings.pool_size {
+                conn.renewing = true;
+                self.spawn_connect(&mut st);
+            }
+            keep.push_back(conn);
         }
         st.idle = keep;
         // Top up to min_pool_size, unless logins are failing right now (then wait out

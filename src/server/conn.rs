@@ -29,6 +29,8 @@ pub struct ServerConn {
     pub idle_since: Instant,
     /// Bytes the server sent after its last ReadyForQuery during a login or reset.
     pub leftover: BytesMut,
+    /// A replacement has been opened ahead of `retire_at` (make-before-break).
+    pub renewing: bool,
 }
 
 impl ServerConn {
@@ -51,6 +53,13 @@ impl ServerConn {
 
     pub fn expired(&self, now: Instant) -> bool {
         now >= self.retire_at
+    }
+
+    /// When to open this connection's replacement: a tenth of its life (at most a minute)
+    /// before it retires, so no client waits on a login when it goes.
+    pub fn renew_at(&self) -> Instant {
+        let life = self.retire_at.saturating_duration_since(self.created_at);
+        self.retire_at - (life / 10).min(std::time::Duration::from_secs(60))
     }
 }
 

@@ -354,6 +354,7 @@ impl Connector {
             retire_at: now + lifetime,
             idle_since: now,
             leftover,
+            renewing: false,
         };
         Ok((conn, params))
     }

@@ -632,3 +632,37 @@ async fn session_mode_keeps_one_server_per_client() {
     assert_ne!(row.get::<_, String>(0), "session_a");
     assert!(iam.shutdown().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_are_renewed_before_they_retire() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("renew");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.server_lifetime = Duration::from_secs(2);
+    cfg.databases[0].pool_size = 4;
+    cfg.databases[0].min_pool_size = 2;
+    let iam = start(cfg).await;
+    // min_pool_size is opened at start, before any client.
+    let warm = pg
+        .wait_for_backends(&db.name, &db.user, Duration::from_secs(10), |n| n == 2)
+        .await;
+    assert_eq!(warm, 2);
+    let c = connect(iam.local_addr(), &db).await;
+    let mut pids = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+    while tokio::time::Instant::now() < deadline {
+        let rows = c
+            .simple_query("select pg_backend_pid()")
+            .await
+            .expect("no client error across renewals");
+        for m in &rows {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                pids.insert(r.get(0).unwrap().to_owned());
+            }
+        }
+        assert!(pg.backend_count(&db.name, &db.user) <= 4);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(pids.len() >= 3, "servers were not renewed: {pids:?}");
+    assert!(iam.shutdown().await);
+}

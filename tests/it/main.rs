@@ -5,5 +5,6 @@ mod support;
 
 mod core;
 mod harness;
+mod iam;
 mod pgbench;
 mod pooler;

@@ -7,3 +7,4 @@
 pub mod certs;
 pub mod fake_aws;
 pub mod pg;
+pub mod rds;
