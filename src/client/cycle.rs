@@ -108,9 +108,22 @@ impl Cycle {
         ClientMsg::Forward
     }
 
-    /// A server message tag (other than ReadyForQuery) passed to the client.
+    /// True when the server is ignoring Syncs (extended-protocol COPY FROM STDIN).
     #[inline]
-    pub fn on_server(&mut self, tag: u8) {
+    pub fn ignoring_syncs(&self) -> bool {
+        self.ignore_syncs
+    }
+
+    /// Marks the server as not reusable (its state is no longer known for certain).
+    pub fn taint(&mut self) {
+        self.tainted = true;
+    }
+
+    /// A server message tag (other than ReadyForQuery) passed to the client. Returns how
+    /// many already-sent Syncs the server will swallow (extended-protocol COPY FROM STDIN).
+    #[inline]
+    pub fn on_server(&mut self, tag: u8) -> usize {
+        let mut swallowed = 0;
         match tag {
             backend::COPY_IN_RESPONSE => {
                 self.copy = Copy::In;
@@ -121,6 +134,7 @@ impl Cycle {
                             self.tainted = true;
                         }
                     }
+                    swallowed = self.exec_syncs;
                     self.exec_syncs = 0;
                     self.ignore_syncs = self.exec_open;
                 }
@@ -133,6 +147,7 @@ impl Cycle {
             backend::COPY_DONE if self.copy == Copy::Out => self.copy = Copy::None,
             _ => {}
         }
+        swallowed
     }
 
     /// A ReadyForQuery passed to the client.

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod cancel;
 pub mod cycle;
 pub mod handshake;
+pub mod prepared;
 pub mod relay;
 pub mod tls;
 
@@ -56,6 +57,7 @@ pub async fn serve(shared: Arc<Shared>, stream: Stream) {
         params: login.params,
         cancel: registration.slot.clone(),
         max_message: config.max_message_size,
+        max_prepared_statements: config.max_prepared_statements,
         idle_tx_timeout: config.idle_transaction_timeout,
         server_reset_query: config.server_reset_query.clone(),
         shutdown: shared.shutdown_signal(),

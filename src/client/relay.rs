@@ -25,11 +25,13 @@ use tracing::debug;
 
 use super::cancel::{CancelSlot, CancelTarget};
 use super::cycle::{ClientMsg, Cycle};
+use super::prepared::{ClientAction, QueryAction, ServerAction, Staging, Tracker};
 use crate::config::PoolMode;
 use crate::pool::{Pool, PoolError};
-use crate::protocol::framing::{Scanner, Step, HEADER_LEN};
+use crate::protocol::framing::{Header, Scanner, Step, HEADER_LEN};
 use crate::protocol::messages::{
-    self, backend, parse_error_fields, parse_parameter_status, sqlstate, Severity, TxStatus,
+    self, backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, Severity,
+    TxStatus,
 };
 use crate::server::params::SessionParams;
 use crate::server::ServerConn;
@@ -67,16 +69,26 @@ pub enum End {
 }
 
 /// One direction of the relay: a read buffer whose front `ready` bytes are scanned and
-/// waiting to be written to the other side.
+/// waiting to be written to the other side. When a message must be changed, dropped or
+/// made up, the ready bytes move to `out` first (so order is kept) and the change is written
+/// there; `out` goes out before `buf[..ready]`. Sessions that change nothing never copy.
 #[derive(Default)]
 struct Half {
     buf: BytesMut,
     ready: usize,
     scan: Scanner,
+    out: BytesMut,
     /// Bytes written since the last flush (TLS streams buffer until flushed).
     unflushed: bool,
     /// Size of an inspected message that is not complete yet, so the buffer can grow for it.
     want: usize,
+}
+
+impl Staging for Half {
+    fn staged(&mut self) -> &mut BytesMut {
+        self.stage_ready();
+        &mut self.out
+    }
 }
 
 impl Half {
@@ -90,10 +102,36 @@ impl Half {
 
     /// Nothing scanned is waiting and the stream sits at a message boundary.
     fn settled(&self) -> bool {
-        self.ready == 0 && !self.unflushed && self.scan.at_boundary()
+        self.ready == 0 && self.out.is_empty() && !self.unflushed && self.scan.at_boundary()
+    }
+
+    /// Moves the scanned bytes to `out`, so the message at `buf[0]` can be changed or dropped.
+    fn stage_ready(&mut self) {
+        if self.ready > 0 {
+            self.out.extend_from_slice(&self.buf[..self.ready]);
+            self.buf.advance(self.ready);
+            self.ready = 0;
+        }
+    }
+
+    /// Drops a complete message at the scan position (after staging what came before it).
+    fn drop_message(&mut self, len: usize) {
+        self.stage_ready();
+        self.buf.advance(len);
     }
 
     fn poll_write_to(&mut self, cx: &mut Context<'_>, dst: &mut Stream) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            match Pin::new(&mut *dst).poll_write(cx, &self.out) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.out.advance(n);
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         while self.ready > 0 {
             match Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.ready]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -125,6 +163,8 @@ pub struct Session {
     s: Half,
     server: Option<ServerConn>,
     cycle: Cycle,
+    /// Named prepared statements (transaction mode).
+    tracker: Tracker,
     /// The parameter values this client believes in.
     params: SessionParams,
     cancel: Arc<CancelSlot>,
@@ -151,6 +191,7 @@ pub struct SessionArgs {
     pub params: SessionParams,
     pub cancel: Arc<CancelSlot>,
     pub max_message: usize,
+    pub max_prepared_statements: usize,
     pub idle_tx_timeout: Option<Duration>,
     pub server_reset_query: String,
     pub shutdown: watch::Receiver<bool>,
@@ -159,6 +200,7 @@ pub struct SessionArgs {
 impl Session {
     pub fn new(a: SessionArgs) -> Session {
         let mode = a.pool.mode();
+        let known = a.pool.statements.clone();
         let mut c = Half {
             buf: a.leftover,
             ..Half::default()
@@ -175,6 +217,14 @@ impl Session {
             },
             server: None,
             cycle: Cycle::default(),
+            // Session mode keeps one server per client: names need no rewriting there.
+            tracker: Tracker::new(
+                match mode {
+                    PoolMode::Transaction => a.max_prepared_statements,
+                    PoolMode::Session => 0,
+                },
+                known,
+            ),
             params: a.params,
             cancel: a.cancel,
             max_message: a.max_message,
@@ -211,13 +261,14 @@ impl Session {
                 debug!(error = %e, "client write failed");
                 return End::ClientGone;
             }
-            if self.c.ready == 0 {
-                // A Terminate only ends the session once what came before it is delivered.
-                if let Some(Wake::ClientProtocol(m)) = self.scan_client() {
-                    return self.fatal_protocol(&m).await;
+            // Wait until the client has sent at least one message header.
+            loop {
+                match Header::parse(&self.c.buf, self.max_message) {
+                    Err(e) => return self.fatal_protocol(&e.to_string()).await,
+                    Ok(Some(h)) if h.tag == frontend::TERMINATE => return End::ClientGone,
+                    Ok(Some(_)) => break,
+                    Ok(None) => {}
                 }
-            }
-            if self.c.ready == 0 {
                 if self.client_done {
                     return End::ClientGone;
                 }
@@ -228,7 +279,7 @@ impl Session {
                 tokio::select! {
                     r = self.client.read_buf(&mut self.c.buf) => match r {
                         Ok(0) | Err(_) => return End::ClientGone,
-                        Ok(_) => continue,
+                        Ok(_) => {}
                     },
                     _ = self.shutdown_signal.as_mut() => {
                         self.shutdown_seen = true;
@@ -237,7 +288,12 @@ impl Session {
                 }
             }
 
-            // The client has a request: link a server.
+            if self.answer_prepare_locally() {
+                continue;
+            }
+
+            // The client has a request: link a server, then look at what it sent (names are
+            // rewritten against the statements this particular server has).
             let server = match self.pool.checkout().await {
                 Ok(s) => s,
                 Err(e) => return self.pool_error(e).await,
@@ -245,13 +301,27 @@ impl Session {
             if let Err(end) = self.link(server).await {
                 return end;
             }
+            if let Some(Wake::ClientProtocol(m)) = self.scan_client() {
+                return self.fatal_protocol(&m).await;
+            }
 
             let wake = poll_fn(|cx| self.poll_linked(cx)).await;
             match wake {
                 Wake::Released => {
                     let server = self.server.take().expect("linked");
+                    tracing::trace!(backend_pid = server.backend_pid, "server released");
                     self.cancel.unlink();
-                    self.pool.checkin(server);
+                    if self.tracker.is_idle() {
+                        self.pool.checkin(server);
+                    } else {
+                        // The response bookkeeping does not add up: never reuse this server.
+                        debug!(
+                            backend_pid = server.backend_pid,
+                            "unmatched responses; closing server"
+                        );
+                        self.tracker.reset_server();
+                        self.pool.discard(server);
+                    }
                     if *self.shutdown.borrow() {
                         return self.shut_down().await;
                     }
@@ -329,6 +399,8 @@ impl Session {
             secret: server.backend_secret,
         });
         self.server_fatal = false;
+        self.tracker.reset_server();
+        tracing::trace!(backend_pid = server.backend_pid, "server linked");
         self.server = Some(server);
         Ok(())
     }
@@ -406,6 +478,7 @@ impl Session {
         .await;
         let clean = matches!(delivered, Ok(Ok(())))
             && self.cycle.is_clean()
+            && self.tracker.is_idle()
             && self.c.scan.at_boundary()
             && self.s.buf.len() == self.s.ready
             && !self.server_fatal;
@@ -562,54 +635,114 @@ impl Session {
     /// Walks new client bytes: marks complete and partial messages ready to forward.
     /// Terminate ends the scan (it is never forwarded) and marks the client done.
     fn scan_client(&mut self) -> Option<Wake> {
-        let mut pos = self.c.ready;
+        let track = self.tracker.enabled();
+        self.c.want = 0;
         loop {
-            match self.c.scan.step(&self.c.buf[pos..], self.max_message) {
-                Err(e) => {
-                    self.c.ready = pos;
-                    return Some(Wake::ClientProtocol(e.to_string()));
-                }
+            let pos = self.c.ready;
+            let header = match self.c.scan.step(&self.c.buf[pos..], self.max_message) {
+                Err(e) => return Some(Wake::ClientProtocol(e.to_string())),
                 Ok(Step::NeedMore) => break,
                 Ok(Step::Continue(n)) => {
                     self.c.scan.consume_body(n);
-                    pos += n;
+                    self.c.ready += n;
+                    continue;
                 }
-                Ok(Step::Message { header, .. }) => match self.cycle.on_client(header.tag) {
-                    ClientMsg::Forward => {
-                        let avail = self.c.buf.len() - pos;
-                        pos += self.c.scan.consume_message(header, avail);
+                Ok(Step::Message { header, complete }) => {
+                    let inspected =
+                        track && (Tracker::inspects(header.tag) || header.tag == frontend::QUERY);
+                    if inspected && !complete {
+                        self.c.want = header.frame_len();
+                        break;
                     }
-                    ClientMsg::Terminate => {
-                        self.c.buf.truncate(pos);
-                        self.c.ready = pos;
-                        self.client_done = true;
-                        return Some(Wake::ClientGone);
+                    header
+                }
+            };
+            let tag = header.tag;
+            let len = header.frame_len();
+            if track && tag == frontend::QUERY {
+                let body = &self.c.buf[pos + HEADER_LEN..pos + len];
+                match self.tracker.on_query(body) {
+                    QueryAction::Forward => {}
+                    QueryAction::Discard => {
+                        // The server drops every statement; iampool's list for it is stale.
+                        if let Some(server) = self.server.as_mut() {
+                            server.statements = Default::default();
+                        }
+                        self.cycle.taint();
                     }
-                    ClientMsg::Invalid => {
-                        self.c.ready = pos;
-                        return Some(Wake::ClientProtocol(format!(
-                            "invalid frontend message type {}",
-                            header.tag
-                        )));
+                    QueryAction::Answer(command) => {
+                        // Answered in order, once everything before it has been answered.
+                        self.c.drop_message(len);
+                        self.tracker.queue_answer(command);
+                        self.emit_synthetic();
+                        continue;
                     }
-                },
+                }
             }
+            let ignored_sync = tag == frontend::SYNC && self.cycle.ignoring_syncs();
+            match self.cycle.on_client(tag) {
+                ClientMsg::Forward => {}
+                ClientMsg::Terminate => {
+                    self.c.buf.truncate(pos);
+                    self.client_done = true;
+                    return Some(Wake::ClientGone);
+                }
+                ClientMsg::Invalid => {
+                    return Some(Wake::ClientProtocol(format!(
+                        "invalid frontend message type {tag}"
+                    )))
+                }
+            }
+            if track {
+                // A message that names a statement may be rewritten: move what came before
+                // it out of the way first, so the message starts the buffer.
+                let named = Tracker::inspects(tag)
+                    && names_statement(tag, &self.c.buf[pos + HEADER_LEN..pos + len]);
+                let at = if named {
+                    self.c.stage_ready();
+                    0
+                } else {
+                    pos
+                };
+                let frame_end = at
+                    + if Tracker::inspects(tag) {
+                        len
+                    } else {
+                        HEADER_LEN
+                    };
+                let Some(server) = self.server.as_mut() else {
+                    unreachable!("client messages are scanned only while a server is linked")
+                };
+                let action = self.tracker.on_client(
+                    &self.c.buf[at..frame_end],
+                    &mut server.statements,
+                    ignored_sync,
+                    &mut self.c.out,
+                );
+                if action == ClientAction::Rewritten {
+                    self.c.drop_message(len);
+                    self.emit_synthetic();
+                    continue;
+                }
+            }
+            let avail = self.c.buf.len() - pos;
+            self.c.ready += self.c.scan.consume_message(header, avail);
         }
-        self.c.ready = pos;
         None
     }
 
     /// Walks new server bytes, looking into the few messages that decide pooling.
     fn scan_server(&mut self) -> Option<Wake> {
-        let mut pos = self.s.ready;
+        let track = self.tracker.enabled();
         self.s.want = 0;
         loop {
+            let pos = self.s.ready;
             let header = match self.s.scan.step(&self.s.buf[pos..], MAX_SERVER_MESSAGE) {
                 Err(e) => return Some(Wake::ServerProtocol(e.to_string())),
                 Ok(Step::NeedMore) => break,
                 Ok(Step::Continue(n)) => {
                     self.s.scan.consume_body(n);
-                    pos += n;
+                    self.s.ready += n;
                     continue;
                 }
                 Ok(Step::Message { header, complete }) => {
@@ -626,8 +759,8 @@ impl Session {
                     header
                 }
             };
-            let body =
-                &self.s.buf[pos + HEADER_LEN..(pos + header.frame_len()).min(self.s.buf.len())];
+            let end = (pos + header.frame_len()).min(self.s.buf.len());
+            let body = &self.s.buf[pos + HEADER_LEN..end];
             match header.tag {
                 backend::READY_FOR_QUERY => {
                     let Some(status) = body.first().copied().and_then(TxStatus::from_byte) else {
@@ -649,13 +782,68 @@ impl Session {
                     }
                     self.cycle.on_error();
                 }
-                tag => self.cycle.on_server(tag),
+                tag => {
+                    let swallowed = self.cycle.on_server(tag);
+                    if swallowed > 0 {
+                        self.tracker.syncs_ignored(swallowed);
+                    }
+                }
+            }
+            if track {
+                let server = self.server.as_mut().expect("linked");
+                if self.tracker.on_server(header.tag, &mut server.statements) == ServerAction::Drop
+                {
+                    // An answer to an injected message: complete (5 bytes) and never forwarded.
+                    self.s.drop_message(header.frame_len());
+                    self.emit_synthetic();
+                    continue;
+                }
+                let avail = self.s.buf.len() - pos;
+                self.s.ready += self.s.scan.consume_message(header, avail);
+                self.emit_synthetic();
+                continue;
             }
             let avail = self.s.buf.len() - pos;
-            pos += self.s.scan.consume_message(header, avail);
+            self.s.ready += self.s.scan.consume_message(header, avail);
         }
-        self.s.ready = pos;
         None
+    }
+
+    /// Unlinked, the client sent exactly a named Parse and a Sync of a statement this pool
+    /// knows: answer ParseComplete + ReadyForQuery without taking a server.
+    fn answer_prepare_locally(&mut self) -> bool {
+        if !self.tracker.enabled() || !self.tracker.is_idle() {
+            return false;
+        }
+        let buf = &self.c.buf;
+        let Ok(Some(p)) = Header::parse(buf, self.max_message) else {
+            return false;
+        };
+        if p.tag != frontend::PARSE || buf.len() < p.frame_len() {
+            return false;
+        }
+        let Ok(Some(sync)) = Header::parse(&buf[p.frame_len()..], self.max_message) else {
+            return false;
+        };
+        if sync.tag != frontend::SYNC || sync.len != 4 {
+            return false;
+        }
+        if !names_statement(p.tag, &buf[HEADER_LEN..p.frame_len()])
+            || !self.tracker.prepare_locally(&buf[..p.frame_len()])
+        {
+            return false;
+        }
+        self.c.buf.advance(p.frame_len() + sync.frame_len());
+        let out = self.s.staged();
+        out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+        messages::ready_for_query(out, TxStatus::Idle);
+        true
+    }
+
+    /// Writes the made-up answers that are due (after everything scanned so far).
+    fn emit_synthetic(&mut self) {
+        let status = self.cycle.status();
+        self.tracker.drain_synthetic(&mut self.s, status);
     }
 
     async fn flush_to_client(&mut self) -> io::Result<()> {
@@ -698,6 +886,21 @@ impl Session {
         };
         self.send_fatal(&code, &msg).await;
         End::PoolError
+    }
+}
+
+/// True if a Parse, Bind, Describe or Close `body` names a prepared statement.
+fn names_statement(tag: u8, body: &[u8]) -> bool {
+    match tag {
+        frontend::PARSE => body.first().is_some_and(|&b| b != 0),
+        frontend::BIND => {
+            let portal_end = body.iter().position(|&b| b == 0);
+            portal_end.is_some_and(|i| body.get(i + 1).is_some_and(|&b| b != 0))
+        }
+        frontend::DESCRIBE | frontend::CLOSE => {
+            body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0)
+        }
+        _ => false,
     }
 }
 

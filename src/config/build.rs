@@ -129,6 +129,7 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let listen = r.req(g, "listen", value::addrs);
     let unix_socket_dir = r.get(g, "unix_socket_dir", value::path);
     let max_client_conn = r.req(g, "max_client_conn", usize_count);
+    let max_prepared_statements = r.req(g, "max_prepared_statements", usize_count);
     let server_lifetime = r.req(g, "server_lifetime", value::duration);
     let server_lifetime_jitter = lifetime_jitter(r, g, &server_lifetime);
     let server_idle_timeout = r.req(g, "server_idle_timeout", value::duration);
@@ -163,6 +164,7 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         listen: listen?,
         unix_socket_dir: unix_socket_dir?,
         max_client_conn: max_client_conn?,
+        max_prepared_statements: max_prepared_statements?,
         server_lifetime: server_lifetime?,
         server_lifetime_jitter: server_lifetime_jitter?,
         server_idle_timeout: server_idle_timeout?,

@@ -183,6 +183,11 @@ pub static KEYS: &[Key] = &[
         .per_database()
         .help("transaction: a server connection is held for one transaction; session: for the whole client session")
         .example("session"),
+    Key::new("max_prepared_statements", "max-prepared-statements", Kind::Count, POOLS)
+        .default("200")
+        .unit("statements per server connection")
+        .help("Named prepared statements kept on each server connection in transaction mode (least recently used are closed); 0 passes statement names through untouched")
+        .example("500"),
     Key::new("pool_size", "pool-size", Kind::Count, POOLS)
         .default("10")
         .unit("server connections")

@@ -171,6 +171,8 @@ pub struct Config {
     /// Directory for a `.s.PGSQL.<port>` unix socket, if any.
     pub unix_socket_dir: Option<PathBuf>,
     pub max_client_conn: usize,
+    /// Named prepared statements per server connection in transaction mode; 0 disables the rewriting.
+    pub max_prepared_statements: usize,
     pub server_lifetime: Duration,
     /// Up to this much is added at random to each server's lifetime so they do not expire together.
     pub server_lifetime_jitter: Duration,

@@ -82,6 +82,7 @@ fn global_value(c: &Config, name: &str) -> Option<Shown> {
         ),
         "unix_socket_dir" => path(&c.unix_socket_dir),
         "max_client_conn" => integer(c.max_client_conn),
+        "max_prepared_statements" => integer(c.max_prepared_statements),
         "server_lifetime" => duration(c.server_lifetime),
         "server_lifetime_jitter" => duration(c.server_lifetime_jitter),
         "server_idle_timeout" => duration(c.server_idle_timeout),

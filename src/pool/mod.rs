@@ -95,6 +95,8 @@ pub struct Pool {
     state: Mutex<State>,
     /// ParameterStatus set from the first login, sent to clients at their login.
     welcome: Mutex<Option<Arc<ServerParamList>>>,
+    /// Named statements that prepared successfully on a server of this pool.
+    pub statements: Arc<crate::client::prepared::KnownStatements>,
 }
 
 impl Pool {
@@ -114,6 +116,7 @@ impl Pool {
                 closed: false,
             }),
             welcome: Mutex::new(None),
+            statements: Default::default(),
         })
     }
 

@@ -31,6 +31,8 @@ pub struct ServerConn {
     pub leftover: BytesMut,
     /// A replacement has been opened ahead of `retire_at` (make-before-break).
     pub renewing: bool,
+    /// Named statements iampool has prepared here (transaction mode).
+    pub statements: crate::client::prepared::ServerStatements,
 }
 
 impl ServerConn {

@@ -355,6 +355,7 @@ impl Connector {
             idle_since: now,
             leftover,
             renewing: false,
+            statements: Default::default(),
         };
         Ok((conn, params))
     }

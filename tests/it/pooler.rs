@@ -23,6 +23,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         unix_socket_dir: None,
         max_client_conn: 2000,
+        max_prepared_statements: 200,
         server_lifetime: Duration::from_secs(3600),
         server_lifetime_jitter: Duration::ZERO,
         server_idle_timeout: Duration::from_secs(600),
