@@ -352,7 +352,7 @@ impl Tracker {
                 }
                 self.push(Expect::Describe);
                 self.use_statement(name, server, stage, |out, global| {
-                    put_renamed(out, frontend::DESCRIBE, &[b'S'], global, &[])
+                    put_renamed(out, frontend::DESCRIBE, b"S", global, &[])
                 })
             }
             _ => ClientAction::Forward,
@@ -454,7 +454,7 @@ impl Tracker {
         before_last: bool,
     ) {
         if let Some(victim) = server.insert(global.clone(), self.cap) {
-            put_renamed(stage.staged(), frontend::CLOSE, &[b'S'], &victim, &[]);
+            put_renamed(stage.staged(), frontend::CLOSE, b"S", &victim, &[]);
             let pos = if before_last {
                 self.expects.len().saturating_sub(1)
             } else {
