@@ -182,7 +182,17 @@ wait_ready "$BOUNCER_PORT" ||
 # ---------------------------------------------------------------- iampool
 IAMPOOL_PORT=$(free_port)
 log "starting iampool on port $IAMPOOL_PORT"
-"$BIN" --upstream "postgres://bench:$PW@127.0.0.1:$PG_PORT/bench?sslmode=disable" \
+# Only the flags below configure it: IAMPOOL_* variables from the caller's environment are dropped.
+unset_iampool_env=()
+while read -r name; do unset_iampool_env+=(-u "$name"); done < <(compgen -e | grep '^IAMPOOL_' || true)
+IAMPOOL_HELP=$("$BIN" --help)
+IAMPOOL_PREPARED="no max_prepared_statements in this build"
+if grep -q -- '--max-prepared-statements' <<<"$IAMPOOL_HELP"; then
+  IAMPOOL_PREPARED="max_prepared_statements=$(grep -A 3 -- '--max-prepared-statements' <<<"$IAMPOOL_HELP" |
+    tr -s ' \n' ' ' | sed -n 's/.*\[default: \([0-9]*\)\].*/\1/p') (default)"
+fi
+env "${unset_iampool_env[@]}" \
+  "$BIN" --upstream "postgres://bench:$PW@127.0.0.1:$PG_PORT/bench?sslmode=disable" \
   --listen "127.0.0.1:$IAMPOOL_PORT" --pool-size "$POOL_SIZE" >"$WORK/iampool.log" 2>&1 &
 IAMPOOL_PID=$!
 wait_ready "$IAMPOOL_PORT" ||
@@ -212,7 +222,8 @@ run() {
   NOTE[$key]=
   if ((rc != 0)) || [[ -z ${TPS[$key]} ]]; then
     local why
-    why=$(grep -m 1 -iE 'error|fatal|abort' "$out" | tr -s ' ' | tr '|' '/' | cut -c 1-140 || true)
+    why=$(grep -m 1 -iE 'error|fatal|abort' "$out" | sed 's/^\(pgbench: \)*//' | tr -s ' ' | tr '|' '/' |
+      cut -c 1-140 || true)
     ((rc == 124 || rc == 137)) && why="timed out after $((SECONDS_PER_RUN + RUN_GRACE)) s; $why"
     NOTE[$key]="FAILED (exit $rc): ${why:-no output}"
     log "  ${NOTE[$key]}"
@@ -258,7 +269,7 @@ targets interleaved per mode (direct, pgbouncer, iampool), each pgbench run ${SE
 | Load average before / after | $LOAD_BEFORE / $LOAD_AFTER |
 | PostgreSQL | $("$PG_BIN/postgres" --version | sed 's/^postgres (PostgreSQL) //'), fsync=off, synchronous_commit=off, full_page_writes=off, max_connections=$MAX_CONNECTIONS, scram-sha-256 over 127.0.0.1 |
 | PgBouncer | $BOUNCER_VERSION, transaction mode, default_pool_size=$POOL_SIZE, max_client_conn=1000, $([[ $PREPARED_LINE == max_* ]] && echo "max_prepared_statements=200" || echo "no max_prepared_statements (needs >= 1.21)") |
-| iampool | $commit, transaction mode (default), --pool-size $POOL_SIZE |
+| iampool | $commit, transaction mode (default), --pool-size $POOL_SIZE, $IAMPOOL_PREPARED |
 | pgbench | $(pgbench --version | sed 's/^pgbench (PostgreSQL) //'), scale $SCALE, -c $CLIENTS (direct: -c $DIRECT_CLIENTS) -j $THREADS -T $SECONDS_PER_RUN |
 
 ## Throughput (tps, excluding connection time) and ratios
@@ -287,7 +298,7 @@ EOF
       for t in "${TARGETS[@]}"; do
         k="$v/$m/$t"
         printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$v" "$m" "$t" \
-          "${NCLIENTS[$k]}" "${TPS[$k]:--}" "${LAT[$k]:--}" "${DONE[$k]:--}" \
+          "${NCLIENTS[$k]}" "$(printf '%.1f' "${TPS[$k]:-0}")" "${LAT[$k]:--}" "${DONE[$k]:--}" \
           "${FAILED[$k]:--}" "${NOTE[$k]:-ok}"
       done
     done

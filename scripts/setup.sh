@@ -98,3 +98,61 @@ for tool in /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/postgre
   command -v "$tool" >/dev/null 2>&1 || { log "still missing after install: $tool"; exit 1; }
 done
 log "done"
+
+# --- driver test prerequisites (drivers.rs) ---
+# The real client drivers that tests/it/drivers.rs runs through iampool: asyncpg and psycopg 3
+# in a venv at target/driver-venv (pins in tests/drivers/requirements.txt), node-postgres from
+# tests/drivers/package-lock.json via `npm ci` into target/driver-node (under target/ so that
+# node_modules never shows up as untracked files), and pgjdbc plus a JDK from Debian. Each step
+# is skipped when a stamp shows its inputs are already installed.
+driver_prerequisites() {
+  local root drivers venv node_dir stamp want
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  drivers=$root/tests/drivers
+  venv=$root/target/driver-venv
+  node_dir=$root/target/driver-node
+
+  local apt_missing=()
+  [[ -f /usr/share/java/postgresql.jar ]] || apt_missing+=(libpostgresql-jdbc-java)
+  { command -v java && command -v javac; } >/dev/null 2>&1 || apt_missing+=(default-jdk-headless)
+  command -v npm >/dev/null 2>&1 || apt_missing+=(nodejs npm)
+  /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_missing+=(python3-venv)
+  if [[ ${#apt_missing[@]} -gt 0 ]]; then
+    local sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+      if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo=(sudo -n)
+      else
+        log "not root and no passwordless sudo; please run as root:"
+        log "  apt-get install -y --no-install-recommends ${apt_missing[*]}"
+        return 1
+      fi
+    fi
+    log "installing driver test packages: ${apt_missing[*]}"
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      "${apt_missing[@]}"
+  fi
+
+  want=$(sha256sum "$drivers/requirements.txt" | cut -d' ' -f1)
+  stamp=$venv/.iampool-requirements
+  if [[ ! -x $venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+    log "installing Python drivers into $venv"
+    mkdir -p "$root/target"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$drivers/requirements.txt"
+    echo "$want" >"$stamp"
+  fi
+
+  want=$(cat "$drivers/package.json" "$drivers/package-lock.json" | sha256sum | cut -d' ' -f1)
+  stamp=$node_dir/.iampool-lock
+  if [[ ! -d $node_dir/node_modules/pg || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+    log "installing node-postgres into $node_dir"
+    mkdir -p "$node_dir"
+    cp "$drivers/package.json" "$drivers/package-lock.json" "$node_dir/"
+    (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$want" >"$stamp"
+  fi
+  log "driver test prerequisites present"
+}
+driver_prerequisites

@@ -18,6 +18,8 @@ use tracing::{info, warn};
 use crate::client::auth::{prepare_users, UserAuth};
 use crate::client::cancel::CancelRegistry;
 use crate::config::{Config, Database, Upstream, UpstreamAuth};
+use crate::metrics::http::Health;
+use crate::metrics::{Metrics, PoolsCollector};
 use crate::pool::{Pool, PoolSettings};
 use crate::server::auth::Password;
 use crate::server::login_limit::LoginLimiter;
@@ -40,8 +42,26 @@ pub enum StartError {
     Users(String),
 }
 
+/// Re-reads the configuration from where it came from (file, environment, flags).
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+/// Applies a new log filter.
+pub type LogReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub applied: Vec<String>,
+    /// Changed keys that only take effect after a restart.
+    pub needs_restart: Vec<String>,
+}
+
 /// State shared by every connection task.
 pub struct Shared {
+    config_source: std::sync::OnceLock<ConfigSource>,
+    log_reloader: std::sync::OnceLock<LogReloader>,
+    pub metrics: Arc<Metrics>,
+    /// Draining: /readyz is false and no new client is accepted.
+    pub draining: std::sync::atomic::AtomicBool,
     config: RwLock<Arc<Config>>,
     users: RwLock<Arc<HashMap<String, UserAuth>>>,
     pools: HashMap<String, Arc<Pool>>,
@@ -50,6 +70,7 @@ pub struct Shared {
     /// Connections open on the client side (logged in or logging in).
     pub clients: AtomicUsize,
     shutdown: watch::Receiver<bool>,
+    shutdown_tx: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -75,6 +96,75 @@ impl Shared {
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.clone()
     }
+
+    /// Starts a graceful shutdown (admin SHUTDOWN; `main` then drains and exits).
+    pub fn request_shutdown(&self) {
+        self.draining.store(true, Ordering::Release);
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Where RELOAD and SIGHUP re-read the configuration (set once by `main`).
+    pub fn set_config_source(&self, source: ConfigSource) {
+        let _ = self.config_source.set(source);
+    }
+
+    pub fn set_log_reloader(&self, reloader: LogReloader) {
+        let _ = self.log_reloader.set(reloader);
+    }
+
+    /// Re-reads the configuration and applies what can change live.
+    pub fn reload(&self) -> Result<ReloadReport, String> {
+        let source = self
+            .config_source
+            .get()
+            .ok_or("this iampool was started without a configuration source to re-read")?;
+        let new = source()?;
+        Ok(self.apply(new))
+    }
+
+    /// Applies reloadable settings from `new`: pool sizes and timeouts, users, log level and
+    /// client limits. Everything else is reported as needing a restart.
+    pub fn apply(&self, new: Config) -> ReloadReport {
+        let old = self.config();
+        let mut report = ReloadReport::default();
+        for key in old.changed_keys(&new) {
+            if crate::config::is_reloadable(key) {
+                report.applied.push(key.to_owned());
+            } else {
+                report.needs_restart.push(key.to_owned());
+            }
+        }
+        // Databases: settings of existing pools apply; new, removed or re-pointed ones wait.
+        for db in &new.databases {
+            match (self.pools.get(&db.name), old.database(&db.name)) {
+                (Some(pool), Some(before)) if before.upstream == db.upstream => {
+                    pool.update_settings(pool_settings(&new, db));
+                }
+                _ => report.needs_restart.push(format!("databases.{}", db.name)),
+            }
+        }
+        for db in &old.databases {
+            if new.database(&db.name).is_none() {
+                report.needs_restart.push(format!("databases.{}", db.name));
+            }
+        }
+        match prepare_users(&new.users) {
+            Ok(users) => *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users),
+            Err(e) => warn!(error = %e, "reload: users not applied"),
+        }
+        if new.log_level != old.log_level {
+            if let Some(reload) = self.log_reloader.get() {
+                if let Err(e) = reload(&new.log_level) {
+                    warn!(error = %e, "reload: log_level not applied");
+                }
+            }
+        }
+        report.needs_restart.sort();
+        report.needs_restart.dedup();
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "configuration reloaded");
+        report
+    }
 }
 
 fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
@@ -98,8 +188,8 @@ fn limiter_key(u: &Upstream) -> String {
 /// A running iampool.
 pub struct Running {
     addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
 }
 
@@ -107,6 +197,11 @@ impl Running {
     /// The first TCP address clients can connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// Where /metrics and the health endpoints listen, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
@@ -119,7 +214,7 @@ impl Running {
 
     /// Stops accepting, tells idle clients to go, and lets linked ones finish their transaction.
     pub fn begin_shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        self.shared.request_shutdown();
         for l in &self.listeners {
             l.abort();
         }
@@ -159,6 +254,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         _ => None,
     };
 
+    let metrics = Arc::new(Metrics::new());
     let mut limiters: HashMap<String, Arc<LoginLimiter>> = HashMap::new();
     // AWS configuration is loaded once per region and shared by every IAM upstream.
     let iam_registry = crate::iam::IamRegistry::default();
@@ -198,13 +294,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             database: db.name.clone(),
             message: e.to_string(),
         })?;
-        let pool = Pool::new(db.name.clone(), connector, pool_settings(&config, db));
+        let pool_metrics = metrics.pool(&db.name, &u.user);
+        if let Some(auth) = connector.iam() {
+            auth.set_sign_histogram(pool_metrics.sign.clone());
+        }
+        let pool = Pool::new(
+            db.name.clone(),
+            connector,
+            pool_settings(&config, db),
+            pool_metrics,
+        );
         pool.spawn_janitor();
         pools.insert(db.name.clone(), pool);
     }
 
+    metrics.register_pools(PoolsCollector::new(pools.values().cloned().collect()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
+        config_source: std::sync::OnceLock::new(),
+        log_reloader: std::sync::OnceLock::new(),
+        metrics: metrics.clone(),
+        draining: std::sync::atomic::AtomicBool::new(false),
         config: RwLock::new(Arc::new(config.clone())),
         users: RwLock::new(Arc::new(users)),
         pools,
@@ -212,6 +322,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tls_acceptor,
         clients: AtomicUsize::new(0),
         shutdown: shutdown_rx,
+        shutdown_tx,
     });
 
     let mut addrs = Vec::new();
@@ -245,12 +356,56 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         listeners.push(tokio::spawn(accept_unix(l, shared)));
     }
 
+    // Warm every pool once: checks the upstream (and IAM) now rather than at the first
+    // client, and fills the welcome parameters.
+    for pool in shared.pools() {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pool.welcome_params().await {
+                warn!(pool = %pool.database, error = %e, "first upstream login failed");
+            }
+        });
+    }
+
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        metrics_addr = l.local_addr().ok();
+        let health: Arc<dyn Health> = Arc::new(AppHealth(shared.clone()));
+        tokio::spawn(crate::metrics::http::serve(l, metrics.clone(), health));
+    }
+
     Ok(Running {
         addrs,
+        metrics_addr,
         shared,
-        shutdown: shutdown_tx,
         listeners,
     })
+}
+
+/// Readiness as Kubernetes sees it.
+struct AppHealth(Arc<Shared>);
+
+impl Health for AppHealth {
+    fn ready(&self) -> bool {
+        !self.0.draining.load(Ordering::Acquire)
+            && self.0.pools().all(|p| {
+                let st = p.status();
+                st.warmed && (st.last_login_ok || st.idle + st.active > 0)
+            })
+    }
+
+    fn started(&self) -> bool {
+        self.0.pools().all(|p| {
+            let st = p.status();
+            st.warmed || !st.last_login_ok
+        })
+    }
 }
 
 async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>) {

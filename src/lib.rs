@@ -8,6 +8,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod iam;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod server;

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use iampool::app::{ConfigSource, LogReloader};
 use iampool::config::{Command, Config, LogFormat};
 use tracing::{error, info, warn};
 
@@ -49,25 +50,39 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             let config = loaded.config.expect("run has a configuration");
-            init_logging(&config.log_level, config.log_format);
-            runtime.block_on(run(config))
+            let log_reloader = init_logging(&config.log_level, config.log_format);
+            // RELOAD and SIGHUP re-read the same file, environment and flags.
+            let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            let source: ConfigSource = Box::new(move || {
+                let loaded =
+                    Config::load(args.clone(), std::env::vars()).map_err(|e| e.to_string())?;
+                loaded.config.ok_or_else(|| "no configuration".to_owned())
+            });
+            runtime.block_on(run(config, source, log_reloader))
         }
     }
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+fn init_logging(level: &str, format: LogFormat) -> LogReloader {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
+    Box::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, source: ConfigSource, log_reloader: LogReloader) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
     let running = match iampool::app::start(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -75,16 +90,30 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    running.shared().set_config_source(source);
+    running.shared().set_log_reloader(log_reloader);
     info!(version = env!("CARGO_PKG_VERSION"), "iampool ready");
 
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        error!("cannot install the SIGTERM handler");
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+    let mut shutdown = running.shared().shutdown_signal();
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: draining"); break }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: draining"); break }
+            // Admin SHUTDOWN.
+            _ = shutdown.changed() => { info!("SHUTDOWN: draining"); break }
+            _ = hup.recv() => {
+                if let Err(e) = running.shared().reload() {
+                    warn!(error = %e, "SIGHUP: reload failed; keeping the current configuration");
+                }
+            }
+        }
     }
     // A second signal exits at once.
     tokio::spawn(async move {

@@ -25,6 +25,15 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
+/// Counts a logged-in session on its pool while it lives.
+struct SessionCount(Arc<crate::pool::Pool>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves one accepted client connection from startup to the end.
 pub async fn serve(shared: Arc<Shared>, stream: Stream) {
     let open = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
@@ -41,14 +50,33 @@ pub async fn serve(shared: Arc<Shared>, stream: Stream) {
     let login = match login {
         Ok(Ok(login)) => login,
         Ok(Err(refused)) => {
+            if let handshake::Refused::Fatal(code) = refused {
+                shared
+                    .metrics
+                    .client_logins
+                    .with_label_values(&[code])
+                    .inc();
+            }
             debug!(?refused, "client not logged in");
             return;
         }
         Err(_) => {
+            shared
+                .metrics
+                .client_logins
+                .with_label_values(&["timeout"])
+                .inc();
             debug!("client_login_timeout: dropping a client that did not finish its startup");
             return;
         }
     };
+    shared
+        .metrics
+        .client_logins
+        .with_label_values(&["ok"])
+        .inc();
+    login.pool.sessions.fetch_add(1, Ordering::Relaxed);
+    let _session = SessionCount(login.pool.clone());
     debug!(user = %login.user, database = %login.database, "client logged in");
     let session = relay::Session::new(relay::SessionArgs {
         pool: login.pool,

@@ -12,9 +12,10 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -55,6 +56,16 @@ enum Wake {
     ServerProtocol(String),
     IdleInTransaction,
     Shutdown,
+}
+
+/// Per-transaction traffic, kept in plain integers on the hot path.
+#[derive(Default)]
+struct Traffic {
+    queries: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    messages_in: u64,
+    messages_out: u64,
 }
 
 /// How the session ended (for logs and metrics).
@@ -165,6 +176,11 @@ pub struct Session {
     cycle: Cycle,
     /// Named prepared statements (transaction mode).
     tracker: Tracker,
+    /// Counted locally and added to the pool's counters when the server is unlinked.
+    traffic: Traffic,
+    linked_at: Instant,
+    /// When the request now in flight started (for the query duration histogram).
+    request_started: Option<Instant>,
     /// The parameter values this client believes in.
     params: SessionParams,
     cancel: Arc<CancelSlot>,
@@ -218,6 +234,9 @@ impl Session {
             server: None,
             cycle: Cycle::default(),
             // Session mode keeps one server per client: names need no rewriting there.
+            traffic: Traffic::default(),
+            linked_at: Instant::now(),
+            request_started: None,
             tracker: Tracker::new(
                 match mode {
                     PoolMode::Transaction => a.max_prepared_statements,
@@ -246,8 +265,8 @@ impl Session {
     /// Runs the session to its end and settles the server it may hold.
     pub async fn run(mut self) -> End {
         let end = self.run_inner().await;
-        if let Some(server) = self.server.take() {
-            self.cancel.unlink();
+        if self.server.is_some() {
+            let server = self.unlink();
             self.settle_server(server).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
@@ -308,9 +327,8 @@ impl Session {
             let wake = poll_fn(|cx| self.poll_linked(cx)).await;
             match wake {
                 Wake::Released => {
-                    let server = self.server.take().expect("linked");
+                    let server = self.unlink();
                     tracing::trace!(backend_pid = server.backend_pid, "server released");
-                    self.cancel.unlink();
                     if self.tracker.is_idle() {
                         self.pool.checkin(server);
                     } else {
@@ -330,8 +348,7 @@ impl Session {
                 Wake::Shutdown => return self.shut_down().await,
                 Wake::ClientGone => return End::ClientGone,
                 Wake::ServerGone(err) => {
-                    let server = self.server.take().expect("linked");
-                    self.cancel.unlink();
+                    let server = self.unlink();
                     debug!(backend_pid = server.backend_pid, error = ?err, "server connection lost while linked");
                     self.pool.discard(server);
                     let _ = self.flush_to_client().await;
@@ -346,8 +363,7 @@ impl Session {
                 }
                 Wake::ClientProtocol(m) => return self.fatal_protocol(&m).await,
                 Wake::ServerProtocol(m) => {
-                    let server = self.server.take().expect("linked");
-                    self.cancel.unlink();
+                    let server = self.unlink();
                     self.pool.discard(server);
                     self.send_fatal(
                         sqlstate::PROTOCOL_VIOLATION,
@@ -362,13 +378,30 @@ impl Session {
                         "terminating connection due to idle-in-transaction timeout",
                     )
                     .await;
-                    let server = self.server.take().expect("linked");
-                    self.cancel.unlink();
+                    let server = self.unlink();
                     self.pool.discard(server);
                     return End::Timeout;
                 }
             }
         }
+    }
+
+    /// Unlinks the server: cancel routing, saturation count and the transaction's metrics.
+    fn unlink(&mut self) -> ServerConn {
+        let server = self.server.take().expect("linked");
+        self.cancel.unlink();
+        self.pool.linked.fetch_sub(1, Ordering::Relaxed);
+        let m = &self.pool.metrics;
+        m.transactions.inc();
+        m.transaction
+            .observe(self.linked_at.elapsed().as_secs_f64());
+        let t = std::mem::take(&mut self.traffic);
+        m.queries.inc_by(t.queries);
+        m.bytes_in.inc_by(t.bytes_in);
+        m.bytes_out.inc_by(t.bytes_out);
+        m.messages_in.inc_by(t.messages_in);
+        m.messages_out.inc_by(t.messages_out);
+        server
     }
 
     /// Links a server: brings its session parameters in line with the client's first.
@@ -401,6 +434,8 @@ impl Session {
         self.server_fatal = false;
         self.tracker.reset_server();
         tracing::trace!(backend_pid = server.backend_pid, "server linked");
+        self.pool.linked.fetch_add(1, Ordering::Relaxed);
+        self.linked_at = Instant::now();
         self.server = Some(server);
         Ok(())
     }
@@ -659,6 +694,11 @@ impl Session {
             };
             let tag = header.tag;
             let len = header.frame_len();
+            self.traffic.messages_in += 1;
+            self.traffic.bytes_in += len as u64;
+            if self.request_started.is_none() {
+                self.request_started = Some(Instant::now());
+            }
             if track && tag == frontend::QUERY {
                 let body = &self.c.buf[pos + HEADER_LEN..pos + len];
                 match self.tracker.on_query(body) {
@@ -761,12 +801,21 @@ impl Session {
             };
             let end = (pos + header.frame_len()).min(self.s.buf.len());
             let body = &self.s.buf[pos + HEADER_LEN..end];
+            self.traffic.messages_out += 1;
+            self.traffic.bytes_out += header.frame_len() as u64;
             match header.tag {
                 backend::READY_FOR_QUERY => {
                     let Some(status) = body.first().copied().and_then(TxStatus::from_byte) else {
                         return Some(Wake::ServerProtocol("bad ReadyForQuery".into()));
                     };
                     self.cycle.on_ready(status);
+                    self.traffic.queries += 1;
+                    if let Some(started) = self.request_started.take() {
+                        self.pool
+                            .metrics
+                            .query
+                            .observe(started.elapsed().as_secs_f64());
+                    }
                 }
                 backend::PARAMETER_STATUS => {
                     if let Ok((n, v)) = parse_parameter_status(body) {

@@ -131,6 +131,11 @@ impl IamAuthenticator {
         self.cache.credentials().identity()
     }
 
+    /// Times every signing of this upstream's tokens into `histogram` (set once).
+    pub fn set_sign_histogram(&self, histogram: prometheus::Histogram) {
+        let _ = self.counters.sign_seconds.set(histogram);
+    }
+
     pub fn stats(&self) -> IamStats {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

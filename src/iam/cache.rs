@@ -35,6 +35,20 @@ pub(crate) struct Counters {
     pub(crate) refresh_failed: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) invalidated: AtomicU64,
+    /// Time spent signing, when metrics are on (set once by the composition root).
+    pub(crate) sign_seconds: std::sync::OnceLock<prometheus::Histogram>,
+}
+
+impl Counters {
+    /// Signs through `mint`, timing it into the signing histogram.
+    fn timed<T>(&self, mint: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let out = mint();
+        if let Some(h) = self.sign_seconds.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        out
+    }
 }
 
 fn bump(counter: &AtomicU64) {
@@ -205,7 +219,8 @@ impl TokenCache {
                 return Err(e);
             }
         }
-        let mut result = IamToken::mint(&creds, until, &key, self.inner.lifetime, now);
+        let mut result =
+            counters.timed(|| IamToken::mint(&creds, until, &key, self.inner.lifetime, now));
         slot.record(&mut result);
         match &result {
             Ok(_) => bump(&counters.signed),
@@ -280,7 +295,8 @@ impl TokenCache {
         if !due {
             return;
         }
-        let mut result = IamToken::mint(&creds, until, &new_key, self.inner.lifetime, now);
+        let mut result =
+            counters.timed(|| IamToken::mint(&creds, until, &new_key, self.inner.lifetime, now));
         into.record(&mut result);
         match result {
             Ok(_) => {

@@ -9,6 +9,7 @@
 mod janitor;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::config::PoolMode;
+use crate::metrics::PoolMetrics;
 use crate::server::connect::ServerParamList;
 use crate::server::{Connector, LoginError, ServerConn};
 
@@ -63,6 +65,7 @@ type Delivery = Result<ServerConn, PoolError>;
 
 struct Waiter {
     tx: oneshot::Sender<Delivery>,
+    since: Instant,
 }
 
 struct State {
@@ -76,6 +79,8 @@ struct State {
     /// Last login failure and when, so a burst of clients does not hammer a failing upstream.
     last_error: Option<(Instant, LoginError)>,
     closed: bool,
+    /// Admin PAUSE: no connection is handed out until RESUME.
+    paused: bool,
 }
 
 /// A snapshot for the admin console and metrics.
@@ -86,6 +91,16 @@ pub struct PoolStatus {
     pub connecting: usize,
     pub waiting: usize,
     pub pool_size: usize,
+    pub min_pool_size: usize,
+    pub mode: Option<PoolMode>,
+    /// Logged-in client sessions of this pool, and those holding a server right now.
+    pub sessions: usize,
+    pub linked_clients: usize,
+    pub longest_wait: Duration,
+    pub paused: bool,
+    /// A login has succeeded since the last failure (or none was tried yet and none failed).
+    pub last_login_ok: bool,
+    pub warmed: bool,
 }
 
 pub struct Pool {
@@ -95,12 +110,21 @@ pub struct Pool {
     state: Mutex<State>,
     /// ParameterStatus set from the first login, sent to clients at their login.
     welcome: Mutex<Option<Arc<ServerParamList>>>,
+    pub metrics: PoolMetrics,
+    /// Logged-in client sessions, and how many of them hold a server.
+    pub sessions: AtomicUsize,
+    pub linked: AtomicUsize,
     /// Named statements that prepared successfully on a server of this pool.
     pub statements: Arc<crate::client::prepared::KnownStatements>,
 }
 
 impl Pool {
-    pub fn new(database: String, connector: Connector, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(
+        database: String,
+        connector: Connector,
+        settings: PoolSettings,
+        metrics: PoolMetrics,
+    ) -> Arc<Pool> {
         let user = connector.upstream.user.clone();
         Arc::new(Pool {
             database,
@@ -114,8 +138,12 @@ impl Pool {
                 waiters: VecDeque::new(),
                 last_error: None,
                 closed: false,
+                paused: false,
             }),
             welcome: Mutex::new(None),
+            metrics,
+            sessions: AtomicUsize::new(0),
+            linked: AtomicUsize::new(0),
             statements: Default::default(),
         })
     }
@@ -141,12 +169,29 @@ impl Pool {
 
     pub fn status(&self) -> PoolStatus {
         let st = self.lock();
+        let now = Instant::now();
+        let live = st.waiters.iter().filter(|w| !w.tx.is_closed());
         PoolStatus {
             idle: st.idle.len(),
             active: st.total - st.idle.len() - st.connecting,
             connecting: st.connecting,
-            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
+            waiting: live.clone().count(),
             pool_size: st.settings.pool_size,
+            min_pool_size: st.settings.min_pool_size,
+            mode: Some(st.settings.mode),
+            sessions: self.sessions.load(Ordering::Relaxed),
+            linked_clients: self.linked.load(Ordering::Relaxed),
+            longest_wait: live
+                .map(|w| now.duration_since(w.since))
+                .max()
+                .unwrap_or_default(),
+            paused: st.paused,
+            last_login_ok: st.last_error.is_none(),
+            warmed: self
+                .welcome
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some(),
         }
     }
 
@@ -162,11 +207,12 @@ impl Pool {
                 return Err(PoolError::Closed);
             }
             let now = Instant::now();
-            while let Some(mut conn) = st.idle.pop_front() {
+            while let Some(mut conn) = st.idle.pop_front().filter(|_| !st.paused) {
                 if conn.is_broken() || conn.expired(now) {
                     self.forget(&mut st, conn);
                     continue;
                 }
+                self.metrics.wait.observe(0.0);
                 return Ok(conn);
             }
             // A login failed permanently a moment ago: fail fast instead of hammering.
@@ -177,11 +223,14 @@ impl Pool {
                 }
             }
             let (tx, rx) = oneshot::channel();
-            st.waiters.push_back(Waiter { tx });
+            st.waiters.push_back(Waiter { tx, since: now });
             self.grow_for_waiters(&mut st);
             (rx, st.settings.query_wait_timeout)
         };
-        match tokio::time::timeout(wait, &mut rx).await {
+        let started = Instant::now();
+        let waited = tokio::time::timeout(wait, &mut rx).await;
+        self.metrics.wait.observe(started.elapsed().as_secs_f64());
+        match waited {
             Ok(Ok(delivery)) => delivery,
             Ok(Err(_)) => Err(PoolError::Closed),
             Err(_) => {
@@ -190,6 +239,7 @@ impl Pool {
                 if let Ok(delivery) = rx.try_recv() {
                     return delivery;
                 }
+                self.metrics.checkout_timeouts.inc();
                 let mut st = self.lock();
                 st.waiters.retain(|w| !w.tx.is_closed());
                 Err(PoolError::Timeout {
@@ -249,6 +299,34 @@ impl Pool {
         }
     }
 
+    /// Admin PAUSE: stop handing out connections; resolves once no server is in use.
+    pub async fn pause(self: &Arc<Self>) {
+        self.lock().paused = true;
+        loop {
+            let busy = {
+                let st = self.lock();
+                st.total - st.idle.len() - st.connecting
+            };
+            if busy == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Admin RESUME: hand connections out again, oldest waiter first.
+    pub fn resume(self: &Arc<Self>) {
+        let mut st = self.lock();
+        st.paused = false;
+        while !st.waiters.is_empty() {
+            let Some(conn) = st.idle.pop_front() else {
+                break;
+            };
+            self.deliver(&mut st, conn);
+        }
+        self.grow_for_waiters(&mut st);
+    }
+
     /// Closes every idle connection now and marks the rest to close when they come back
     /// (admin RECONNECT, credential changes).
     pub fn retire_all(self: &Arc<Self>) {
@@ -262,7 +340,7 @@ impl Pool {
     }
 
     fn deliver(self: &Arc<Self>, st: &mut State, mut conn: ServerConn) {
-        while let Some(w) = st.waiters.pop_front() {
+        while let Some(w) = st.waiters.pop_front().filter(|_| !st.paused) {
             match w.tx.send(Ok(conn)) {
                 Ok(()) => return,
                 Err(Ok(back)) => conn = back,
@@ -293,7 +371,16 @@ impl Pool {
         st.connecting += 1;
         let pool = self.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             let result = pool.connector.connect().await;
+            let secs = started.elapsed().as_secs_f64();
+            match &result {
+                Ok(_) => pool.metrics.login_ok.observe(secs),
+                Err(e) => {
+                    pool.metrics.login_failed.observe(secs);
+                    pool.metrics.login_failure(e.kind());
+                }
+            }
             pool.connected(result);
         });
     }

@@ -21,6 +21,13 @@ use crate::protocol::framing::SSL_REQUEST;
 use crate::protocol::messages::{self, backend, parse_error_fields, ErrorFields};
 use crate::stream::{read_message, Stream};
 
+/// The server refused the password (an IAM token). RDS checks tokens through PAM, and
+/// PostgreSQL reports a failed PAM login as 28000 "PAM authentication failed", not 28P01;
+/// other 28000 errors (a pg_hba reject) are not about the token and are not retried.
+fn token_refused(e: &ErrorFields) -> bool {
+    e.code == "28P01" || (e.code == "28000" && e.message.starts_with("PAM authentication failed"))
+}
+
 /// Pause before retrying a login whose IAM token was refused.
 const IAM_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -58,7 +65,9 @@ impl LoginError {
             LoginError::Server(e) => {
                 e.code.starts_with("28") || e.code == "3D000" || e.code.starts_with("42")
             }
-            LoginError::Tls { .. } | LoginError::Config(_) => true,
+            // No token can be had (credentials unavailable): waiting clients learn it now
+            // rather than at query_wait_timeout; the next client tries again.
+            LoginError::Tls { .. } | LoginError::Config(_) | LoginError::Iam(_) => true,
             _ => false,
         }
     }
@@ -144,6 +153,14 @@ impl Connector {
         })
     }
 
+    /// The IAM authenticator, for IAM upstreams.
+    pub fn iam(&self) -> Option<&crate::iam::IamAuthenticator> {
+        match &self.password {
+            Password::Iam(a) => Some(a),
+            Password::Static(_) => None,
+        }
+    }
+
     /// Opens and logs in one server connection, within `server_connect_timeout`.
     pub async fn connect(&self) -> Result<(ServerConn, ServerParamList), LoginError> {
         self.limiter.acquire().await;
@@ -178,7 +195,7 @@ impl Connector {
         match result {
             // A refused IAM token (expired, revoked, signed by rotated-out credentials): drop
             // it, mint a fresh one and try once more after a short pause.
-            Err(LoginError::Server(e)) if e.code == "28P01" && self.password.is_iam() => {
+            Err(LoginError::Server(e)) if self.password.is_iam() && token_refused(&e) => {
                 self.password.refused(&secret);
                 warn!(
                     target: "iampool::login",
@@ -189,7 +206,7 @@ impl Connector {
                 let fresh = self.password.resolve().await?;
                 let result = self.attempt_per_sslmode(&fresh).await;
                 if let Err(LoginError::Server(e)) = &result {
-                    if e.code == "28P01" {
+                    if token_refused(e) {
                         self.password.refused(&fresh);
                     }
                 }

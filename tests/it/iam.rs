@@ -67,10 +67,6 @@ impl Iampool {
         panic!("iampool did not start: every port tried was in use");
     }
 
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
-    }
-
     fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("iampool.log")).unwrap_or_default()
     }
@@ -98,8 +94,15 @@ impl Iampool {
     async fn try_query(&self, db: &str) -> Result<String, tokio_postgres::Error> {
         let work = async {
             let c = self.try_client(db).await?;
-            let row = c.query_one("SELECT current_user::text", &[]).await?;
-            Ok(row.get::<_, String>(0))
+            // The simple protocol: this suite is about sign-in, not prepared statements.
+            let rows = c.simple_query("SELECT current_user").await?;
+            Ok(rows
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .unwrap_or_default())
         };
         tokio::time::timeout(T, work)
             .await
@@ -713,7 +716,7 @@ async fn burst_of_new_clients_mints_one_token() {
     let tasks: Vec<_> = (0..50)
         .map(|_| async move {
             let c = iampool.try_client(APP).await?;
-            c.query_one("SELECT pg_sleep(0.2)::text", &[]).await?;
+            c.simple_query("SELECT pg_sleep(0.2)").await?;
             Ok::<_, tokio_postgres::Error>(())
         })
         .collect();
@@ -741,8 +744,10 @@ async fn burst_of_new_clients_mints_one_token() {
     assert_eq!(stats.rejected, 0);
 }
 
-/// A token signed for another host name, or another region, is refused: the client gets 28P01
-/// with the server's message, and iampool tried exactly twice (the login and one retry).
+/// A token signed for another host name, or another region, is refused: the client gets the
+/// server's FATAL (SQLSTATE and message passed through), and iampool tried exactly twice (the
+/// login and one retry with a freshly minted token). PostgreSQL reports a failed PAM login as
+/// 28000 (`auth_failed()` sets 28P01 only for password methods), and Aurora answers the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_for_wrong_host_or_region_is_refused_after_one_retry() {
     let other = "other.cluster-iampooltest.us-east-1.rds.amazonaws.com";
@@ -756,7 +761,7 @@ async fn token_for_wrong_host_or_region_is_refused_after_one_retry() {
     let wrong_region = rds
         .upstream_url(APP, "")
         .replace("region=us-east-1", "region=us-west-2");
-    let mut expected_rejects = 0;
+    let mut before = 0;
     for (url, reason) in [
         (wrong_host, format!("signed for {other}:")),
         (wrong_region, "signed for region us-west-2".to_string()),
@@ -767,31 +772,34 @@ async fn token_for_wrong_host_or_region_is_refused_after_one_retry() {
             .await
             .expect_err("a wrong token must fail");
         let (code, message) = db_error(&err);
-        assert_eq!(code, "28P01", "{err:?}");
+        println!("wrong token ({reason}): {code}: {message}");
+        assert_eq!(code, "28000", "the server's SQLSTATE: {err:?}");
         assert!(
             message.contains("PAM authentication failed for user \"app\""),
             "the upstream's message reaches the client: {message}"
         );
         assert_secret_free(&message, "the client's error");
-        expected_rejects += 2;
-        let stats = rds.wait_stats(T, |s| s.rejected >= expected_rejects).await;
-        assert_eq!(
-            stats.rejected, expected_rejects,
-            "one login + one retry: {stats:?}"
-        );
+        let stats = rds.wait_stats(T, |s| s.rejected > before).await;
+        let attempts = stats.rejected - before;
         assert_eq!(stats.accepted, 0);
         assert!(
-            stats
-                .reject_reasons
+            stats.reject_reasons[before..]
                 .iter()
-                .rev()
-                .take(2)
                 .all(|r| r.starts_with(&reason)),
             "{stats:?}"
         );
-        // The retry minted a fresh token.
-        assert_eq!(stats.distinct_tokens, expected_rejects, "{stats:?}");
-        assert!(iampool.log().contains("retrying once with a fresh token"));
+        assert_eq!(
+            attempts,
+            2,
+            "a refused token is dropped and the login retried exactly once with a fresh one \
+             (iampool retries only on 28P01, but a PAM refusal is 28000): {stats:?}\n{}",
+            iampool.log()
+        );
+        assert_eq!(
+            stats.distinct_tokens, stats.rejected,
+            "the retry used a new token"
+        );
+        before = stats.rejected;
     }
 }
 

@@ -4,7 +4,9 @@
 mod support;
 
 mod core;
+mod drivers;
 mod harness;
 mod iam;
 mod pgbench;
 mod pooler;
+mod prepared;

@@ -1,0 +1,120 @@
+//! The metrics and health listener: `/metrics`, `/healthz`, `/readyz`, `/startup`.
+//!
+//! A deliberately small HTTP/1.1 server (one request per connection, GET only): it must
+//! keep answering while iampool drains, and it must not pull a web framework into a sidecar.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info};
+
+use super::Metrics;
+
+/// What the health endpoints ask of the running pooler.
+pub trait Health: Send + Sync + 'static {
+    /// Can serve clients now (listening, upstream reachable or pool warm, not draining).
+    fn ready(&self) -> bool;
+    /// Start-up finished (listeners bound, first logins attempted).
+    fn started(&self) -> bool;
+}
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<dyn Health>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics and health listening");
+    }
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (metrics, health) = (metrics.clone(), health.clone());
+        tokio::spawn(async move {
+            if let Err(e) =
+                tokio::time::timeout(Duration::from_secs(10), handle(stream, &metrics, &*health))
+                    .await
+            {
+                debug!(error = %e, "metrics request timed out");
+            }
+        });
+    }
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    health: &dyn Health,
+) -> std::io::Result<()> {
+    // Read the request head (bounded).
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 16 * 1024 {
+            return respond(&mut stream, 431, "text/plain", "request header too large\n").await;
+        }
+    }
+    let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
+    }
+    match path {
+        "/metrics" => {
+            let body = metrics.render();
+            respond(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &body,
+            )
+            .await
+        }
+        "/healthz" | "/livez" => respond(&mut stream, 200, "text/plain", "ok\n").await,
+        "/readyz" => {
+            if health.ready() {
+                respond(&mut stream, 200, "text/plain", "ready\n").await
+            } else {
+                respond(&mut stream, 503, "text/plain", "not ready\n").await
+            }
+        }
+        "/startup" => {
+            if health.started() {
+                respond(&mut stream, 200, "text/plain", "started\n").await
+            } else {
+                respond(&mut stream, 503, "text/plain", "starting\n").await
+            }
+        }
+        _ => respond(&mut stream, 404, "text/plain", "not found\n").await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    code: u16,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
