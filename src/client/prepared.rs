@@ -807,3 +807,78 @@ mod tests {
         );
     }
 }
+
+/// Kinds of session state that transaction mode cannot carry from one server to the next.
+pub const SESSION_STATE_KINDS: [&str; 6] = [
+    "listen",
+    "sql_prepare",
+    "temp_table",
+    "advisory_lock",
+    "with_hold_cursor",
+    "session_set_unreported",
+];
+
+/// A cheap look at SQL text (a Query, or a Parse's statement) for statements that leave
+/// session state behind. Returns an index into [`SESSION_STATE_KINDS`]. It reads the first
+/// word of the text and, only for a few of them, searches further; a miss costs a few
+/// byte comparisons.
+pub fn session_state_kind(sql: &[u8]) -> Option<usize> {
+    let text = sql.trim_ascii_start();
+    let word_end = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let word = &text[..word_end];
+    let rest = &text[word_end..];
+    let has = |needle: &[u8]| {
+        rest.windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    if word.eq_ignore_ascii_case(b"listen") {
+        Some(0)
+    } else if word.eq_ignore_ascii_case(b"prepare") {
+        Some(1)
+    } else if word.eq_ignore_ascii_case(b"create") {
+        let next = rest.trim_ascii_start();
+        let temp = [
+            b"temp".as_slice(),
+            b"temporary",
+            b"local temp",
+            b"global temp",
+        ]
+        .iter()
+        .any(|p| next.len() >= p.len() && next[..p.len()].eq_ignore_ascii_case(p));
+        temp.then_some(2)
+    } else if word.eq_ignore_ascii_case(b"select") {
+        // Session-level advisory locks (the _xact_ variants end with the transaction).
+        (has(b"pg_advisory_lock") || has(b"pg_try_advisory_lock")).then_some(3)
+    } else if word.eq_ignore_ascii_case(b"declare") {
+        has(b"with hold").then_some(4)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    #[test]
+    fn detects_session_state_cheaply() {
+        let k = |s: &str| session_state_kind(s.as_bytes()).map(|i| SESSION_STATE_KINDS[i]);
+        assert_eq!(k("LISTEN chan"), Some("listen"));
+        assert_eq!(k("  prepare p as select 1"), Some("sql_prepare"));
+        assert_eq!(k("create temp table t(a int)"), Some("temp_table"));
+        assert_eq!(k("CREATE TEMPORARY TABLE t(a int)"), Some("temp_table"));
+        assert_eq!(k("create table t(a int)"), None);
+        assert_eq!(k("select pg_advisory_lock(1)"), Some("advisory_lock"));
+        assert_eq!(k("select pg_advisory_xact_lock(1)"), None);
+        assert_eq!(
+            k("declare c cursor with hold for select 1"),
+            Some("with_hold_cursor")
+        );
+        assert_eq!(k("declare c cursor for select 1"), None);
+        assert_eq!(k("select 1"), None);
+        assert_eq!(k(""), None);
+    }
+}

@@ -26,7 +26,10 @@ use tracing::debug;
 
 use super::cancel::{CancelSlot, CancelTarget};
 use super::cycle::{ClientMsg, Cycle};
-use super::prepared::{ClientAction, QueryAction, ServerAction, Staging, Tracker};
+use super::prepared::{
+    session_state_kind, ClientAction, QueryAction, ServerAction, Staging, Tracker,
+    SESSION_STATE_KINDS,
+};
 use crate::config::PoolMode;
 use crate::pool::{Pool, PoolError};
 use crate::protocol::framing::{Header, Scanner, Step, HEADER_LEN};
@@ -181,6 +184,8 @@ pub struct Session {
     linked_at: Instant,
     /// When the request now in flight started (for the query duration histogram).
     request_started: Option<Instant>,
+    /// Kinds of session state already reported for this client (bit per kind).
+    session_state_seen: u8,
     /// The parameter values this client believes in.
     params: SessionParams,
     cancel: Arc<CancelSlot>,
@@ -237,6 +242,7 @@ impl Session {
             traffic: Traffic::default(),
             linked_at: Instant::now(),
             request_started: None,
+            session_state_seen: 0,
             tracker: Tracker::new(
                 match mode {
                     PoolMode::Transaction => a.max_prepared_statements,
@@ -699,6 +705,22 @@ impl Session {
             if self.request_started.is_none() {
                 self.request_started = Some(Instant::now());
             }
+            if track && (tag == frontend::QUERY || tag == frontend::PARSE) {
+                let body = &self.c.buf[pos + HEADER_LEN..pos + len];
+                let sql = if tag == frontend::PARSE {
+                    // Parse: name, then the statement text.
+                    let skip = body
+                        .iter()
+                        .position(|&b| b == 0)
+                        .map_or(body.len(), |i| i + 1);
+                    &body[skip..]
+                } else {
+                    body
+                };
+                if let Some(kind) = session_state_kind(sql) {
+                    self.note_session_state(kind);
+                }
+            }
             if track && tag == frontend::QUERY {
                 let body = &self.c.buf[pos + HEADER_LEN..pos + len];
                 match self.tracker.on_query(body) {
@@ -887,6 +909,22 @@ impl Session {
         out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
         messages::ready_for_query(out, TxStatus::Idle);
         true
+    }
+
+    /// A statement created session state that transaction mode cannot carry: count it, and
+    /// say so once per client and kind.
+    fn note_session_state(&mut self, kind: usize) {
+        let bit = 1u8 << kind;
+        let kind = SESSION_STATE_KINDS[kind];
+        self.pool.metrics.session_state(kind);
+        if self.session_state_seen & bit == 0 {
+            self.session_state_seen |= bit;
+            tracing::warn!(
+                database = %self.pool.database, kind,
+                "a client created session state that does not follow it to other servers in \
+                 transaction mode; use session mode for this client (see README)"
+            );
+        }
     }
 
     /// Writes the made-up answers that are due (after everything scanned so far).

@@ -63,6 +63,7 @@ pub struct PoolMetrics {
     pub login_ok: Histogram,
     pub login_failed: Histogram,
     login_failures: IntCounterVec,
+    session_state: IntCounterVec,
     labels: [String; 2],
     pub sign: Histogram,
 }
@@ -78,6 +79,13 @@ impl PoolMetrics {
         };
         self.login_failures
             .with_label_values(&[&self.labels[0], &self.labels[1], class])
+            .inc();
+    }
+
+    /// Counts a statement that created session state transaction mode cannot carry (rare).
+    pub fn session_state(&self, kind: &str) {
+        self.session_state
+            .with_label_values(&[&self.labels[0], &self.labels[1], kind])
             .inc();
     }
 
@@ -230,6 +238,7 @@ impl Metrics {
             login_ok: self.login.with_label_values(&[database, user, "ok"]),
             login_failed: self.login.with_label_values(&[database, user, "error"]),
             login_failures: self.login_failures.clone(),
+            session_state: self.unsupported_state.clone(),
             labels: [database.to_owned(), user.to_owned()],
             sign: self.sign.with_label_values(&l),
         }
