@@ -18,13 +18,6 @@ POOL_SIZE=${BENCH_POOL_SIZE:-10}
 read -r -a MODES <<<"${BENCH_MODES:-simple extended prepared}"
 OUT=${BENCH_OUT:-benches/results-$(date -u +%Y-%m-%d-%H%M%S).md}
 TARGETS=(direct pgbouncer iampool)
-# PostgreSQL keeps 3 slots for superusers; both poolers may hold POOL_SIZE server
-# connections each while the direct runs go on, plus a few for psql.
-MAX_CONNECTIONS=300
-DIRECT_CLIENTS=$((CLIENTS < MAX_CONNECTIONS - 3 - 2 * POOL_SIZE - 7 ? CLIENTS : MAX_CONNECTIONS - 3 - 2 * POOL_SIZE - 7))
-# A run that hangs (a pooler that stops answering) is cut off this long after its -T.
-RUN_GRACE=60
-
 PG_BIN=/usr/lib/postgresql/15/bin
 PGBOUNCER=/usr/sbin/pgbouncer
 BIN=target/release/iampool
@@ -38,6 +31,12 @@ done
 for m in "${MODES[@]}"; do
   [[ $m =~ ^(simple|extended|prepared)$ ]] || die "unknown pgbench mode '$m' in BENCH_MODES"
 done
+# PostgreSQL keeps 3 slots for superusers; both poolers may hold POOL_SIZE server
+# connections each while the direct runs go on, plus a few for psql.
+MAX_CONNECTIONS=300
+DIRECT_CLIENTS=$((CLIENTS < MAX_CONNECTIONS - 3 - 2 * POOL_SIZE - 7 ? CLIENTS : MAX_CONNECTIONS - 3 - 2 * POOL_SIZE - 7))
+# A run that hangs (a pooler that stops answering) is cut off this long after its -T.
+RUN_GRACE=$((30 + CLIENTS / 20))
 ((THREADS <= DIRECT_CLIENTS)) || THREADS=$DIRECT_CLIENTS
 
 WORK=
@@ -173,11 +172,19 @@ $PREPARED_LINE
 logfile = $WORK/pgbouncer.log
 pidfile = $WORK/pgbouncer.pid
 EOF
+start_pgbouncer() {
+  as_pg "$PGBOUNCER" -d -q "$WORK/pgbouncer.ini" ||
+    { tail -n 20 "$WORK/pgbouncer.log" >&2 || true; die "PgBouncer did not start"; }
+  wait_ready "$BOUNCER_PORT" ||
+    { tail -n 20 "$WORK/pgbouncer.log" >&2 || true; die "PgBouncer does not answer"; }
+}
+pgbouncer_alive() {
+  local bpid
+  bpid=$(cat "$WORK/pgbouncer.pid" 2>/dev/null || true)
+  [[ $bpid =~ ^[0-9]+$ ]] && kill -0 "$bpid" 2>/dev/null
+}
 log "starting PgBouncer $BOUNCER_VERSION on port $BOUNCER_PORT"
-as_pg "$PGBOUNCER" -d -q "$WORK/pgbouncer.ini" ||
-  { tail -n 20 "$WORK/pgbouncer.log" >&2 || true; die "PgBouncer did not start"; }
-wait_ready "$BOUNCER_PORT" ||
-  { tail -n 20 "$WORK/pgbouncer.log" >&2 || true; die "PgBouncer does not answer"; }
+start_pgbouncer
 
 # ---------------------------------------------------------------- iampool
 IAMPOOL_PORT=$(free_port)
@@ -191,12 +198,42 @@ if grep -q -- '--max-prepared-statements' <<<"$IAMPOOL_HELP"; then
   IAMPOOL_PREPARED="max_prepared_statements=$(grep -A 3 -- '--max-prepared-statements' <<<"$IAMPOOL_HELP" |
     tr -s ' \n' ' ' | sed -n 's/.*\[default: \([0-9]*\)\].*/\1/p') (default)"
 fi
-env "${unset_iampool_env[@]}" \
-  "$BIN" --upstream "postgres://bench:$PW@127.0.0.1:$PG_PORT/bench?sslmode=disable" \
-  --listen "127.0.0.1:$IAMPOOL_PORT" --pool-size "$POOL_SIZE" >"$WORK/iampool.log" 2>&1 &
-IAMPOOL_PID=$!
-wait_ready "$IAMPOOL_PORT" ||
-  { tail -n 20 "$WORK/iampool.log" >&2 || true; die "iampool does not answer"; }
+start_iampool() {
+  env "${unset_iampool_env[@]}" \
+    "$BIN" --upstream "postgres://bench:$PW@127.0.0.1:$PG_PORT/bench?sslmode=disable" \
+    --listen "127.0.0.1:$IAMPOOL_PORT" --pool-size "$POOL_SIZE" >>"$WORK/iampool.log" 2>&1 &
+  IAMPOOL_PID=$!
+  wait_ready "$IAMPOOL_PORT" ||
+    { tail -n 20 "$WORK/iampool.log" >&2 || true; die "iampool does not answer"; }
+}
+iampool_alive() { kill -0 "$IAMPOOL_PID" 2>/dev/null; }
+start_iampool
+
+# A pooler that exits mid-benchmark (a crash, or a signal from outside: the machine is
+# shared) is recorded with the last lines of its log, then restarted for the runs left.
+EVENTS=()
+ensure_up() {
+  local target=$1 when=$2 status=0 lines
+  case $target in
+    direct) return 0 ;;
+    iampool)
+      iampool_alive && return 0
+      wait "$IAMPOOL_PID" 2>/dev/null || status=$?
+      lines=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/iampool.log" | tail -n 3 | tr '\n|' ' /' | cut -c 1-400)
+      EVENTS+=("iampool exited $when (exit status $status), restarted. Log tail: \`$lines\`")
+      log "iampool exited $when (status $status); restarting"
+      start_iampool
+      ;;
+    pgbouncer)
+      pgbouncer_alive && return 0
+      lines=$(tail -n 3 "$WORK/pgbouncer.log" 2>/dev/null | tr '\n|' ' /' | cut -c 1-400)
+      EVENTS+=("PgBouncer exited $when, restarted. Log tail: \`$lines\`")
+      log "PgBouncer exited $when; restarting"
+      start_pgbouncer
+      ;;
+  esac
+  return 1
+}
 
 # ---------------------------------------------------------------- runs
 declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$BOUNCER_PORT [iampool]=$IAMPOOL_PORT)
@@ -211,21 +248,26 @@ run() {
   local args=(-c "$clients" -j "$THREADS" -T "$SECONDS_PER_RUN" -M "$mode")
   [[ $variant == select-only ]] && args+=(-S)
   local out="$WORK/run-${variant}-${mode}-${target}.log"
+  ensure_up "$target" "before $key" || true
   log "pgbench ${args[*]} -> $target"
   timeout -k 10 $((SECONDS_PER_RUN + RUN_GRACE)) pgbench "${args[@]}" \
     -h 127.0.0.1 -p "${PORT[$target]}" -U bench bench >"$out" 2>&1 || rc=$?
+  if ! ensure_up "$target" "during $key"; then
+    ((rc != 0)) || rc=1
+    NOTE[$key]="$target exited during this run; "
+  fi
   NCLIENTS[$key]=$clients
   TPS[$key]=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out" | head -n 1)
   LAT[$key]=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -n 1)
   FAILED[$key]=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -n 1)
   DONE[$key]=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -n 1)
-  NOTE[$key]=
+  NOTE[$key]=${NOTE[$key]:-}
   if ((rc != 0)) || [[ -z ${TPS[$key]} ]]; then
     local why
     why=$(grep -m 1 -iE 'error|fatal|abort' "$out" | sed 's/^\(pgbench: \)*//' | tr -s ' ' | tr '|' '/' |
       cut -c 1-140 || true)
     ((rc == 124 || rc == 137)) && why="timed out after $((SECONDS_PER_RUN + RUN_GRACE)) s; $why"
-    NOTE[$key]="FAILED (exit $rc): ${why:-no output}"
+    NOTE[$key]="FAILED (exit $rc): ${NOTE[$key]}${why:-no output}"
     log "  ${NOTE[$key]}"
   else
     log "  tps ${TPS[$key]}, latency ${LAT[$key]} ms, failed ${FAILED[$key]:-?}"
@@ -298,11 +340,15 @@ EOF
       for t in "${TARGETS[@]}"; do
         k="$v/$m/$t"
         printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$v" "$m" "$t" \
-          "${NCLIENTS[$k]}" "$(printf '%.1f' "${TPS[$k]:-0}")" "${LAT[$k]:--}" "${DONE[$k]:--}" \
+          "${NCLIENTS[$k]}" "$([[ -n ${TPS[$k]} ]] && printf '%.1f' "${TPS[$k]}" || echo -)" "${LAT[$k]:--}" "${DONE[$k]:--}" \
           "${FAILED[$k]:--}" "${NOTE[$k]:-ok}"
       done
     done
   done
+  if ((${#EVENTS[@]} > 0)); then
+    printf '\n## Events\n\n'
+    printf -- '- %s\n' "${EVENTS[@]}"
+  fi
   cat <<EOF
 
 tpcb = pgbench's built-in TPC-B-like transaction (7 statements, BEGIN..END); select-only = \`-S\`

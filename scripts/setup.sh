@@ -30,10 +30,14 @@ done
 need_user=0
 id -u postgres >/dev/null 2>&1 || need_user=1
 
+base_ready=0
 if [[ ${#missing[@]} -eq 0 && $need_user -eq 0 ]]; then
   log "all packages present, OS user postgres exists"
-  exit 0
+  base_ready=1
 fi
+
+# The install steps run only when something is missing; the driver block below always runs.
+if [[ $base_ready -eq 0 ]]; then
 
 # Run privileged steps as root, through sudo when we are not root.
 SUDO=()
@@ -98,6 +102,7 @@ for tool in /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/postgre
   command -v "$tool" >/dev/null 2>&1 || { log "still missing after install: $tool"; exit 1; }
 done
 log "done"
+fi
 
 # --- driver test prerequisites (drivers.rs) ---
 # The real client drivers that tests/it/drivers.rs runs through iampool: asyncpg and psycopg 3

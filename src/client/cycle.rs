@@ -172,14 +172,20 @@ impl Cycle {
         }
     }
 
-    /// Nothing owed, transaction idle: the server may serve another client.
+    /// Nothing owed, transaction idle: the client's request cycle is over and the server can
+    /// leave it. Whether the server may then serve someone else is [`Cycle::is_clean`].
     #[inline]
-    pub fn is_clean(&self) -> bool {
+    pub fn at_rest(&self) -> bool {
         self.status == TxStatus::Idle
             && self.pending.is_empty()
             && !self.unsynced
             && self.copy == Copy::None
-            && !self.tainted
+    }
+
+    /// At rest and nothing unaccounted for: the server may serve another client.
+    #[inline]
+    pub fn is_clean(&self) -> bool {
+        self.at_rest() && !self.tainted
     }
 
     /// No answers outstanding (the server may still be inside a transaction).

@@ -152,6 +152,9 @@ pub enum QueryAction {
     /// DISCARD ALL: forwarded; the server drops every statement, so the server connection
     /// must not be trusted with its statement list afterwards.
     Discard,
+    /// A DEALLOCATE iampool does not answer itself (ALL, or a name that is not this client's,
+    /// such as a shared `iampool_...` statement): forwarded, with the same consequence.
+    ForwardDeallocate,
 }
 
 /// What the relay does with a server message.
@@ -612,7 +615,7 @@ impl Tracker {
             (Some(n), None) if n.eq_ignore_ascii_case("all") => {
                 self.forget_all();
                 // Statements prepared with SQL PREPARE live on one server; pass it on too.
-                QueryAction::Forward
+                QueryAction::ForwardDeallocate
             }
             (Some(n), None) => {
                 let unquoted = n
@@ -623,10 +626,10 @@ impl Tracker {
                 if self.forget(unquoted.as_bytes()) || self.forget(n.as_bytes()) {
                     QueryAction::Answer("DEALLOCATE")
                 } else {
-                    QueryAction::Forward
+                    QueryAction::ForwardDeallocate
                 }
             }
-            _ => QueryAction::Forward,
+            _ => QueryAction::ForwardDeallocate,
         }
     }
 
@@ -794,7 +797,10 @@ mod tests {
             t.on_query(b"deallocate s1;\0"),
             QueryAction::Answer("DEALLOCATE")
         );
-        assert_eq!(t.on_query(b"DEALLOCATE s1\0"), QueryAction::Forward);
+        assert_eq!(
+            t.on_query(b"DEALLOCATE s1\0"),
+            QueryAction::ForwardDeallocate
+        );
         assert_eq!(t.on_query(b"DISCARD ALL\0"), QueryAction::Discard);
         assert_eq!(t.on_query(b"select 1\0"), QueryAction::Forward);
     }

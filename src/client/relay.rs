@@ -335,9 +335,10 @@ impl Session {
                 Wake::Released => {
                     let server = self.unlink();
                     tracing::trace!(backend_pid = server.backend_pid, "server released");
-                    if self.tracker.is_idle() {
+                    if self.tracker.is_idle() && !self.cycle.tainted() {
                         self.pool.checkin(server);
                     } else {
+                        self.cycle.reset();
                         // The response bookkeeping does not add up: never reuse this server.
                         debug!(
                             backend_pid = server.backend_pid,
@@ -554,7 +555,7 @@ impl Session {
 
     fn releasable(&self) -> bool {
         self.mode == PoolMode::Transaction
-            && self.cycle.is_clean()
+            && self.cycle.at_rest()
             && self.c.settled()
             && self.s.scan.at_boundary()
             && self.s.buf.len() == self.s.ready
@@ -638,7 +639,7 @@ impl Session {
                 self.shutdown_seen = true;
             }
             if self.shutdown_seen
-                && self.cycle.is_clean()
+                && self.cycle.at_rest()
                 && self.c.settled()
                 && self.s.settled()
                 && self.s.buf.is_empty()
@@ -717,15 +718,25 @@ impl Session {
                 } else {
                     body
                 };
-                if let Some(kind) = session_state_kind(sql) {
+                let state = session_state_kind(sql);
+                let drops = tag == frontend::PARSE && drops_statements(sql);
+                if let Some(kind) = state {
                     self.note_session_state(kind);
+                }
+                if drops {
+                    // DEALLOCATE / DISCARD through the extended protocol: the server's
+                    // statement list is no longer known.
+                    if let Some(server) = self.server.as_mut() {
+                        server.statements = Default::default();
+                    }
+                    self.cycle.taint();
                 }
             }
             if track && tag == frontend::QUERY {
                 let body = &self.c.buf[pos + HEADER_LEN..pos + len];
                 match self.tracker.on_query(body) {
                     QueryAction::Forward => {}
-                    QueryAction::Discard => {
+                    QueryAction::Discard | QueryAction::ForwardDeallocate => {
                         // The server drops every statement; iampool's list for it is stale.
                         if let Some(server) = self.server.as_mut() {
                             server.statements = Default::default();
@@ -974,6 +985,14 @@ impl Session {
         self.send_fatal(&code, &msg).await;
         End::PoolError
     }
+}
+
+/// SQL that makes the server drop prepared statements (`DEALLOCATE ...`, `DISCARD ...`).
+fn drops_statements(sql: &[u8]) -> bool {
+    let t = sql.trim_ascii_start();
+    [b"deallocate".as_slice(), b"discard"]
+        .iter()
+        .any(|w| t.len() >= w.len() && t[..w.len()].eq_ignore_ascii_case(w))
 }
 
 /// True if a Parse, Bind, Describe or Close `body` names a prepared statement.
