@@ -136,10 +136,24 @@ impl Half {
 
     fn poll_write_to(&mut self, cx: &mut Context<'_>, dst: &mut Stream) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
-            match Pin::new(&mut *dst).poll_write(cx, &self.out) {
+            // One vectored write for the changed bytes and the unchanged ones after them.
+            let slices = [
+                io::IoSlice::new(&self.out),
+                io::IoSlice::new(&self.buf[..self.ready]),
+            ];
+            let n = if self.ready > 0 && dst.is_write_vectored() {
+                Pin::new(&mut *dst).poll_write_vectored(cx, &slices)
+            } else {
+                Pin::new(&mut *dst).poll_write(cx, &self.out)
+            };
+            match n {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
-                    self.out.advance(n);
+                    let from_out = n.min(self.out.len());
+                    self.out.advance(from_out);
+                    let from_buf = n - from_out;
+                    self.buf.advance(from_buf);
+                    self.ready -= from_buf;
                     self.unflushed = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
