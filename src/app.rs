@@ -69,6 +69,8 @@ pub struct Shared {
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Connections open on the client side (logged in or logging in).
     pub clients: AtomicUsize,
+    /// Logged-in clients, for the admin console's SHOW CLIENTS and SHOW SERVERS.
+    client_registry: crate::admin::ClientRegistry,
     shutdown: watch::Receiver<bool>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -91,6 +93,10 @@ impl Shared {
 
     pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.pools.values()
+    }
+
+    pub fn client_registry(&self) -> &crate::admin::ClientRegistry {
+        &self.client_registry
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -296,7 +302,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
         let pool_metrics = metrics.pool(&db.name, &u.user);
         if let Some(auth) = connector.iam() {
-            auth.set_sign_histogram(pool_metrics.sign.clone());
+            auth.set_sign_histogram(metrics.sign_histogram(&db.name, &u.user));
         }
         let pool = Pool::new(
             db.name.clone(),
@@ -321,6 +327,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         cancel: CancelRegistry::default(),
         tls_acceptor,
         clients: AtomicUsize::new(0),
+        client_registry: Default::default(),
         shutdown: shutdown_rx,
         shutdown_tx,
     });

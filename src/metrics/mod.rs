@@ -65,7 +65,6 @@ pub struct PoolMetrics {
     login_failures: IntCounterVec,
     session_state: IntCounterVec,
     labels: [String; 2],
-    pub sign: Histogram,
 }
 
 impl PoolMetrics {
@@ -212,6 +211,13 @@ impl Metrics {
         ] {
             m.registry.register(c).expect("unique metric names");
         }
+        // Bounded label values exist from the start at 0, so rate() sees their first event.
+        for result in [
+            "ok", "timeout", "28P01", "28000", "3D000", "53300", "08P01", "0A000", "57P01",
+            "08001",
+        ] {
+            m.client_logins.with_label_values(&[result]);
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -223,6 +229,9 @@ impl Metrics {
     /// Resolves every handle one pool needs.
     pub fn pool(&self, database: &str, user: &str) -> PoolMetrics {
         let l = [database, user];
+        for class in ["28", "08", "3D", "53", "57", "connect", "timeout", "tls", "iam", "protocol", "io"] {
+            self.login_failures.with_label_values(&[database, user, class]);
+        }
         let dir = |v: &IntCounterVec, d: &str| v.with_label_values(&[database, user, d]);
         PoolMetrics {
             wait: self.wait.with_label_values(&l),
@@ -240,8 +249,12 @@ impl Metrics {
             login_failures: self.login_failures.clone(),
             session_state: self.unsupported_state.clone(),
             labels: [database.to_owned(), user.to_owned()],
-            sign: self.sign.with_label_values(&l),
         }
+    }
+
+    /// The token-signing histogram of an IAM pool (password pools have none).
+    pub fn sign_histogram(&self, database: &str, user: &str) -> Histogram {
+        self.sign.with_label_values(&[database, user])
     }
 
     /// Registers the scrape-time collector for pools and IAM state.

@@ -197,7 +197,16 @@ fn process_families() -> Vec<MetricFamily> {
         .expect("gauge");
     g.with_label_values(&[] as &[&str]).set(fds as i64);
     out.extend(g.collect());
-    let page = 4096i64;
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as i64,
+        _ => 4096,
+    };
+    // SAFETY: as above.
+    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as f64,
+        _ => 100.0,
+    };
     if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
         let mut it = statm
             .split_whitespace()
@@ -223,7 +232,7 @@ fn process_families() -> Vec<MetricFamily> {
         if let Some(rest) = stat.rsplit(')').next() {
             let f: Vec<&str> = rest.split_whitespace().collect();
             let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            let secs = (ticks(11) + ticks(12)) / 100.0;
+            let secs = (ticks(11) + ticks(12)) / hz;
             let c =
                 prometheus::Counter::new("process_cpu_seconds_total", "CPU time (user + system)")
                     .expect("counter");
