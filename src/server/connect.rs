@@ -172,18 +172,23 @@ impl Connector {
             Err(_) => Err(LoginError::Timeout(format!("{}:{}", u.host, u.port))),
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
+        // Who signed: the IAM access key id (not a secret), like RDS's log_connections audit.
+        let signer = self
+            .iam()
+            .and_then(|a| a.credentials_identity())
+            .unwrap_or_else(|| "password".to_owned());
         match &result {
             Ok((conn, _)) => info!(
                 target: "iampool::login",
                 host = %u.host, port = u.port, user = %u.user, database = %u.dbname,
-                backend_pid = conn.backend_pid, duration_ms = format_args!("{ms:.1}"),
-                result = "ok", "upstream login"
+                signer = %signer, backend_pid = conn.backend_pid,
+                duration_ms = format_args!("{ms:.1}"), result = "ok", "upstream login"
             ),
             Err(e) => warn!(
                 target: "iampool::login",
                 host = %u.host, port = u.port, user = %u.user, database = %u.dbname,
-                duration_ms = format_args!("{ms:.1}"), result = e.kind(), error = %e,
-                "upstream login failed"
+                signer = %signer, duration_ms = format_args!("{ms:.1}"), result = e.kind(),
+                error = %e, "upstream login failed"
             ),
         }
         result
