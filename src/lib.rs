@@ -4,6 +4,7 @@
 //! hands it down. Nothing here is a process global, so tests start the real server
 //! in-process on port 0.
 
+pub mod admin;
 pub mod app;
 pub mod client;
 pub mod config;

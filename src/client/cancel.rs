@@ -35,6 +35,10 @@ impl CancelSlot {
     fn get(&self) -> Option<CancelTarget> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+    /// The backend the client holds right now, if any (admin SHOW CLIENTS / SERVERS).
+    pub fn target(&self) -> Option<CancelTarget> {
+        self.get()
+    }
 }
 
 #[derive(Default)]

@@ -13,6 +13,7 @@ use crate::config::ClientTls;
 use crate::pool::Pool;
 use crate::protocol::framing::{startup_packet_len, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::protocol::messages::{self, sqlstate, BodyReader, Severity, TxStatus};
+use crate::server::connect::ServerParamList;
 use crate::server::params::SessionParams;
 use crate::stream::Stream;
 
@@ -22,8 +23,15 @@ pub struct Login {
     pub leftover: BytesMut,
     pub user: String,
     pub database: String,
-    pub pool: Arc<Pool>,
+    pub target: Target,
     pub params: SessionParams,
+}
+
+/// Where a logged-in client's queries go.
+pub enum Target {
+    Pool(Arc<Pool>),
+    /// The admin console, and what this user may do there.
+    Admin(crate::admin::Role),
 }
 
 /// The startup phase ended without a session.
@@ -67,12 +75,12 @@ pub async fn handshake(
         Err((None, _)) => return Err(Refused::Done),
     };
     match login(shared, &mut stream, &mut buf, &packet, over_limit, key).await {
-        Ok((user, database, pool, params)) => Ok(Login {
+        Ok((user, database, target, params)) => Ok(Login {
             stream,
             leftover: buf,
             user,
             database,
-            pool,
+            target,
             params,
         }),
         Err(f) => Err(refuse(&mut stream, f).await),
@@ -175,7 +183,7 @@ async fn login(
     packet: &[u8],
     over_limit: bool,
     key: (i32, i32),
-) -> Result<(String, String, Arc<Pool>, SessionParams), Fatal> {
+) -> Result<(String, String, Target, SessionParams), Fatal> {
     let config = shared.config();
     // Startup parameters, decoded strictly.
     let minor = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]) & 0xffff;
@@ -240,17 +248,32 @@ async fn login(
             "no more connections allowed (max_client_conn)".into(),
         ));
     }
-    let Some(pool) = shared.pool(&database) else {
+    let pool = shared.pool(&database);
+    if pool.is_none() && !crate::admin::is_console_database(&database) {
         return Err(Fatal(
             sqlstate::INVALID_CATALOG_NAME,
             format!("database \"{database}\" does not exist"),
         ));
-    };
+    }
 
     let users = shared.users();
     auth::authenticate(stream, buf, config.auth_type, &users, &user)
         .await
         .map_err(|(code, msg)| Fatal(code, msg))?;
+
+    // The admin console: checked after authentication, so only a signed-in user learns
+    // whether it may use it.
+    let Some(pool) = pool else {
+        let role = crate::admin::role(&config, &user).ok_or_else(|| {
+            Fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("not allowed: user \"{user}\" is not in admin_users or stats_users"),
+            )
+        })?;
+        let welcome = crate::admin::welcome_params();
+        let params = welcome_client(stream, &welcome, &startup_params, key).await?;
+        return Ok((user, database, Target::Admin(role), params));
+    };
 
     // The welcome: the server's parameters with the client's own values on top.
     let welcome = pool.welcome_params().await.map_err(|e| {
@@ -263,11 +286,23 @@ async fn login(
         };
         Fatal(code, e.to_string())
     })?;
+    let params = welcome_client(stream, &welcome, &startup_params, key).await?;
+    Ok((user, database, Target::Pool(pool), params))
+}
+
+/// Sends the welcome (`welcome` with the client's own values on top, BackendKeyData,
+/// ReadyForQuery) and returns the client's session parameters.
+async fn welcome_client(
+    stream: &mut Stream,
+    welcome: &ServerParamList,
+    startup_params: &[(String, String)],
+    key: (i32, i32),
+) -> Result<SessionParams, Fatal> {
     let mut params = SessionParams::default();
     for (n, v) in welcome.iter() {
         params.set_reported(n, v);
     }
-    for (n, v) in &startup_params {
+    for (n, v) in startup_params {
         params.set_startup(n, v);
     }
     let mut out = BytesMut::with_capacity(512);
@@ -279,8 +314,7 @@ async fn login(
     messages::ready_for_query(&mut out, TxStatus::Idle);
     stream.write_all(&out).await.map_err(|_| gone())?;
     stream.flush().await.map_err(|_| gone())?;
-
-    Ok((user, database, pool, params))
+    Ok(params)
 }
 
 /// Parses the `options` startup parameter: `-c name=value` and `--name=value`, with `\`

@@ -75,11 +75,34 @@ pub async fn serve(shared: Arc<Shared>, stream: Stream) {
         .client_logins
         .with_label_values(&["ok"])
         .inc();
-    login.pool.sessions.fetch_add(1, Ordering::Relaxed);
-    let _session = SessionCount(login.pool.clone());
+    let _listed = shared
+        .client_registry()
+        .register(crate::admin::ClientInfo::new(
+            &login.stream,
+            &login.user,
+            &login.database,
+            login.params.reported("application_name").unwrap_or(""),
+            registration.slot.clone(),
+        ));
+    let pool = match login.target {
+        handshake::Target::Pool(pool) => pool,
+        handshake::Target::Admin(role) => {
+            debug!(user = %login.user, ?role, "admin console client logged in");
+            let admin = crate::admin::serve(
+                shared.clone(),
+                login.stream,
+                login.leftover,
+                role,
+                login.user,
+            );
+            return admin.await;
+        }
+    };
+    pool.sessions.fetch_add(1, Ordering::Relaxed);
+    let _session = SessionCount(pool.clone());
     debug!(user = %login.user, database = %login.database, "client logged in");
     let session = relay::Session::new(relay::SessionArgs {
-        pool: login.pool,
+        pool,
         client: login.stream,
         leftover: login.leftover,
         params: login.params,

@@ -213,8 +213,7 @@ impl Metrics {
         }
         // Bounded label values exist from the start at 0, so rate() sees their first event.
         for result in [
-            "ok", "timeout", "28P01", "28000", "3D000", "53300", "08P01", "0A000", "57P01",
-            "08001",
+            "ok", "timeout", "28P01", "28000", "3D000", "53300", "08P01", "0A000", "57P01", "08001",
         ] {
             m.client_logins.with_label_values(&[result]);
         }
@@ -229,8 +228,11 @@ impl Metrics {
     /// Resolves every handle one pool needs.
     pub fn pool(&self, database: &str, user: &str) -> PoolMetrics {
         let l = [database, user];
-        for class in ["28", "08", "3D", "53", "57", "connect", "timeout", "tls", "iam", "protocol", "io"] {
-            self.login_failures.with_label_values(&[database, user, class]);
+        for class in [
+            "28", "08", "3D", "53", "57", "connect", "timeout", "tls", "iam", "protocol", "io",
+        ] {
+            self.login_failures
+                .with_label_values(&[database, user, class]);
         }
         let dir = |v: &IntCounterVec, d: &str| v.with_label_values(&[database, user, d]);
         PoolMetrics {

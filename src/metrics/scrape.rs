@@ -199,7 +199,7 @@ fn process_families() -> Vec<MetricFamily> {
     out.extend(g.collect());
     // SAFETY: sysconf has no preconditions.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as i64,
+        n if n > 0 => n,
         _ => 4096,
     };
     // SAFETY: as above.

@@ -81,6 +81,8 @@ struct State {
     closed: bool,
     /// Admin PAUSE: no connection is handed out until RESUME.
     paused: bool,
+    /// Admin RECONNECT: connections opened before this are closed when they come back.
+    retired_before: Option<Instant>,
 }
 
 /// A snapshot for the admin console and metrics.
@@ -139,6 +141,7 @@ impl Pool {
                 last_error: None,
                 closed: false,
                 paused: false,
+                retired_before: None,
             }),
             welcome: Mutex::new(None),
             metrics,
@@ -195,6 +198,15 @@ impl Pool {
         }
     }
 
+    /// (backend pid, address) of each idle server, for the admin console.
+    pub fn idle_servers(&self) -> Vec<(i32, std::net::SocketAddr)> {
+        self.lock()
+            .idle
+            .iter()
+            .map(|c| (c.backend_pid, c.cancel_addr))
+            .collect()
+    }
+
     pub fn connector(&self) -> &Connector {
         &self.connector
     }
@@ -207,7 +219,7 @@ impl Pool {
                 return Err(PoolError::Closed);
             }
             let now = Instant::now();
-            while let Some(mut conn) = st.idle.pop_front().filter(|_| !st.paused) {
+            while let Some(mut conn) = (!st.paused).then(|| st.idle.pop_front()).flatten() {
                 if conn.is_broken() || conn.expired(now) {
                     self.forget(&mut st, conn);
                     continue;
@@ -254,7 +266,8 @@ impl Pool {
     pub fn checkin(self: &Arc<Self>, mut conn: ServerConn) {
         let mut st = self.lock();
         let now = Instant::now();
-        if st.closed || conn.expired(now) || st.total > st.settings.pool_size {
+        let retired = st.retired_before.is_some_and(|t| conn.created_at <= t);
+        if st.closed || conn.expired(now) || retired || st.total > st.settings.pool_size {
             self.forget(&mut st, conn);
             return;
         }
@@ -332,6 +345,7 @@ impl Pool {
     pub fn retire_all(self: &Arc<Self>) {
         let mut st = self.lock();
         let now = Instant::now();
+        st.retired_before = Some(now);
         while let Some(mut conn) = st.idle.pop_front() {
             conn.retire_at = now;
             self.forget(&mut st, conn);
@@ -340,7 +354,8 @@ impl Pool {
     }
 
     fn deliver(self: &Arc<Self>, st: &mut State, mut conn: ServerConn) {
-        while let Some(w) = st.waiters.pop_front().filter(|_| !st.paused) {
+        // Paused: the connection waits in the idle list (a popped waiter would be dropped).
+        while let Some(w) = (!st.paused).then(|| st.waiters.pop_front()).flatten() {
             match w.tx.send(Ok(conn)) {
                 Ok(()) => return,
                 Err(Ok(back)) => conn = back,
@@ -361,7 +376,11 @@ impl Pool {
     /// Opens connections while clients wait and the pool has room.
     fn grow_for_waiters(self: &Arc<Self>, st: &mut State) {
         st.waiters.retain(|w| !w.tx.is_closed());
-        while !st.closed && st.total < st.settings.pool_size && st.waiters.len() > st.connecting {
+        while !st.closed
+            && !st.paused
+            && st.total < st.settings.pool_size
+            && st.waiters.len() > st.connecting
+        {
             self.spawn_connect(st);
         }
     }

@@ -28,8 +28,10 @@ fn token_refused(e: &ErrorFields) -> bool {
     e.code == "28P01" || (e.code == "28000" && e.message.starts_with("PAM authentication failed"))
 }
 
-/// Pause before retrying a login whose IAM token was refused.
-const IAM_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// Pause before retrying a login whose IAM token was refused. Over a second, because SigV4
+/// dates have one-second resolution: a token re-signed within the same second with the same
+/// credentials is byte for byte the one just refused.
+const IAM_RETRY_BACKOFF: Duration = Duration::from_millis(1100);
 
 /// Messages during login are small; this bounds what an upstream can make us buffer.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;

@@ -3,10 +3,13 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admin;
 mod core;
 mod drivers;
+mod frontend;
 mod harness;
 mod iam;
+mod observability;
 mod pgbench;
 mod pooler;
 mod prepared;
