@@ -13,3 +13,4 @@ mod observability;
 mod pgbench;
 mod pooler;
 mod prepared;
+mod upstream_auth;

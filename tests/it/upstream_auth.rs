@@ -1,0 +1,77 @@
+//! Upstream sign-in in password mode: md5, and cleartext only over TLS unless allowed.
+
+use iampool::config::Secret;
+
+use crate::pooler::{self, code, connect, start, try_connect};
+use crate::support::pg::{PgCluster, PgOptions, TestDb};
+
+/// A cluster whose pg_hba asks `md5user` for md5 and `plainuser` for a cleartext password.
+fn cluster() -> (PgCluster, TestDb, TestDb) {
+    let pg = PgCluster::start(PgOptions {
+        hba: vec![
+            "host all md5user 127.0.0.1/32 md5".into(),
+            "host all plainuser 127.0.0.1/32 password".into(),
+        ],
+        ..PgOptions::default()
+    });
+    pg.psql(
+        "set password_encryption = 'md5'; \
+         create user md5user password 'md5-secret'; create database md5db owner md5user; \
+         create user plainuser password 'plain-secret'; create database plaindb owner plainuser;",
+    );
+    let md5 = TestDb {
+        name: "md5db".into(),
+        user: "md5user".into(),
+        password: "md5-secret".into(),
+    };
+    let plain = TestDb {
+        name: "plaindb".into(),
+        user: "plainuser".into(),
+        password: "plain-secret".into(),
+    };
+    (pg, md5, plain)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_and_cleartext_upstreams() {
+    let (pg, md5, plain) = cluster();
+
+    // md5: answered with the salted hash.
+    let iam = start(pooler::config(&pg, &md5)).await;
+    let c = connect(iam.local_addr(), &md5).await;
+    let who: String = c
+        .query_one("select current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "md5user");
+    assert!(iam.shutdown().await);
+
+    // Cleartext over a connection without TLS is refused by default: the client is told why.
+    let iam = start(pooler::config(&pg, &plain)).await;
+    let err = try_connect(iam.local_addr(), &plain).await.unwrap_err();
+    let msg = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert_eq!(code(&err), "08001", "{err:?}");
+    assert!(msg.contains("cleartext password"), "{msg}");
+    assert!(!msg.contains("plain-secret"));
+    assert!(iam.shutdown().await);
+
+    // ... and works when explicitly allowed.
+    let mut cfg = pooler::config(&pg, &plain);
+    cfg.databases[0].upstream.allow_cleartext_password = true;
+    let iam = start(cfg).await;
+    let c = connect(iam.local_addr(), &plain).await;
+    c.simple_query("select 1").await.unwrap();
+    assert!(iam.shutdown().await);
+
+    // A wrong md5 password: the upstream's own error reaches the client.
+    let mut cfg = pooler::config(&pg, &md5);
+    cfg.databases[0].upstream.password = Some(Secret::new("wrong"));
+    let iam = start(cfg).await;
+    let err = try_connect(iam.local_addr(), &md5).await.unwrap_err();
+    assert_eq!(code(&err), "28P01", "{err:?}");
+    assert!(iam.shutdown().await);
+}
