@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod cycle;
+mod half;
 pub mod handshake;
 pub mod prepared;
 pub mod relay;

@@ -644,6 +644,29 @@ impl Tracker {
     }
 }
 
+/// SQL that makes the server drop prepared statements (`DEALLOCATE ...`, `DISCARD ...`).
+pub fn drops_statements(sql: &[u8]) -> bool {
+    let t = sql.trim_ascii_start();
+    [b"deallocate".as_slice(), b"discard"]
+        .iter()
+        .any(|w| t.len() >= w.len() && t[..w.len()].eq_ignore_ascii_case(w))
+}
+
+/// True if a Parse, Bind, Describe or Close `body` names a prepared statement.
+pub fn names_statement(tag: u8, body: &[u8]) -> bool {
+    match tag {
+        frontend::PARSE => body.first().is_some_and(|&b| b != 0),
+        frontend::BIND => {
+            let portal_end = body.iter().position(|&b| b == 0);
+            portal_end.is_some_and(|i| body.get(i + 1).is_some_and(|&b| b != 0))
+        }
+        frontend::DESCRIBE | frontend::CLOSE => {
+            body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0)
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

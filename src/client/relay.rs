@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
@@ -27,12 +27,12 @@ use tracing::debug;
 use super::cancel::{CancelSlot, CancelTarget};
 use super::cycle::{ClientMsg, Cycle};
 use super::prepared::{
-    session_state_kind, ClientAction, QueryAction, ServerAction, Staging, Tracker,
-    SESSION_STATE_KINDS,
+    drops_statements, names_statement, session_state_kind, ClientAction, QueryAction, ServerAction,
+    Staging, Tracker, SESSION_STATE_KINDS,
 };
 use crate::config::PoolMode;
 use crate::pool::{Pool, PoolError};
-use crate::protocol::framing::{Header, Scanner, Step, HEADER_LEN};
+use crate::protocol::framing::{Header, Step, HEADER_LEN};
 use crate::protocol::messages::{
     self, backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, Severity,
     TxStatus,
@@ -41,9 +41,7 @@ use crate::server::params::SessionParams;
 use crate::server::ServerConn;
 use crate::stream::{read_message, Stream};
 
-/// Read size per syscall, and how many unsent bytes a direction may hold before it stops reading.
-const READ_CHUNK: usize = 16 * 1024;
-const HIGH_WATER: usize = 64 * 1024;
+use super::half::{Half, HIGH_WATER, READ_CHUNK};
 /// PostgreSQL never sends a message over 1 GiB.
 const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1;
 
@@ -80,107 +78,6 @@ pub enum End {
     Timeout,
     Shutdown,
     PoolError,
-}
-
-/// One direction of the relay: a read buffer whose front `ready` bytes are scanned and
-/// waiting to be written to the other side. When a message must be changed, dropped or
-/// made up, the ready bytes move to `out` first (so order is kept) and the change is written
-/// there; `out` goes out before `buf[..ready]`. Sessions that change nothing never copy.
-#[derive(Default)]
-struct Half {
-    buf: BytesMut,
-    ready: usize,
-    scan: Scanner,
-    out: BytesMut,
-    /// Bytes written since the last flush (TLS streams buffer until flushed).
-    unflushed: bool,
-    /// Size of an inspected message that is not complete yet, so the buffer can grow for it.
-    want: usize,
-}
-
-impl Staging for Half {
-    fn staged(&mut self) -> &mut BytesMut {
-        self.stage_ready();
-        &mut self.out
-    }
-}
-
-impl Half {
-    fn reserve(&mut self) {
-        let spare = self.buf.capacity() - self.buf.len();
-        let need = READ_CHUNK.max(self.want.saturating_sub(self.buf.len() - self.ready));
-        if spare < need {
-            self.buf.reserve(need);
-        }
-    }
-
-    /// Nothing scanned is waiting and the stream sits at a message boundary.
-    fn settled(&self) -> bool {
-        self.ready == 0 && self.out.is_empty() && !self.unflushed && self.scan.at_boundary()
-    }
-
-    /// Moves the scanned bytes to `out`, so the message at `buf[0]` can be changed or dropped.
-    fn stage_ready(&mut self) {
-        if self.ready > 0 {
-            self.out.extend_from_slice(&self.buf[..self.ready]);
-            self.buf.advance(self.ready);
-            self.ready = 0;
-        }
-    }
-
-    /// Drops a complete message at the scan position (after staging what came before it).
-    fn drop_message(&mut self, len: usize) {
-        self.stage_ready();
-        self.buf.advance(len);
-    }
-
-    fn poll_write_to(&mut self, cx: &mut Context<'_>, dst: &mut Stream) -> Poll<io::Result<()>> {
-        while !self.out.is_empty() {
-            // One vectored write for the changed bytes and the unchanged ones after them.
-            let slices = [
-                io::IoSlice::new(&self.out),
-                io::IoSlice::new(&self.buf[..self.ready]),
-            ];
-            let n = if self.ready > 0 && dst.is_write_vectored() {
-                Pin::new(&mut *dst).poll_write_vectored(cx, &slices)
-            } else {
-                Pin::new(&mut *dst).poll_write(cx, &self.out)
-            };
-            match n {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    let from_out = n.min(self.out.len());
-                    self.out.advance(from_out);
-                    let from_buf = n - from_out;
-                    self.buf.advance(from_buf);
-                    self.ready -= from_buf;
-                    self.unflushed = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        while self.ready > 0 {
-            match Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.ready]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.buf.advance(n);
-                    self.ready -= n;
-                    self.unflushed = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        if self.unflushed {
-            match Pin::new(&mut *dst).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.unflushed = false,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
 }
 
 pub struct Session {
@@ -998,29 +895,6 @@ impl Session {
         };
         self.send_fatal(&code, &msg).await;
         End::PoolError
-    }
-}
-
-/// SQL that makes the server drop prepared statements (`DEALLOCATE ...`, `DISCARD ...`).
-fn drops_statements(sql: &[u8]) -> bool {
-    let t = sql.trim_ascii_start();
-    [b"deallocate".as_slice(), b"discard"]
-        .iter()
-        .any(|w| t.len() >= w.len() && t[..w.len()].eq_ignore_ascii_case(w))
-}
-
-/// True if a Parse, Bind, Describe or Close `body` names a prepared statement.
-fn names_statement(tag: u8, body: &[u8]) -> bool {
-    match tag {
-        frontend::PARSE => body.first().is_some_and(|&b| b != 0),
-        frontend::BIND => {
-            let portal_end = body.iter().position(|&b| b == 0);
-            portal_end.is_some_and(|i| body.get(i + 1).is_some_and(|&b| b != 0))
-        }
-        frontend::DESCRIBE | frontend::CLOSE => {
-            body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0)
-        }
-        _ => false,
     }
 }
 

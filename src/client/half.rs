@@ -1,0 +1,122 @@
+//! One direction of the relay: a read buffer, the bytes scanned in it and waiting to go out,
+//! and the staging area for messages iampool changes, drops or makes up.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWrite;
+
+use super::prepared::Staging;
+use crate::protocol::framing::Scanner;
+use crate::stream::Stream;
+
+/// Read size per syscall, and how many unsent bytes a direction may hold before it stops reading.
+pub(super) const READ_CHUNK: usize = 16 * 1024;
+pub(super) const HIGH_WATER: usize = 64 * 1024;
+
+/// One direction of the relay: a read buffer whose front `ready` bytes are scanned and
+/// waiting to be written to the other side. When a message must be changed, dropped or
+/// made up, the ready bytes move to `out` first (so order is kept) and the change is written
+/// there; `out` goes out before `buf[..ready]`. Sessions that change nothing never copy.
+#[derive(Default)]
+pub(super) struct Half {
+    pub(super) buf: BytesMut,
+    pub(super) ready: usize,
+    pub(super) scan: Scanner,
+    pub(super) out: BytesMut,
+    /// Bytes written since the last flush (TLS streams buffer until flushed).
+    pub(super) unflushed: bool,
+    /// Size of an inspected message that is not complete yet, so the buffer can grow for it.
+    pub(super) want: usize,
+}
+
+impl Staging for Half {
+    fn staged(&mut self) -> &mut BytesMut {
+        self.stage_ready();
+        &mut self.out
+    }
+}
+
+impl Half {
+    pub(super) fn reserve(&mut self) {
+        let spare = self.buf.capacity() - self.buf.len();
+        let need = READ_CHUNK.max(self.want.saturating_sub(self.buf.len() - self.ready));
+        if spare < need {
+            self.buf.reserve(need);
+        }
+    }
+
+    /// Nothing scanned is waiting and the stream sits at a message boundary.
+    pub(super) fn settled(&self) -> bool {
+        self.ready == 0 && self.out.is_empty() && !self.unflushed && self.scan.at_boundary()
+    }
+
+    /// Moves the scanned bytes to `out`, so the message at `buf[0]` can be changed or dropped.
+    pub(super) fn stage_ready(&mut self) {
+        if self.ready > 0 {
+            self.out.extend_from_slice(&self.buf[..self.ready]);
+            self.buf.advance(self.ready);
+            self.ready = 0;
+        }
+    }
+
+    /// Drops a complete message at the scan position (after staging what came before it).
+    pub(super) fn drop_message(&mut self, len: usize) {
+        self.stage_ready();
+        self.buf.advance(len);
+    }
+
+    pub(super) fn poll_write_to(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut Stream,
+    ) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            // One vectored write for the changed bytes and the unchanged ones after them.
+            let slices = [
+                io::IoSlice::new(&self.out),
+                io::IoSlice::new(&self.buf[..self.ready]),
+            ];
+            let n = if self.ready > 0 && dst.is_write_vectored() {
+                Pin::new(&mut *dst).poll_write_vectored(cx, &slices)
+            } else {
+                Pin::new(&mut *dst).poll_write(cx, &self.out)
+            };
+            match n {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    let from_out = n.min(self.out.len());
+                    self.out.advance(from_out);
+                    let from_buf = n - from_out;
+                    self.buf.advance(from_buf);
+                    self.ready -= from_buf;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        while self.ready > 0 {
+            match Pin::new(&mut *dst).poll_write(cx, &self.buf[..self.ready]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.buf.advance(n);
+                    self.ready -= n;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.unflushed {
+            match Pin::new(&mut *dst).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
