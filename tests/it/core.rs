@@ -666,3 +666,41 @@ async fn servers_are_renewed_before_they_retire() {
     assert!(pids.len() >= 3, "servers were not renewed: {pids:?}");
     assert!(iam.shutdown().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_in_transaction_and_idle_server_timeouts() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("idletx");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.idle_transaction_timeout = Some(Duration::from_millis(500));
+    cfg.server_idle_timeout = Duration::from_secs(1);
+    cfg.databases[0].pool_size = 3;
+    let iam = start(cfg).await;
+
+    // A client that opens a transaction and goes quiet loses its connection with 25P03;
+    // its server is closed (the transaction is rolled back), not handed to anyone else.
+    let c = connect(iam.local_addr(), &db).await;
+    c.batch_execute("begin; select 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = c.simple_query("select 1").await.unwrap_err();
+    let fatal = err.as_db_error().map(|e| e.code().code().to_owned());
+    assert!(
+        fatal.as_deref() == Some("25P03") || err.is_closed(),
+        "unexpected: {err:?}"
+    );
+
+    // A client that keeps working is not affected by the timeout between transactions.
+    let busy = connect(iam.local_addr(), &db).await;
+    for _ in 0..3 {
+        busy.simple_query("select 1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+
+    // Idle servers above min_pool_size (0) are closed after server_idle_timeout.
+    drop(busy);
+    let left = pg
+        .wait_for_backends(&db.name, &db.user, Duration::from_secs(15), |n| n == 0)
+        .await;
+    assert_eq!(left, 0, "idle servers were not retired");
+    assert!(iam.shutdown().await);
+}
