@@ -504,8 +504,9 @@ impl Session {
                 return Poll::Ready(Wake::Released);
             }
 
-            // Read the client while its half has room.
-            if self.c.ready < HIGH_WATER {
+            // Read the client while its half has room (never again after EOF or Terminate:
+            // a closed socket is always readable, and polling it would spin).
+            if !self.client_done && self.c.ready < HIGH_WATER {
                 self.c.reserve();
                 match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c.buf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
