@@ -166,9 +166,8 @@ static CLIENTS: [(&str, Ty); 13] = [
 ];
 
 /// One row per logged-in client (the console's own included). `state` is `active` while
-/// the client holds a server and `idle` otherwise; `link` is the server it holds (its
-/// `ptr` in SHOW SERVERS). A client queued for a server shows as idle: the pool's
-/// `cl_waiting` in SHOW POOLS counts those.
+/// the client holds a server, `waiting` while it is queued for one, and `idle` otherwise;
+/// `link` is the server it holds (its `ptr` in SHOW SERVERS).
 pub fn clients_table(shared: &Shared) -> Table {
     let mut t = Table::new(&CLIENTS);
     for (id, c) in shared.client_registry().snapshot() {
@@ -177,7 +176,14 @@ pub fn clients_table(shared: &Shared) -> Table {
             "C".into(),
             c.user.as_str().into(),
             c.database.as_str().into(),
-            if server.is_some() { "active" } else { "idle" }.into(),
+            if server.is_some() {
+                "active"
+            } else if c.cancel.waiting() {
+                "waiting"
+            } else {
+                "idle"
+            }
+            .into(),
             c.peer.addr.as_str().into(),
             i64::from(c.peer.port).into(),
             c.local.addr.as_str().into(),

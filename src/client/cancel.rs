@@ -23,7 +23,7 @@ pub struct CancelTarget {
 
 /// One client's slot: None while it holds no server.
 #[derive(Debug, Default)]
-pub struct CancelSlot(Mutex<Option<CancelTarget>>);
+pub struct CancelSlot(Mutex<Option<CancelTarget>>, std::sync::atomic::AtomicBool);
 
 impl CancelSlot {
     pub fn link(&self, target: CancelTarget) {
@@ -38,6 +38,15 @@ impl CancelSlot {
     /// The backend the client holds right now, if any (admin SHOW CLIENTS / SERVERS).
     pub fn target(&self) -> Option<CancelTarget> {
         self.get()
+    }
+
+    /// The client is queued for a server (for SHOW CLIENTS).
+    pub fn set_waiting(&self, waiting: bool) {
+        self.1.store(waiting, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn waiting(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -230,7 +230,10 @@ impl Session {
 
             // The client has a request: link a server, then look at what it sent (names are
             // rewritten against the statements this particular server has).
-            let server = match self.pool.checkout().await {
+            self.cancel.set_waiting(true);
+            let checkout = self.pool.checkout().await;
+            self.cancel.set_waiting(false);
+            let server = match checkout {
                 Ok(s) => s,
                 Err(e) => return self.pool_error(e).await,
             };

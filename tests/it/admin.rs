@@ -462,6 +462,16 @@ async fn pause_waits_for_the_transaction_then_holds_queries_until_resume() {
     // The idle server stays put and no new one is opened for the waiting client.
     let servers = ["sv_idle", "sv_active", "sv_login"].map(|c| num(&row, c));
     assert_eq!(servers, [1, 0, 0], "{row:?}");
+    // SHOW CLIENTS shows that client as waiting.
+    let clients = show(&watcher, "CLIENTS").await;
+    assert_eq!(
+        clients
+            .iter()
+            .filter(|c| get(c, "database") == db.name && get(c, "state") == "waiting")
+            .count(),
+        1,
+        "{clients:?}"
+    );
     // ...until RESUME.
     admin.simple_query("RESUME").await.unwrap();
     let c2 = tokio::time::timeout(T, q)
