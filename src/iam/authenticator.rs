@@ -126,6 +126,11 @@ impl IamAuthenticator {
         self.cache.credentials().seconds_until_expiry()
     }
 
+    /// Where the signing credentials come from, e.g. `default chain -> arn:aws:iam::...:role/x`.
+    pub fn credentials_chain(&self) -> String {
+        self.cache.credentials().chain().to_owned()
+    }
+
     /// Access key id of the cached credentials (not a secret).
     pub fn credentials_identity(&self) -> Option<String> {
         self.cache.credentials().identity()

@@ -175,10 +175,15 @@ impl Connector {
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         // Who signed: the IAM access key id (not a secret), like RDS's log_connections audit.
-        let signer = self
-            .iam()
-            .and_then(|a| a.credentials_identity())
-            .unwrap_or_else(|| "password".to_owned());
+        let signer = match self.iam() {
+            Some(a) => format!(
+                "{} via {}",
+                a.credentials_identity()
+                    .unwrap_or_else(|| "no credentials".into()),
+                a.credentials_chain()
+            ),
+            None => "password".to_owned(),
+        };
         match &result {
             Ok((conn, _)) => info!(
                 target: "iampool::login",
