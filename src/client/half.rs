@@ -15,6 +15,8 @@ use crate::stream::Stream;
 /// Read size per syscall, and how many unsent bytes a direction may hold before it stops reading.
 pub(super) const READ_CHUNK: usize = 16 * 1024;
 pub(super) const HIGH_WATER: usize = 64 * 1024;
+/// Buffers larger than this are given back while their client is idle.
+const SHRINK_ABOVE: usize = 256 * 1024;
 
 /// One direction of the relay: a read buffer whose front `ready` bytes are scanned and
 /// waiting to be written to the other side. When a message must be changed, dropped or
@@ -45,6 +47,17 @@ impl Half {
         let need = READ_CHUNK.max(self.want.saturating_sub(self.buf.len() - self.ready));
         if spare < need {
             self.buf.reserve(need);
+        }
+    }
+
+    /// Gives back a buffer that grew for one large message (a big Query or Bind, a big
+    /// ErrorResponse), once it is empty, so an idle client does not keep it for its session.
+    pub(super) fn shrink_if_idle(&mut self) {
+        if self.buf.is_empty() && self.out.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+            self.buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        if self.out.is_empty() && self.out.capacity() > SHRINK_ABOVE {
+            self.out = BytesMut::new();
         }
     }
 

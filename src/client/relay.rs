@@ -211,6 +211,8 @@ impl Session {
                 if self.shutdown_seen {
                     return self.shut_down().await;
                 }
+                self.s.shrink_if_idle();
+                self.c.shrink_if_idle();
                 self.c.reserve();
                 tokio::select! {
                     r = self.client.read_buf(&mut self.c.buf) => match r {
@@ -471,6 +473,9 @@ impl Session {
         self.mode == PoolMode::Transaction
             && self.cycle.at_rest()
             && self.c.settled()
+            // Bytes of the client's next message already here (e.g. a large Query arriving
+            // in pieces) keep the server: releasing now would only check it out again.
+            && self.c.buf.len() == self.c.ready
             && self.s.scan.at_boundary()
             && self.s.buf.len() == self.s.ready
             && !self.server_fatal
@@ -556,6 +561,7 @@ impl Session {
             if self.shutdown_seen
                 && self.cycle.at_rest()
                 && self.c.settled()
+                && self.c.buf.is_empty()
                 && self.s.settled()
                 && self.s.buf.is_empty()
             {

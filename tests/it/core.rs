@@ -704,3 +704,88 @@ async fn idle_in_transaction_and_idle_server_timeouts() {
     assert_eq!(left, 0, "idle servers were not retired");
     assert!(iam.shutdown().await);
 }
+
+/// VmRSS of another process, in kB.
+fn rss_kb_of(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_give_back_buffers_grown_for_large_messages() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("bigmsg");
+    // A process of its own, so its memory is not mixed with other tests'.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!(
+        "postgres://{}:{}@127.0.0.1:{}/{}?sslmode=disable",
+        db.user,
+        db.password,
+        pg.port(),
+        db.name
+    );
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_iampool"))
+            .args(["--upstream", &url, "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "iampool did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = child.0.id();
+    // Warm up (first login, welcome parameters) before the baseline.
+    drop(login_raw(addr, &db).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_kb_of(pid);
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let mut s = login_raw(addr, &db).await;
+        let sql = format!("select length('{}')", "x".repeat(8 << 20));
+        let mut q = bytes::BytesMut::new();
+        iampool::protocol::messages::query(&mut q, &sql);
+        s.write_all(&q).await.unwrap();
+        let mut stream = iampool::stream::Stream::Tcp(s);
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let (tag, _) = iampool::stream::read_message(&mut stream, &mut buf, 1 << 20)
+                .await
+                .unwrap();
+            if tag == b'Z' {
+                break;
+            }
+        }
+        // Stays connected and idle.
+        idle.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grown = rss_kb_of(pid).saturating_sub(before);
+    // 8 idle clients that each kept an 8 MiB buffer would hold 64 MiB.
+    assert!(
+        grown < 32 * 1024,
+        "RSS grew by {grown} kB with 8 idle clients"
+    );
+    drop(idle);
+}
