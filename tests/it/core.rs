@@ -740,6 +740,8 @@ async fn idle_clients_give_back_buffers_grown_for_large_messages() {
     }
     let child = Kill(
         std::process::Command::new(env!("CARGO_BIN_EXE_iampool"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .args(["--upstream", &url, "--listen", &format!("127.0.0.1:{port}")])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
