@@ -645,12 +645,8 @@ impl Session {
                     self.note_session_state(kind);
                 }
                 if drops {
-                    // DEALLOCATE / DISCARD through the extended protocol: the server's
-                    // statement list is no longer known.
-                    if let Some(server) = self.server.as_mut() {
-                        server.statements = Default::default();
-                    }
-                    self.cycle.taint();
+                    // DEALLOCATE / DISCARD through the extended protocol.
+                    self.forget_server_statements();
                 }
             }
             if track && tag == frontend::QUERY {
@@ -658,11 +654,7 @@ impl Session {
                 match self.tracker.on_query(body) {
                     QueryAction::Forward => {}
                     QueryAction::Discard | QueryAction::ForwardDeallocate => {
-                        // The server drops every statement; iampool's list for it is stale.
-                        if let Some(server) = self.server.as_mut() {
-                            server.statements = Default::default();
-                        }
-                        self.cycle.taint();
+                        self.forget_server_statements();
                     }
                     QueryAction::Answer(command) => {
                         // Answered in order, once everything before it has been answered.
@@ -841,6 +833,15 @@ impl Session {
         out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
         messages::ready_for_query(out, TxStatus::Idle);
         true
+    }
+
+    /// The server is dropping prepared statements (DEALLOCATE / DISCARD from the client):
+    /// iampool's list for it is stale, so it is forgotten and the server retired at release.
+    fn forget_server_statements(&mut self) {
+        if let Some(server) = self.server.as_mut() {
+            server.statements = Default::default();
+        }
+        self.cycle.taint();
     }
 
     /// A statement created session state that transaction mode cannot carry: count it, and

@@ -63,12 +63,10 @@ async fn simple_and_extended_queries() {
 async fn five_hundred_clients_share_ten_servers() {
     let pg = shared_cluster();
     let db = pg.scratch_db("many");
+    pooler::create_owned_table(pg, &db, "t (id int primary key, n int)");
     pg.psql_db(
         &db.name,
-        &format!(
-            "create table t (id int primary key, n int); insert into t select g, 0 from generate_series(1, 50) g; alter table t owner to {};",
-            crate::support::pg::quote_ident(&db.user)
-        ),
+        "insert into t select g, 0 from generate_series(1, 50) g",
     );
     let mut cfg = pooler::config(pg, &db);
     cfg.auth_type = AuthType::Trust; // the test is about pooling, not 500 PBKDF2 runs
@@ -153,13 +151,7 @@ async fn five_hundred_clients_share_ten_servers() {
 async fn transactions_stay_isolated_on_a_shared_server() {
     let pg = shared_cluster();
     let db = pg.scratch_db("iso");
-    pg.psql_db(
-        &db.name,
-        &format!(
-            "create table t (v int); alter table t owner to {};",
-            crate::support::pg::quote_ident(&db.user)
-        ),
-    );
+    pooler::create_owned_table(pg, &db, "t (v int)");
     let mut cfg = pooler::config(pg, &db);
     cfg.databases[0].pool_size = 1;
     let iam = start(cfg).await;
@@ -250,13 +242,7 @@ async fn cancel_reaches_the_running_query() {
 async fn copy_in_and_out() {
     let pg = shared_cluster();
     let db = pg.scratch_db("copy");
-    pg.psql_db(
-        &db.name,
-        &format!(
-            "create table t (a int, b text); alter table t owner to {};",
-            crate::support::pg::quote_ident(&db.user)
-        ),
-    );
+    pooler::create_owned_table(pg, &db, "t (a int, b text)");
     let mut cfg = pooler::config(pg, &db);
     cfg.databases[0].pool_size = 2;
     let iam = start(cfg).await;

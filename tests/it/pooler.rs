@@ -69,6 +69,18 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
     }
 }
 
+/// Runs `create table <definition>` as the superuser and gives the table to the test user
+/// (the definition names the table `t`).
+pub fn create_owned_table(pg: &PgCluster, db: &TestDb, definition: &str) {
+    pg.psql_db(
+        &db.name,
+        &format!(
+            "create table {definition}; alter table t owner to {};",
+            crate::support::pg::quote_ident(&db.user)
+        ),
+    );
+}
+
 pub async fn start(config: Config) -> Running {
     // RUST_LOG=iampool=debug shows iampool's logs for a failing test.
     if let Ok(filter) = std::env::var("RUST_LOG") {
