@@ -23,13 +23,6 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::TlsServer(_) | Stream::TlsClient(_))
     }
-
-    /// Sets TCP_NODELAY where it applies: the relay batches writes itself.
-    pub fn set_nodelay(&self) {
-        if let Stream::Tcp(s) = self {
-            let _ = s.set_nodelay(true);
-        }
-    }
 }
 
 macro_rules! dispatch {

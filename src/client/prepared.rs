@@ -589,6 +589,10 @@ impl Tracker {
     /// on the client's own statements is answered by iampool (the server-side statements are
     /// shared); `DISCARD ALL` empties this client's names and is passed on.
     pub fn on_query(&mut self, body: &[u8]) -> QueryAction {
+        // Most queries: a few byte comparisons, no UTF-8 pass over the whole text.
+        if !drops_statements(body) {
+            return QueryAction::Forward;
+        }
         let text = body.strip_suffix(&[0]).unwrap_or(body);
         let Ok(text) = std::str::from_utf8(text) else {
             return QueryAction::Forward;

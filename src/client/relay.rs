@@ -255,10 +255,11 @@ impl Session {
                         self.pool.checkin(server);
                     } else {
                         self.cycle.reset();
-                        // The response bookkeeping does not add up: never reuse this server.
+                        // Unmatched responses, or a taint (DISCARD ALL, a COPY that ended oddly):
+                        // the server is not provably clean, so it closes; the client moves on.
                         debug!(
                             backend_pid = server.backend_pid,
-                            "unmatched responses; closing server"
+                            "server not provably clean; closing it"
                         );
                         self.tracker.reset_server();
                         self.pool.discard(server);

@@ -9,8 +9,6 @@
 pub mod http;
 mod scrape;
 
-use std::sync::Arc;
-
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -86,11 +84,6 @@ impl PoolMetrics {
         self.session_state
             .with_label_values(&[&self.labels[0], &self.labels[1], kind])
             .inc();
-    }
-
-    /// Handles that record nowhere, for pools built without a registry (unit tests).
-    pub fn detached() -> PoolMetrics {
-        Metrics::new().pool("", "")
     }
 }
 
@@ -275,6 +268,3 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
-
-/// Shared handle type.
-pub type SharedMetrics = Arc<Metrics>;

@@ -155,10 +155,6 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn settings(&self) -> PoolSettings {
-        self.lock().settings.clone()
-    }
-
     pub fn mode(&self) -> PoolMode {
         self.lock().settings.mode
     }
@@ -346,8 +342,7 @@ impl Pool {
         let mut st = self.lock();
         let now = Instant::now();
         st.retired_before = Some(now);
-        while let Some(mut conn) = st.idle.pop_front() {
-            conn.retire_at = now;
+        while let Some(conn) = st.idle.pop_front() {
             self.forget(&mut st, conn);
         }
         self.grow_for_waiters(&mut st);

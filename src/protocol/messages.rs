@@ -64,13 +64,9 @@ pub mod sqlstate {
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
-    pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-    pub const QUERY_CANCELED: &str = "57014";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
-    pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
-    pub const INTERNAL_ERROR: &str = "XX000";
     pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
 }
 
