@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the per-message hot path: framing server traffic, the request-cycle
-//! bookkeeping of a pgbench-like transaction, and signing an RDS IAM token.
+//! Micro-benchmarks of the per-message hot path: framing server traffic, the relay's own
+//! protocol scanner (`client::scan::Scan`, the code the relay runs) over a pgbench-like
+//! transaction in each `-M` mode, and signing an RDS IAM token.
 //!
 //! Run with `cargo bench --bench hot_path` (add `-- --quick` for a short pass). The figures
 //! are for comparing revisions on one machine, not absolute claims; see benches/README.md.
@@ -8,26 +9,22 @@ use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
+use bytes::{Buf, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use iampool::client::cycle::{ClientMsg, Cycle};
+use iampool::client::prepared::Tracker;
+use iampool::client::scan::{Scan, ServerSide};
 use iampool::iam::signer::sign_token;
-use iampool::protocol::framing::{Header, Scanner, Step, HEADER_LEN};
-use iampool::protocol::messages::{backend, frontend, TxStatus};
+use iampool::protocol::exchange::{Disposition, Exchange};
+use iampool::protocol::framing::Header;
+use iampool::protocol::messages::{backend, frontend};
+use iampool::protocol::statements::ServerStatements;
+use iampool::server::params::SessionParams;
 
-/// The relay reads this much per syscall (`READ_CHUNK` in src/client/relay.rs).
-const READ_CHUNK: usize = 16 * 1024;
+/// The relay reads this much per syscall (`READ_CHUNK` in src/client/half.rs).
+const READ_CHUNK: usize = iampool::client::half::READ_CHUNK;
 /// Size of the simulated server traffic buffer.
 const TRAFFIC_BYTES: usize = 64 * 1024;
-/// The relay's cap on a server message (PostgreSQL never sends more than 1 GiB).
-const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1;
-
-// Backend tags the relay does not name because it never looks inside them.
-const ROW_DESCRIPTION: u8 = b'T';
-const DATA_ROW: u8 = b'D';
-const PARSE_COMPLETE: u8 = b'1';
-const BIND_COMPLETE: u8 = b'2';
-const NO_DATA: u8 = b'n';
 
 fn message(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
     out.push(tag);
@@ -58,12 +55,11 @@ fn row_description() -> Vec<u8> {
     body
 }
 
-/// One `pgbench_accounts` row as a DataRow body: about 110 bytes on the wire.
+/// One DataRow of `pgbench_accounts`: aid, bid, abalance and an 84-character filler.
 fn data_row(aid: u32) -> Vec<u8> {
     let aid = aid.to_string();
-    let bid = (aid.len() % 10 + 1).to_string();
-    let filler = [b' '; 84];
-    let fields: [&[u8]; 4] = [aid.as_bytes(), bid.as_bytes(), b"0", &filler];
+    let filler = " ".repeat(84);
+    let fields: [&[u8]; 4] = [aid.as_bytes(), b"1", b"0", filler.as_bytes()];
     let mut body = Vec::new();
     body.extend_from_slice(&(fields.len() as i16).to_be_bytes());
     for f in fields {
@@ -73,21 +69,14 @@ fn data_row(aid: u32) -> Vec<u8> {
     body
 }
 
-/// A `SELECT * FROM pgbench_accounts LIMIT n` answer that fills (at most) `TRAFFIC_BYTES`:
-/// RowDescription, DataRows, CommandComplete, ReadyForQuery 'I'.
-fn server_traffic() -> (Vec<u8>, usize) {
-    let mut out = Vec::with_capacity(TRAFFIC_BYTES);
-    message(&mut out, ROW_DESCRIPTION, &row_description());
-    // Room for CommandComplete ("SELECT nnnnn") and ReadyForQuery.
-    let tail = 5 + 13 + 5 + 1;
-    let mut rows = 0usize;
-    loop {
-        let row = data_row(100_000 + rows as u32);
-        if out.len() + HEADER_LEN + row.len() + tail > TRAFFIC_BYTES {
-            break;
-        }
-        message(&mut out, DATA_ROW, &row);
+/// `SELECT * FROM pgbench_accounts` as the server sends it, filling about `TRAFFIC_BYTES`.
+fn select_traffic() -> Vec<u8> {
+    let mut out = Vec::with_capacity(TRAFFIC_BYTES + 256);
+    message(&mut out, backend::ROW_DESCRIPTION, &row_description());
+    let mut rows = 0;
+    while out.len() < TRAFFIC_BYTES - 200 {
         rows += 1;
+        message(&mut out, backend::DATA_ROW, &data_row(rows));
     }
     message(
         &mut out,
@@ -95,93 +84,79 @@ fn server_traffic() -> (Vec<u8>, usize) {
         format!("SELECT {rows}\0").as_bytes(),
     );
     message(&mut out, backend::READY_FOR_QUERY, b"I");
-    (out, rows)
+    out
 }
 
-/// Walks `traffic` as the relay's `scan_server` does, with the bytes arriving `chunk` at a
-/// time: ReadyForQuery is decoded, every other tag goes to the cycle, bodies are skipped.
-/// Returns the number of message headers seen.
-fn scan_server(traffic: &[u8], chunk: usize, cycle: &mut Cycle) -> usize {
-    let mut scan = Scanner::default();
-    let mut pos = 0;
-    let mut end = 0;
-    let mut messages = 0;
-    while end < traffic.len() {
-        end = (end + chunk).min(traffic.len());
-        loop {
-            let header = match scan.step(&traffic[pos..end], MAX_SERVER_MESSAGE) {
-                Err(e) => panic!("bench traffic does not frame: {e}"),
-                Ok(Step::NeedMore) => break,
-                Ok(Step::Continue(n)) => {
-                    scan.consume_body(n);
-                    pos += n;
-                    continue;
-                }
-                Ok(Step::Message { header, complete }) => {
-                    let inspected = matches!(
-                        header.tag,
-                        backend::READY_FOR_QUERY
-                            | backend::PARAMETER_STATUS
-                            | backend::ERROR_RESPONSE
-                    );
-                    if inspected && !complete {
-                        break;
-                    }
-                    header
-                }
-            };
-            messages += 1;
-            if header.tag == backend::READY_FOR_QUERY {
-                let status = traffic[pos + HEADER_LEN..]
-                    .first()
-                    .copied()
-                    .and_then(TxStatus::from_byte)
-                    .expect("bench traffic has a valid ReadyForQuery");
-                cycle.on_ready(status);
-            } else {
-                cycle.on_server(header.tag);
-            }
-            pos += scan.consume_message(header, end - pos);
+/// A server connection's protocol state, as the relay holds it.
+#[derive(Default)]
+struct Server {
+    x: Exchange,
+    statements: ServerStatements,
+    params: SessionParams,
+}
+
+impl Server {
+    fn side(&mut self) -> ServerSide<'_> {
+        ServerSide {
+            x: &mut self.x,
+            statements: &mut self.statements,
+            params: &mut self.params,
         }
     }
-    assert_eq!(pos, traffic.len(), "the scan consumed every byte");
-    messages
+}
+
+fn scan(prepared_cap: usize) -> Scan {
+    Scan::new(
+        BytesMut::with_capacity(READ_CHUNK),
+        Tracker::new(prepared_cap, Default::default()),
+        SessionParams::default(),
+        1 << 20,
+        true,
+    )
+}
+
+/// Feeds `bytes` to the server side `chunk` at a time, as reads would deliver them, and
+/// drops what the scan marks ready (as the write to the client would). Returns bytes passed.
+fn feed_server(scan: &mut Scan, srv: &mut Server, bytes: &[u8], chunk: usize) -> usize {
+    let mut passed = 0;
+    for part in bytes.chunks(chunk) {
+        scan.s.buf.extend_from_slice(part);
+        scan.server(&mut srv.side()).expect("bench traffic frames");
+        passed += scan.s.ready + scan.s.out.len();
+        let ready = scan.s.ready;
+        scan.s.buf.advance(ready);
+        scan.s.ready = 0;
+        scan.s.out.clear();
+    }
+    passed
 }
 
 fn framing(c: &mut Criterion) {
-    let (traffic, rows) = server_traffic();
-    // RowDescription + rows + CommandComplete + ReadyForQuery.
-    let expected = rows + 3;
+    let traffic = select_traffic();
     let mut group = c.benchmark_group("framing");
     group.throughput(Throughput::Bytes(traffic.len() as u64));
-
-    // Only headers: the lower bound of any framing walk over this traffic.
     group.bench_function("headers_64k", |b| {
         b.iter(|| {
-            let buf = black_box(traffic.as_slice());
             let mut pos = 0;
             let mut n = 0;
-            while let Some(h) = Header::parse(&buf[pos..], MAX_SERVER_MESSAGE).expect("frames") {
+            while let Ok(Some(h)) = Header::parse(&traffic[pos..], 1 << 30) {
                 pos += h.frame_len();
                 n += 1;
             }
-            assert_eq!(n, expected);
-            n
+            black_box(n)
         })
     });
-
-    // The relay's walk, with the buffer arriving whole and in 16 KiB reads (split messages).
     for (name, chunk) in [("whole", traffic.len()), ("16k_reads", READ_CHUNK)] {
         group.bench_with_input(
             BenchmarkId::new("scan_server_64k", name),
             &chunk,
             |b, &chunk| {
+                let mut scan = scan(0);
+                let mut srv = Server::default();
                 b.iter(|| {
-                    let mut cycle = Cycle::default();
-                    cycle.on_client(frontend::QUERY);
-                    let n = scan_server(black_box(&traffic), chunk, &mut cycle);
-                    assert_eq!(n, expected);
-                    assert!(cycle.is_clean());
+                    srv.x.on_client(frontend::QUERY);
+                    let n = feed_server(&mut scan, &mut srv, black_box(&traffic), chunk);
+                    assert_eq!(srv.x.disposition(), Disposition::Clean);
                     n
                 })
             },
@@ -190,100 +165,105 @@ fn framing(c: &mut Criterion) {
     group.finish();
 }
 
-/// What the server answers one statement with, as tags, before its ReadyForQuery.
-struct Statement {
-    answer: &'static [u8],
-    status: TxStatus,
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
 }
 
-/// pgbench's TPC-B-like transaction: BEGIN, three UPDATEs, a SELECT, an INSERT, END.
-const TPCB: [Statement; 7] = [
-    Statement {
-        answer: b"C",
-        status: TxStatus::InTransaction,
-    }, // BEGIN
-    Statement {
-        answer: b"C",
-        status: TxStatus::InTransaction,
-    }, // UPDATE accounts
-    Statement {
-        answer: b"TDC",
-        status: TxStatus::InTransaction,
-    }, // SELECT abalance
-    Statement {
-        answer: b"C",
-        status: TxStatus::InTransaction,
-    }, // UPDATE tellers
-    Statement {
-        answer: b"C",
-        status: TxStatus::InTransaction,
-    }, // UPDATE branches
-    Statement {
-        answer: b"C",
-        status: TxStatus::InTransaction,
-    }, // INSERT history
-    Statement {
-        answer: b"C",
-        status: TxStatus::Idle,
-    }, // END
-];
+const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;";
 
-/// Runs one TPC-B transaction through `cycle`; `request` is what the client sends per
-/// statement and `prefix` what the server sends before the statement's own answer.
-/// Returns whether the server could go back to the pool afterwards.
-fn transaction(cycle: &mut Cycle, request: &[u8], prefix: &[u8]) -> bool {
-    let mut released = false;
-    for stmt in &TPCB {
-        for &tag in request {
-            assert_eq!(cycle.on_client(tag), ClientMsg::Forward);
+/// What pgbench -S sends per transaction in each -M mode, and what the server answers.
+fn select_only(mode: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut client = Vec::new();
+    let mut server = Vec::new();
+    let mut bind = Vec::new();
+    let stmt = if mode == "prepared" { "P0_1" } else { "" };
+    cstr(&mut bind, "");
+    cstr(&mut bind, stmt);
+    bind.extend_from_slice(&[0, 0, 0, 1]);
+    bind.extend_from_slice(&5i32.to_be_bytes());
+    bind.extend_from_slice(b"12345");
+    bind.extend_from_slice(&[0, 0]);
+    let row = {
+        let mut r = Vec::new();
+        r.extend_from_slice(&1i16.to_be_bytes());
+        r.extend_from_slice(&1i32.to_be_bytes());
+        r.push(b'0');
+        r
+    };
+    let mut desc = Vec::new();
+    desc.extend_from_slice(&1i16.to_be_bytes());
+    cstr(&mut desc, "abalance");
+    desc.extend_from_slice(&[0; 18]);
+    match mode {
+        "simple" => {
+            let mut q = Vec::new();
+            cstr(&mut q, &SELECT.replace("$1", "12345"));
+            message(&mut client, frontend::QUERY, &q);
         }
-        for &tag in prefix.iter().chain(stmt.answer) {
-            cycle.on_server(tag);
+        _ => {
+            if mode == "extended" {
+                let mut p = Vec::new();
+                cstr(&mut p, "");
+                cstr(&mut p, SELECT);
+                p.extend_from_slice(&0i16.to_be_bytes());
+                message(&mut client, frontend::PARSE, &p);
+                message(&mut server, backend::PARSE_COMPLETE, b"");
+            }
+            message(&mut client, frontend::BIND, &bind);
+            message(&mut client, frontend::DESCRIBE, b"P\0");
+            message(&mut client, frontend::EXECUTE, &[0, 0, 0, 0, 0]);
+            message(&mut client, frontend::SYNC, b"");
+            message(&mut server, backend::BIND_COMPLETE, b"");
         }
-        cycle.on_ready(stmt.status);
-        // The relay asks after every ReadyForQuery whether the server can be released.
-        released = cycle.is_clean();
     }
-    released
+    message(&mut server, backend::ROW_DESCRIPTION, &desc);
+    message(&mut server, backend::DATA_ROW, &row);
+    message(&mut server, backend::COMMAND_COMPLETE, b"SELECT 1\0");
+    message(&mut server, backend::READY_FOR_QUERY, b"I");
+    (client, server)
 }
 
-fn cycle(c: &mut Criterion) {
-    let mut group = c.benchmark_group("cycle");
+/// One transaction through the scanner: the client's request, then the server's answer.
+fn transaction(scan: &mut Scan, srv: &mut Server, client: &[u8], server: &[u8]) -> bool {
+    scan.c.buf.extend_from_slice(client);
+    scan.client(&mut srv.side()).expect("bench request frames");
+    let ready = scan.c.ready;
+    scan.c.buf.advance(ready);
+    scan.c.ready = 0;
+    scan.c.out.clear();
+    feed_server(scan, srv, server, server.len());
+    srv.x.disposition() == Disposition::Clean
+}
+
+fn pgbench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("scan");
     group.throughput(Throughput::Elements(1));
-    let modes: [(&str, &[u8], &[u8]); 3] = [
-        // -M simple: one Query per statement.
-        ("tpcb_simple", &[frontend::QUERY], &[]),
-        // -M extended: Parse/Bind/Describe/Execute/Sync of an unnamed statement.
-        (
-            "tpcb_extended",
-            &[
-                frontend::PARSE,
-                frontend::BIND,
-                frontend::DESCRIBE,
-                frontend::EXECUTE,
-                frontend::SYNC,
-            ],
-            &[PARSE_COMPLETE, BIND_COMPLETE, NO_DATA],
-        ),
-        // -M prepared, after the first round: Bind/Describe/Execute/Sync.
-        (
-            "tpcb_prepared",
-            &[
-                frontend::BIND,
-                frontend::DESCRIBE,
-                frontend::EXECUTE,
-                frontend::SYNC,
-            ],
-            &[BIND_COMPLETE, NO_DATA],
-        ),
-    ];
-    for (name, request, prefix) in modes {
-        group.bench_function(name, |b| {
-            let mut cycle = Cycle::default();
+    for mode in ["simple", "extended", "prepared"] {
+        let (client, server) = select_only(mode);
+        group.bench_function(format!("select_only_{mode}"), |b| {
+            let mut scan = scan(200);
+            let mut srv = Server::default();
+            if mode == "prepared" {
+                // The statement is prepared once per connection; every later transaction
+                // names it.
+                let mut p = Vec::new();
+                cstr(&mut p, "P0_1");
+                cstr(&mut p, SELECT);
+                p.extend_from_slice(&0i16.to_be_bytes());
+                let mut parse = Vec::new();
+                message(&mut parse, frontend::PARSE, &p);
+                message(&mut parse, frontend::SYNC, b"");
+                let mut answer = Vec::new();
+                message(&mut answer, backend::PARSE_COMPLETE, b"");
+                message(&mut answer, backend::READY_FOR_QUERY, b"I");
+                assert!(transaction(&mut scan, &mut srv, &parse, &answer));
+            }
             b.iter(|| {
-                let released = transaction(&mut cycle, black_box(request), black_box(prefix));
-                assert!(released, "the server is clean after END");
-                released
+                let clean =
+                    transaction(&mut scan, &mut srv, black_box(&client), black_box(&server));
+                assert!(clean, "the server is clean after the transaction");
+                clean
             })
         });
     }
@@ -324,6 +304,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = framing, cycle, signer
+    targets = framing, pgbench, signer
 }
 criterion_main!(benches);

@@ -43,7 +43,9 @@ static POOLS: [(&str, Ty); 16] = [
 ];
 
 /// Clients are active (logged in, not queued for a server) or waiting; cancel requests are
-/// forwarded at once and never queue, and servers are never "used" or "tested" here.
+/// forwarded at once and never queue, and servers are never "used" or "tested" here. A
+/// server whose query a cancel is on its way to is `sv_being_canceled` until the cancel has
+/// been delivered, and only then goes back to the pool.
 pub fn pools_table(shared: &Shared) -> Table {
     let mut t = Table::new(&POOLS);
     for p in pools(shared) {
@@ -57,9 +59,9 @@ pub fn pools_table(shared: &Shared) -> Table {
             waiting.into(),
             0i64.into(),
             0i64.into(),
-            st.active.into(),
+            (st.active - st.being_canceled).into(),
             0i64.into(),
-            0i64.into(),
+            st.being_canceled.into(),
             st.idle.into(),
             0i64.into(),
             0i64.into(),

@@ -4,21 +4,20 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::protocol::framing::CANCEL_REQUEST;
+use crate::server::{CancelGate, CancelPass};
 
 /// Where a client's query is running right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub addr: SocketAddr,
     pub pid: i32,
     pub secret: i32,
+    /// Holds the backend out of the pool while a cancel for it is on its way.
+    pub gate: Arc<CancelGate>,
 }
 
 /// One client's slot: None while it holds no server.
@@ -32,12 +31,19 @@ impl CancelSlot {
     pub fn unlink(&self) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
-    fn get(&self) -> Option<CancelTarget> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
     /// The backend the client holds right now, if any (admin SHOW CLIENTS / SERVERS).
     pub fn target(&self) -> Option<CancelTarget> {
-        self.get()
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The linked backend, with its gate entered under the same lock that [`Self::unlink`]
+    /// takes: once the relay has unlinked a server, either this cancel holds its gate or
+    /// it found no target.
+    fn enter(&self) -> Option<(CancelTarget, CancelPass)> {
+        let slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let t = slot.as_ref()?;
+        let pass = t.gate.enter();
+        Some((t.clone(), pass))
     }
 
     /// The client is queued for a server (for SHOW CLIENTS).
@@ -98,32 +104,19 @@ impl CancelRegistry {
     /// Forwards a client's CancelRequest to the backend running its query, if any.
     /// A wrong key or an unlinked client is dropped silently, as PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let target = {
+        let slot = {
             let map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
             match map.get(&pid) {
-                Some((s, slot)) if *s == secret => slot.get(),
+                Some((s, slot)) if *s == secret => Some(slot.clone()),
                 _ => None,
             }
         };
-        let Some(t) = target else {
+        let Some((t, pass)) = slot.and_then(|s| s.enter()) else {
             debug!("cancel request for an unknown or idle client dropped");
             return;
         };
-        let mut pkt = [0u8; 16];
-        pkt[..4].copy_from_slice(&16i32.to_be_bytes());
-        pkt[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
-        pkt[8..12].copy_from_slice(&t.pid.to_be_bytes());
-        pkt[12..].copy_from_slice(&t.secret.to_be_bytes());
-        let sent = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut s = TcpStream::connect(t.addr).await?;
-            s.write_all(&pkt).await?;
-            s.shutdown().await
-        })
-        .await;
-        debug!(
-            backend_pid = t.pid,
-            ok = matches!(sent, Ok(Ok(()))),
-            "cancel forwarded"
-        );
+        let ok = crate::server::cancel::send_cancel(t.addr, t.pid, t.secret).await;
+        drop(pass);
+        debug!(backend_pid = t.pid, ok, "cancel forwarded");
     }
 }

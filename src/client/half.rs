@@ -13,8 +13,8 @@ use crate::protocol::framing::Scanner;
 use crate::stream::Stream;
 
 /// Read size per syscall, and how many unsent bytes a direction may hold before it stops reading.
-pub(super) const READ_CHUNK: usize = 16 * 1024;
-pub(super) const HIGH_WATER: usize = 64 * 1024;
+pub const READ_CHUNK: usize = 16 * 1024;
+pub const HIGH_WATER: usize = 64 * 1024;
 /// Buffers larger than this are given back while their client is idle.
 const SHRINK_ABOVE: usize = 256 * 1024;
 
@@ -23,15 +23,15 @@ const SHRINK_ABOVE: usize = 256 * 1024;
 /// made up, the ready bytes move to `out` first (so order is kept) and the change is written
 /// there; `out` goes out before `buf[..ready]`. Sessions that change nothing never copy.
 #[derive(Default)]
-pub(super) struct Half {
-    pub(super) buf: BytesMut,
-    pub(super) ready: usize,
-    pub(super) scan: Scanner,
-    pub(super) out: BytesMut,
+pub struct Half {
+    pub buf: BytesMut,
+    pub ready: usize,
+    pub scan: Scanner,
+    pub out: BytesMut,
     /// Bytes written since the last flush (TLS streams buffer until flushed).
-    pub(super) unflushed: bool,
+    pub unflushed: bool,
     /// Size of an inspected message that is not complete yet, so the buffer can grow for it.
-    pub(super) want: usize,
+    pub want: usize,
 }
 
 impl Staging for Half {
@@ -42,7 +42,15 @@ impl Staging for Half {
 }
 
 impl Half {
-    pub(super) fn reserve(&mut self) {
+    /// A half whose buffer already holds `bytes` (read along with the startup packet).
+    pub fn with_bytes(bytes: BytesMut) -> Half {
+        Half {
+            buf: bytes,
+            ..Half::default()
+        }
+    }
+
+    pub fn reserve(&mut self) {
         let spare = self.buf.capacity() - self.buf.len();
         let need = READ_CHUNK.max(self.want.saturating_sub(self.buf.len() - self.ready));
         if spare < need {
@@ -52,7 +60,7 @@ impl Half {
 
     /// Gives back a buffer that grew for one large message (a big Query or Bind, a big
     /// ErrorResponse), once it is empty, so an idle client does not keep it for its session.
-    pub(super) fn shrink_if_idle(&mut self) {
+    pub fn shrink_if_idle(&mut self) {
         if self.buf.is_empty() && self.out.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
             self.buf = BytesMut::with_capacity(READ_CHUNK);
         }
@@ -62,12 +70,12 @@ impl Half {
     }
 
     /// Nothing scanned is waiting and the stream sits at a message boundary.
-    pub(super) fn settled(&self) -> bool {
+    pub fn settled(&self) -> bool {
         self.ready == 0 && self.out.is_empty() && !self.unflushed && self.scan.at_boundary()
     }
 
     /// Moves the scanned bytes to `out`, so the message at `buf[0]` can be changed or dropped.
-    pub(super) fn stage_ready(&mut self) {
+    pub fn stage_ready(&mut self) {
         if self.ready > 0 {
             self.out.extend_from_slice(&self.buf[..self.ready]);
             self.buf.advance(self.ready);
@@ -76,12 +84,12 @@ impl Half {
     }
 
     /// Drops a complete message at the scan position (after staging what came before it).
-    pub(super) fn drop_message(&mut self, len: usize) {
+    pub fn drop_message(&mut self, len: usize) {
         self.stage_ready();
         self.buf.advance(len);
     }
 
-    pub(super) fn poll_write_to(
+    pub fn poll_write_to(
         &mut self,
         cx: &mut Context<'_>,
         dst: &mut Stream,

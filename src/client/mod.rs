@@ -2,11 +2,11 @@
 
 pub mod auth;
 pub mod cancel;
-pub mod cycle;
-mod half;
+pub mod half;
 pub mod handshake;
 pub mod prepared;
 pub mod relay;
+pub mod scan;
 pub mod tls;
 
 use std::sync::atomic::Ordering;

@@ -1,13 +1,15 @@
-//! The session relay: one client's life after login, and the hot path.
+//! The session relay: one client's life after login.
 //!
-//! Bytes are read into one buffer per direction, the framer walks message boundaries in
-//! place, and the same bytes are written on: no per-message allocation, one write per read.
-//! Only the messages that decide pooling are looked at (ReadyForQuery, ParameterStatus,
-//! ErrorResponse and the COPY responses from the server; the tag of each client message).
+//! This file is the lifecycle: wait for a request, link a server, pump until the server may
+//! leave, unlink, and settle a server the session still holds when it ends. The protocol
+//! decisions are in [`super::scan`] (no I/O) and the per-direction buffers in
+//! [`super::half`]; whether a server is clean is the server's own [`Exchange`] to say.
 //!
 //! While a server is linked, both directions are driven from one task with `poll_fn`, so a
 //! server that is blocked writing results can never deadlock against a client that is
 //! blocked writing a large pipeline: each side is read as long as its buffer has room.
+//!
+//! [`Exchange`]: crate::protocol::exchange::Exchange
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -25,30 +27,30 @@ use tokio_util::io::poll_read_buf;
 use tracing::debug;
 
 use super::cancel::{CancelSlot, CancelTarget};
-use super::cycle::{ClientMsg, Cycle};
-use super::prepared::{
-    drops_statements, names_statement, session_state_kind, ClientAction, QueryAction, ServerAction,
-    Staging, Tracker, SESSION_STATE_KINDS,
-};
+use super::half::HIGH_WATER;
+use super::prepared::{names_statement, Tracker};
+use super::scan::{Scan, ServerSide, Stop, MAX_SERVER_MESSAGE};
 use crate::config::PoolMode;
 use crate::pool::{Pool, PoolError};
-use crate::protocol::framing::{Header, Step, HEADER_LEN};
+use crate::protocol::exchange::Disposition;
+use crate::protocol::framing::{Header, HEADER_LEN};
 use crate::protocol::messages::{
     self, backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, Severity,
     TxStatus,
 };
+use crate::protocol::session_state;
 use crate::server::params::SessionParams;
 use crate::server::ServerConn;
 use crate::stream::{read_message, Stream};
 
-use super::half::{Half, HIGH_WATER, READ_CHUNK};
-/// PostgreSQL never sends a message over 1 GiB.
-const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1;
+/// A client that leaves while its server is still answering: how long the answers may take
+/// before the backend's query is cancelled (a COMMIT sent just before leaving completes).
+const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the linked phase stopped.
 #[derive(Debug)]
 enum Wake {
-    /// Transaction mode: the server is clean and goes back to the pool.
+    /// Transaction mode: the server is at rest and leaves the client.
     Released,
     /// The client closed, sent Terminate, or failed; everything it sent has been passed on.
     ClientGone,
@@ -57,16 +59,6 @@ enum Wake {
     ServerProtocol(String),
     IdleInTransaction,
     Shutdown,
-}
-
-/// Per-transaction traffic, kept in plain integers on the hot path.
-#[derive(Default)]
-struct Traffic {
-    queries: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    messages_in: u64,
-    messages_out: u64,
 }
 
 /// How the session ended (for logs and metrics).
@@ -84,27 +76,17 @@ pub struct Session {
     pool: Arc<Pool>,
     mode: PoolMode,
     client: Stream,
-    c: Half,
-    s: Half,
+    /// The protocol state of both directions.
+    scan: Scan,
     server: Option<ServerConn>,
-    cycle: Cycle,
-    /// Named prepared statements (transaction mode).
-    tracker: Tracker,
-    /// Counted locally and added to the pool's counters when the server is unlinked.
-    traffic: Traffic,
     linked_at: Instant,
     /// When the request now in flight started (for the query duration histogram).
     request_started: Option<Instant>,
     /// Kinds of session state already reported for this client (bit per kind).
     session_state_seen: u8,
-    /// The parameter values this client believes in.
-    params: SessionParams,
     cancel: Arc<CancelSlot>,
-    max_message: usize,
     /// The client will send nothing more (EOF or Terminate).
     client_done: bool,
-    /// The linked server sent a FATAL error: it is about to close.
-    server_fatal: bool,
     idle_tx_timeout: Option<Duration>,
     idle_timer: Pin<Box<Sleep>>,
     idle_armed: bool,
@@ -129,43 +111,45 @@ pub struct SessionArgs {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// The scanner's view of a linked server.
+fn side(server: &mut ServerConn) -> ServerSide<'_> {
+    ServerSide {
+        x: &mut server.exchange,
+        statements: &mut server.statements,
+        params: &mut server.params,
+    }
+}
+
 impl Session {
     pub fn new(a: SessionArgs) -> Session {
         let mode = a.pool.mode();
-        let known = a.pool.statements.clone();
-        let mut c = Half {
-            buf: a.leftover,
-            ..Half::default()
-        };
-        c.buf.reserve(READ_CHUNK);
+        let transaction_mode = mode == PoolMode::Transaction;
+        // Session mode keeps one server per client: names need no rewriting there.
+        let tracker = Tracker::new(
+            if transaction_mode {
+                a.max_prepared_statements
+            } else {
+                0
+            },
+            a.pool.statements.clone(),
+        );
         Session {
+            scan: Scan::new(
+                a.leftover,
+                tracker,
+                a.params,
+                a.max_message,
+                transaction_mode,
+            ),
             pool: a.pool,
             mode,
             client: a.client,
-            c,
-            s: Half {
-                buf: BytesMut::with_capacity(READ_CHUNK),
-                ..Half::default()
-            },
             server: None,
-            cycle: Cycle::default(),
-            // Session mode keeps one server per client: names need no rewriting there.
-            traffic: Traffic::default(),
             linked_at: Instant::now(),
             request_started: None,
             session_state_seen: 0,
-            tracker: Tracker::new(
-                match mode {
-                    PoolMode::Transaction => a.max_prepared_statements,
-                    PoolMode::Session => 0,
-                },
-                known,
-            ),
-            params: a.params,
             cancel: a.cancel,
-            max_message: a.max_message,
             client_done: false,
-            server_fatal: false,
             idle_tx_timeout: a.idle_tx_timeout,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             idle_armed: false,
@@ -199,7 +183,7 @@ impl Session {
             }
             // Wait until the client has sent at least one message header.
             loop {
-                match Header::parse(&self.c.buf, self.max_message) {
+                match Header::parse(&self.scan.c.buf, self.scan.max_message) {
                     Err(e) => return self.fatal_protocol(&e.to_string()).await,
                     Ok(Some(h)) if h.tag == frontend::TERMINATE => return End::ClientGone,
                     Ok(Some(_)) => break,
@@ -211,11 +195,11 @@ impl Session {
                 if self.shutdown_seen {
                     return self.shut_down().await;
                 }
-                self.s.shrink_if_idle();
-                self.c.shrink_if_idle();
-                self.c.reserve();
+                self.scan.s.shrink_if_idle();
+                self.scan.c.shrink_if_idle();
+                self.scan.c.reserve();
                 tokio::select! {
-                    r = self.client.read_buf(&mut self.c.buf) => match r {
+                    r = self.client.read_buf(&mut self.scan.c.buf) => match r {
                         Ok(0) | Err(_) => return End::ClientGone,
                         Ok(_) => {}
                     },
@@ -242,8 +226,12 @@ impl Session {
             if let Err(end) = self.link(server).await {
                 return end;
             }
-            if let Some(Wake::ClientProtocol(m)) = self.scan_client() {
-                return self.fatal_protocol(&m).await;
+            if let Some(w) = self.scan_client() {
+                match w {
+                    Wake::ClientGone => {}
+                    Wake::ClientProtocol(m) => return self.fatal_protocol(&m).await,
+                    other => unreachable!("client scan woke with {other:?}"),
+                }
             }
 
             let wake = poll_fn(|cx| self.poll_linked(cx)).await;
@@ -251,19 +239,7 @@ impl Session {
                 Wake::Released => {
                     let server = self.unlink();
                     tracing::trace!(backend_pid = server.backend_pid, "server released");
-                    if self.tracker.is_idle() && !self.cycle.tainted() {
-                        self.pool.checkin(server);
-                    } else {
-                        self.cycle.reset();
-                        // Unmatched responses, or a taint (DISCARD ALL, a COPY that ended oddly):
-                        // the server is not provably clean, so it closes; the client moves on.
-                        debug!(
-                            backend_pid = server.backend_pid,
-                            "server not provably clean; closing it"
-                        );
-                        self.tracker.reset_server();
-                        self.pool.discard(server);
-                    }
+                    self.release(server);
                     if *self.shutdown.borrow() {
                         return self.shut_down().await;
                     }
@@ -272,11 +248,13 @@ impl Session {
                 Wake::Shutdown => return self.shut_down().await,
                 Wake::ClientGone => return End::ClientGone,
                 Wake::ServerGone(err) => {
-                    let server = self.unlink();
+                    let mut server = self.unlink();
                     debug!(backend_pid = server.backend_pid, error = ?err, "server connection lost while linked");
+                    // Nothing is owed by a server that is gone: nothing to cancel.
+                    server.exchange.reset();
                     self.pool.discard(server);
                     let _ = self.flush_to_client().await;
-                    if !self.server_fatal {
+                    if !self.scan.server_fatal {
                         self.send_fatal(
                             sqlstate::CONNECTION_FAILURE,
                             "server closed the connection unexpectedly",
@@ -310,6 +288,23 @@ impl Session {
         }
     }
 
+    /// A server at rest leaves the client: back to the pool if provably clean, else closed.
+    fn release(&mut self, server: ServerConn) {
+        match server.exchange.disposition() {
+            Disposition::Clean => self.pool.checkin(server),
+            d => {
+                // A taint (DISCARD ALL, a COPY that ended oddly, an answer nobody asked for):
+                // the server is not provably clean, so it closes; the client moves on.
+                debug!(
+                    backend_pid = server.backend_pid,
+                    disposition = ?d,
+                    "server not provably clean; closing it"
+                );
+                self.pool.discard(server);
+            }
+        }
+    }
+
     /// Unlinks the server: cancel routing, saturation count and the transaction's metrics.
     fn unlink(&mut self) -> ServerConn {
         let server = self.server.take().expect("linked");
@@ -319,7 +314,7 @@ impl Session {
         m.transactions.inc();
         m.transaction
             .observe(self.linked_at.elapsed().as_secs_f64());
-        let t = std::mem::take(&mut self.traffic);
+        let t = std::mem::take(&mut self.scan.traffic);
         m.queries.inc_by(t.queries);
         m.bytes_in.inc_by(t.bytes_in);
         m.bytes_out.inc_by(t.bytes_out);
@@ -330,7 +325,7 @@ impl Session {
 
     /// Links a server: brings its session parameters in line with the client's first.
     async fn link(&mut self, mut server: ServerConn) -> Result<(), End> {
-        if let Some(sql) = SessionParams::sync_sql(&self.params, &mut server.params) {
+        if let Some(sql) = SessionParams::sync_sql(&self.scan.params, &mut server.params) {
             match self.apply_params(&mut server, &sql).await {
                 Ok(()) => {}
                 Err(Some((code, msg))) => {
@@ -354,9 +349,10 @@ impl Session {
             addr: server.cancel_addr,
             pid: server.backend_pid,
             secret: server.backend_secret,
+            gate: server.cancels.clone(),
         });
-        self.server_fatal = false;
-        self.tracker.reset_server();
+        self.scan.server_fatal = false;
+        server.exchange.reset();
         tracing::trace!(backend_pid = server.backend_pid, "server linked");
         self.pool.linked.fetch_add(1, Ordering::Relaxed);
         self.linked_at = Instant::now();
@@ -412,7 +408,7 @@ impl Session {
                 backend::PARAMETER_STATUS => {
                     if let Ok((n, v)) = parse_parameter_status(&body) {
                         server.params.set_reported(n, v);
-                        if forward_params && self.params.set_reported(n, v) {
+                        if forward_params && self.scan.params.set_reported(n, v) {
                             let mut m = BytesMut::new();
                             messages::parameter_status(&mut m, n, v);
                             let _ = self.client.write_all(&m).await;
@@ -428,19 +424,31 @@ impl Session {
         }
     }
 
-    /// The client is gone (or the session ended) while a server is linked: deliver what the
-    /// client sent (a COMMIT must not be lost), then return the server only if it is clean.
+    /// The session ended while a server is linked (the client left, or broke the protocol):
+    /// deliver what the client sent (a COMMIT must not be lost), give the server a moment to
+    /// finish answering, and return it only if it is then provably clean. A server that is
+    /// still working is closed by the pool, which cancels its query first.
     async fn settle_server(&mut self, mut server: ServerConn) {
         let delivered = tokio::time::timeout(Duration::from_secs(5), async {
-            poll_fn(|cx| self.c.poll_write_to(cx, &mut server.stream)).await
+            poll_fn(|cx| self.scan.c.poll_write_to(cx, &mut server.stream)).await
         })
         .await;
-        let clean = matches!(delivered, Ok(Ok(())))
-            && self.cycle.is_clean()
-            && self.tracker.is_idle()
-            && self.c.scan.at_boundary()
-            && self.s.buf.len() == self.s.ready
-            && !self.server_fatal;
+        let whole = matches!(delivered, Ok(Ok(()))) && self.scan.c.scan.at_boundary();
+        if !whole {
+            self.pool.discard(server);
+            return;
+        }
+        if server.exchange.disposition() == Disposition::Busy && !server.exchange.is_quiet() {
+            let drained = tokio::time::timeout(SETTLE_GRACE, self.drain_owed(&mut server)).await;
+            if !matches!(drained, Ok(Ok(()))) {
+                self.pool.discard(server);
+                return;
+            }
+        }
+        let clean = server.exchange.disposition() == Disposition::Clean
+            && self.scan.s.scan.at_boundary()
+            && self.scan.s.buf.len() == self.scan.s.ready
+            && !self.scan.server_fatal;
         if !clean {
             self.pool.discard(server);
             return;
@@ -470,16 +478,42 @@ impl Session {
         }
     }
 
+    /// Reads and drops the server's answers to a client that is gone, until nothing is owed.
+    async fn drain_owed(&mut self, server: &mut ServerConn) -> io::Result<()> {
+        // Whatever was already scanned would have gone to the client: drop it.
+        let s = &mut self.scan.s;
+        s.buf.advance(s.ready);
+        s.ready = 0;
+        s.out.clear();
+        while !server.exchange.is_quiet() {
+            self.scan.s.reserve();
+            if server.stream.read_buf(&mut self.scan.s.buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.scan
+                .server(&mut side(server))
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+            let s = &mut self.scan.s;
+            s.buf.advance(s.ready);
+            s.ready = 0;
+            s.out.clear();
+        }
+        Ok(())
+    }
+
     fn releasable(&self) -> bool {
+        let Some(server) = self.server.as_ref() else {
+            return false;
+        };
         self.mode == PoolMode::Transaction
-            && self.cycle.at_rest()
-            && self.c.settled()
+            && server.exchange.at_rest()
+            && self.scan.c.settled()
             // Bytes of the client's next message already here (e.g. a large Query arriving
             // in pieces) keep the server: releasing now would only check it out again.
-            && self.c.buf.len() == self.c.ready
-            && self.s.scan.at_boundary()
-            && self.s.buf.len() == self.s.ready
-            && !self.server_fatal
+            && self.scan.c.buf.len() == self.scan.c.ready
+            && self.scan.s.scan.at_boundary()
+            && self.scan.s.buf.len() == self.scan.s.ready
+            && !self.scan.server_fatal
     }
 
     /// Drives both directions while a server is linked.
@@ -489,8 +523,8 @@ impl Session {
             let server = self.server.as_mut().expect("linked");
 
             // Client -> server.
-            let before = self.c.ready;
-            match self.c.poll_write_to(cx, &mut server.stream) {
+            let before = self.scan.c.ready;
+            match self.scan.c.poll_write_to(cx, &mut server.stream) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Wake::ServerGone(Some(e))),
                 Poll::Ready(Ok(())) => {
                     if self.client_done {
@@ -499,15 +533,15 @@ impl Session {
                 }
                 Poll::Pending => {}
             }
-            progress |= self.c.ready != before;
+            progress |= self.scan.c.ready != before;
 
             // Server -> client.
-            let before = self.s.ready;
-            if let Poll::Ready(Err(_)) = self.s.poll_write_to(cx, &mut self.client) {
+            let before = self.scan.s.ready;
+            if let Poll::Ready(Err(_)) = self.scan.s.poll_write_to(cx, &mut self.client) {
                 self.client_done = true;
                 return Poll::Ready(Wake::ClientGone);
             }
-            progress |= self.s.ready != before;
+            progress |= self.scan.s.ready != before;
 
             if self.releasable() {
                 return Poll::Ready(Wake::Released);
@@ -515,9 +549,9 @@ impl Session {
 
             // Read the client while its half has room (never again after EOF or Terminate:
             // a closed socket is always readable, and polling it would spin).
-            if !self.client_done && self.c.ready < HIGH_WATER {
-                self.c.reserve();
-                match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c.buf) {
+            if !self.client_done && self.scan.c.ready < HIGH_WATER {
+                self.scan.c.reserve();
+                match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.scan.c.buf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         self.client_done = true;
                         continue;
@@ -536,10 +570,10 @@ impl Session {
             }
 
             // Read the server while its half has room.
-            if self.s.ready < HIGH_WATER {
-                self.s.reserve();
+            if self.scan.s.ready < HIGH_WATER {
+                self.scan.s.reserve();
                 let server = self.server.as_mut().expect("linked");
-                match poll_read_buf(Pin::new(&mut server.stream), cx, &mut self.s.buf) {
+                match poll_read_buf(Pin::new(&mut server.stream), cx, &mut self.scan.s.buf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Wake::ServerGone(None)),
                     Poll::Ready(Err(e)) => return Poll::Ready(Wake::ServerGone(Some(e))),
                     Poll::Ready(Ok(_)) => {
@@ -560,11 +594,11 @@ impl Session {
                 self.shutdown_seen = true;
             }
             if self.shutdown_seen
-                && self.cycle.at_rest()
-                && self.c.settled()
-                && self.c.buf.is_empty()
-                && self.s.settled()
-                && self.s.buf.is_empty()
+                && self.server.as_ref().is_some_and(|s| s.exchange.at_rest())
+                && self.scan.c.settled()
+                && self.scan.c.buf.is_empty()
+                && self.scan.s.settled()
+                && self.scan.s.buf.is_empty()
             {
                 return Poll::Ready(Wake::Shutdown);
             }
@@ -576,10 +610,12 @@ impl Session {
         let Some(limit) = self.idle_tx_timeout else {
             return Poll::Pending;
         };
-        let idle_in_tx = self.cycle.status() != TxStatus::Idle
-            && self.cycle.is_quiet()
-            && self.c.ready == 0
-            && self.s.ready == 0;
+        let idle_in_tx = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.exchange.status() != TxStatus::Idle && s.exchange.is_quiet())
+            && self.scan.c.ready == 0
+            && self.scan.s.ready == 0;
         if !idle_in_tx {
             self.idle_armed = false;
             return Poll::Pending;
@@ -596,279 +632,103 @@ impl Session {
         }
     }
 
-    /// Walks new client bytes: marks complete and partial messages ready to forward.
-    /// Terminate ends the scan (it is never forwarded) and marks the client done.
+    /// Scans what the client sent; Terminate marks the client done.
     fn scan_client(&mut self) -> Option<Wake> {
-        let track = self.tracker.enabled();
-        self.c.want = 0;
-        loop {
-            let pos = self.c.ready;
-            let header = match self.c.scan.step(&self.c.buf[pos..], self.max_message) {
-                Err(e) => return Some(Wake::ClientProtocol(e.to_string())),
-                Ok(Step::NeedMore) => break,
-                Ok(Step::Continue(n)) => {
-                    self.c.scan.consume_body(n);
-                    self.c.ready += n;
-                    continue;
-                }
-                Ok(Step::Message { header, complete }) => {
-                    let inspected =
-                        track && (Tracker::inspects(header.tag) || header.tag == frontend::QUERY);
-                    if inspected && !complete {
-                        self.c.want = header.frame_len();
-                        break;
-                    }
-                    header
-                }
-            };
-            let tag = header.tag;
-            let len = header.frame_len();
-            self.traffic.messages_in += 1;
-            self.traffic.bytes_in += len as u64;
-            if self.request_started.is_none() {
-                self.request_started = Some(Instant::now());
-            }
-            if track && (tag == frontend::QUERY || tag == frontend::PARSE) {
-                let body = &self.c.buf[pos + HEADER_LEN..pos + len];
-                let sql = if tag == frontend::PARSE {
-                    // Parse: name, then the statement text.
-                    let skip = body
-                        .iter()
-                        .position(|&b| b == 0)
-                        .map_or(body.len(), |i| i + 1);
-                    &body[skip..]
-                } else {
-                    body
-                };
-                let state = session_state_kind(sql);
-                let drops = tag == frontend::PARSE && drops_statements(sql);
-                if let Some(kind) = state {
-                    self.note_session_state(kind);
-                }
-                if drops {
-                    // DEALLOCATE / DISCARD through the extended protocol.
-                    self.forget_server_statements();
-                }
-            }
-            if track && tag == frontend::QUERY {
-                let body = &self.c.buf[pos + HEADER_LEN..pos + len];
-                match self.tracker.on_query(body) {
-                    QueryAction::Forward => {}
-                    QueryAction::Discard | QueryAction::ForwardDeallocate => {
-                        self.forget_server_statements();
-                    }
-                    QueryAction::Answer(command) => {
-                        // Answered in order, once everything before it has been answered.
-                        self.c.drop_message(len);
-                        self.tracker.queue_answer(command);
-                        self.emit_synthetic();
-                        continue;
-                    }
-                }
-            }
-            let ignored_sync = tag == frontend::SYNC && self.cycle.ignoring_syncs();
-            match self.cycle.on_client(tag) {
-                ClientMsg::Forward => {}
-                ClientMsg::Terminate => {
-                    self.c.buf.truncate(pos);
-                    self.client_done = true;
-                    return Some(Wake::ClientGone);
-                }
-                ClientMsg::Invalid => {
-                    return Some(Wake::ClientProtocol(format!(
-                        "invalid frontend message type {tag}"
-                    )))
-                }
-            }
-            if track {
-                // A message that names a statement may be rewritten: move what came before
-                // it out of the way first, so the message starts the buffer.
-                let named = Tracker::inspects(tag)
-                    && names_statement(tag, &self.c.buf[pos + HEADER_LEN..pos + len]);
-                let at = if named {
-                    self.c.stage_ready();
-                    0
-                } else {
-                    pos
-                };
-                let frame_end = at
-                    + if Tracker::inspects(tag) {
-                        len
-                    } else {
-                        HEADER_LEN
-                    };
-                let Some(server) = self.server.as_mut() else {
-                    unreachable!("client messages are scanned only while a server is linked")
-                };
-                let action = self.tracker.on_client(
-                    &self.c.buf[at..frame_end],
-                    &mut server.statements,
-                    ignored_sync,
-                    &mut self.c.out,
-                );
-                if action == ClientAction::Rewritten {
-                    self.c.drop_message(len);
-                    self.emit_synthetic();
-                    continue;
-                }
-            }
-            let avail = self.c.buf.len() - pos;
-            self.c.ready += self.c.scan.consume_message(header, avail);
+        let server = self.server.as_mut().expect("linked");
+        let result = self.scan.client(&mut side(server));
+        if self.scan.request_started && self.request_started.is_none() {
+            self.request_started = Some(Instant::now());
         }
-        None
+        self.scan.request_started = false;
+        if self.scan.session_state != 0 {
+            let kinds = self.scan.take_session_state();
+            self.note_session_state(kinds);
+        }
+        match result {
+            Ok(()) => None,
+            Err(Stop::Terminate) => {
+                self.client_done = true;
+                Some(Wake::ClientGone)
+            }
+            Err(Stop::Client(m)) => Some(Wake::ClientProtocol(m)),
+            Err(Stop::Server(m)) => Some(Wake::ServerProtocol(m)),
+        }
     }
 
-    /// Walks new server bytes, looking into the few messages that decide pooling.
+    /// Scans what the server sent.
     fn scan_server(&mut self) -> Option<Wake> {
-        let track = self.tracker.enabled();
-        self.s.want = 0;
-        loop {
-            let pos = self.s.ready;
-            let header = match self.s.scan.step(&self.s.buf[pos..], MAX_SERVER_MESSAGE) {
-                Err(e) => return Some(Wake::ServerProtocol(e.to_string())),
-                Ok(Step::NeedMore) => break,
-                Ok(Step::Continue(n)) => {
-                    self.s.scan.consume_body(n);
-                    self.s.ready += n;
-                    continue;
-                }
-                Ok(Step::Message { header, complete }) => {
-                    let inspected = matches!(
-                        header.tag,
-                        backend::READY_FOR_QUERY
-                            | backend::PARAMETER_STATUS
-                            | backend::ERROR_RESPONSE
-                    );
-                    if inspected && !complete {
-                        self.s.want = header.frame_len();
-                        break;
-                    }
-                    header
-                }
-            };
-            let end = (pos + header.frame_len()).min(self.s.buf.len());
-            let body = &self.s.buf[pos + HEADER_LEN..end];
-            self.traffic.messages_out += 1;
-            self.traffic.bytes_out += header.frame_len() as u64;
-            match header.tag {
-                backend::READY_FOR_QUERY => {
-                    let Some(status) = body.first().copied().and_then(TxStatus::from_byte) else {
-                        return Some(Wake::ServerProtocol("bad ReadyForQuery".into()));
-                    };
-                    self.cycle.on_ready(status);
-                    self.traffic.queries += 1;
-                    if let Some(started) = self.request_started.take() {
-                        self.pool
-                            .metrics
-                            .query
-                            .observe(started.elapsed().as_secs_f64());
-                    }
-                }
-                backend::PARAMETER_STATUS => {
-                    if let Ok((n, v)) = parse_parameter_status(body) {
-                        if let Some(server) = self.server.as_mut() {
-                            server.params.set_reported(n, v);
-                        }
-                        self.params.set_reported(n, v);
-                    }
-                }
-                backend::ERROR_RESPONSE => {
-                    if parse_error_fields(body).is_fatal() {
-                        self.server_fatal = true;
-                    }
-                    self.cycle.on_error();
-                }
-                tag => {
-                    let swallowed = self.cycle.on_server(tag);
-                    if swallowed > 0 {
-                        self.tracker.syncs_ignored(swallowed);
-                    }
-                }
+        let server = self.server.as_mut().expect("linked");
+        let result = self.scan.server(&mut side(server));
+        if self.scan.readies > 0 {
+            self.scan.readies = 0;
+            if let Some(started) = self.request_started.take() {
+                self.pool
+                    .metrics
+                    .query
+                    .observe(started.elapsed().as_secs_f64());
             }
-            if track {
-                let server = self.server.as_mut().expect("linked");
-                if self.tracker.on_server(header.tag, &mut server.statements) == ServerAction::Drop
-                {
-                    // An answer to an injected message: complete (5 bytes) and never forwarded.
-                    self.s.drop_message(header.frame_len());
-                    self.emit_synthetic();
-                    continue;
-                }
-                let avail = self.s.buf.len() - pos;
-                self.s.ready += self.s.scan.consume_message(header, avail);
-                self.emit_synthetic();
-                continue;
-            }
-            let avail = self.s.buf.len() - pos;
-            self.s.ready += self.s.scan.consume_message(header, avail);
         }
-        None
+        match result {
+            Ok(()) => None,
+            Err(Stop::Server(m)) => Some(Wake::ServerProtocol(m)),
+            Err(other) => unreachable!("server scan stopped with {other:?}"),
+        }
     }
 
     /// Unlinked, the client sent exactly a named Parse and a Sync of a statement this pool
     /// knows: answer ParseComplete + ReadyForQuery without taking a server.
     fn answer_prepare_locally(&mut self) -> bool {
-        if !self.tracker.enabled() || !self.tracker.is_idle() {
+        if !self.scan.tracker.enabled() {
             return false;
         }
-        let buf = &self.c.buf;
-        let Ok(Some(p)) = Header::parse(buf, self.max_message) else {
+        let max = self.scan.max_message;
+        let buf = &self.scan.c.buf;
+        let Ok(Some(p)) = Header::parse(buf, max) else {
             return false;
         };
         if p.tag != frontend::PARSE || buf.len() < p.frame_len() {
             return false;
         }
-        let Ok(Some(sync)) = Header::parse(&buf[p.frame_len()..], self.max_message) else {
+        let Ok(Some(sync)) = Header::parse(&buf[p.frame_len()..], max) else {
             return false;
         };
         if sync.tag != frontend::SYNC || sync.len != 4 {
             return false;
         }
         if !names_statement(p.tag, &buf[HEADER_LEN..p.frame_len()])
-            || !self.tracker.prepare_locally(&buf[..p.frame_len()])
+            || !self.scan.tracker.prepare_locally(&buf[..p.frame_len()])
         {
             return false;
         }
-        self.c.buf.advance(p.frame_len() + sync.frame_len());
-        let out = self.s.staged();
-        out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+        self.scan.c.buf.advance(p.frame_len() + sync.frame_len());
+        let out = super::prepared::Staging::staged(&mut self.scan.s);
+        out.extend_from_slice(&[backend::PARSE_COMPLETE, 0, 0, 0, 4]);
         messages::ready_for_query(out, TxStatus::Idle);
         true
     }
 
-    /// The server is dropping prepared statements (DEALLOCATE / DISCARD from the client):
-    /// iampool's list for it is stale, so it is forgotten and the server retired at release.
-    fn forget_server_statements(&mut self) {
-        if let Some(server) = self.server.as_mut() {
-            server.statements = Default::default();
-        }
-        self.cycle.taint();
-    }
-
-    /// A statement created session state that transaction mode cannot carry: count it, and
+    /// Statements created session state that transaction mode cannot carry: count them, and
     /// say so once per client and kind.
-    fn note_session_state(&mut self, kind: usize) {
-        let bit = 1u8 << kind;
-        let kind = SESSION_STATE_KINDS[kind];
-        self.pool.metrics.session_state(kind);
-        if self.session_state_seen & bit == 0 {
-            self.session_state_seen |= bit;
-            tracing::warn!(
-                database = %self.pool.database, kind,
-                "a client created session state that does not follow it to other servers in \
-                 transaction mode; use session mode for this client (see README)"
-            );
+    fn note_session_state(&mut self, kinds: u8) {
+        for (i, kind) in session_state::KINDS.iter().enumerate() {
+            let bit = 1u8 << i;
+            if kinds & bit == 0 {
+                continue;
+            }
+            self.pool.metrics.session_state(kind);
+            if self.session_state_seen & bit == 0 {
+                self.session_state_seen |= bit;
+                tracing::warn!(
+                    database = %self.pool.database, kind,
+                    "a client created session state that does not follow it to other servers in \
+                     transaction mode; use session mode for this client (see README)"
+                );
+            }
         }
-    }
-
-    /// Writes the made-up answers that are due (after everything scanned so far).
-    fn emit_synthetic(&mut self) {
-        let status = self.cycle.status();
-        self.tracker.drain_synthetic(&mut self.s, status);
     }
 
     async fn flush_to_client(&mut self) -> io::Result<()> {
-        poll_fn(|cx| self.s.poll_write_to(cx, &mut self.client)).await
+        poll_fn(|cx| self.scan.s.poll_write_to(cx, &mut self.client)).await
     }
 
     async fn send_fatal(&mut self, code: &str, message: &str) {

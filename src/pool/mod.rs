@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -72,9 +72,14 @@ struct State {
     settings: PoolSettings,
     /// Most recently used first (LIFO reuse keeps a warm core; the rest can idle out).
     idle: VecDeque<ServerConn>,
-    /// Every connection that exists or is being opened: idle + in use + connecting.
+    /// Every connection that exists or is being opened: idle + in use + connecting +
+    /// closing. A closing connection counts until its backend has gone, so the upstream
+    /// never has more than pool_size backends of this pool.
     total: usize,
     connecting: usize,
+    closing: usize,
+    /// Clean connections held back until a cancel on its way to them has been delivered.
+    being_canceled: usize,
     waiters: VecDeque<Waiter>,
     /// Last login failure and when, so a burst of clients does not hammer a failing upstream.
     last_error: Option<(Instant, LoginError)>,
@@ -85,12 +90,21 @@ struct State {
     retired_before: Option<Instant>,
 }
 
+impl State {
+    /// Connections in use by clients (or held back for a cancel).
+    fn busy(&self) -> usize {
+        self.total - self.idle.len() - self.connecting - self.closing
+    }
+}
+
 /// A snapshot for the admin console and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct PoolStatus {
     pub idle: usize,
     pub active: usize,
     pub connecting: usize,
+    /// Held out of the pool until a cancel for them has been delivered.
+    pub being_canceled: usize,
     pub waiting: usize,
     pub pool_size: usize,
     pub min_pool_size: usize,
@@ -117,7 +131,7 @@ pub struct Pool {
     pub sessions: AtomicUsize,
     pub linked: AtomicUsize,
     /// Named statements that prepared successfully on a server of this pool.
-    pub statements: Arc<crate::client::prepared::KnownStatements>,
+    pub statements: Arc<crate::protocol::statements::KnownStatements>,
 }
 
 impl Pool {
@@ -137,6 +151,8 @@ impl Pool {
                 idle: VecDeque::new(),
                 total: 0,
                 connecting: 0,
+                closing: 0,
+                being_canceled: 0,
                 waiters: VecDeque::new(),
                 last_error: None,
                 closed: false,
@@ -172,8 +188,9 @@ impl Pool {
         let live = st.waiters.iter().filter(|w| !w.tx.is_closed());
         PoolStatus {
             idle: st.idle.len(),
-            active: st.total - st.idle.len() - st.connecting,
+            active: st.busy(),
             connecting: st.connecting,
+            being_canceled: st.being_canceled,
             waiting: live.clone().count(),
             pool_size: st.settings.pool_size,
             min_pool_size: st.settings.min_pool_size,
@@ -258,8 +275,24 @@ impl Pool {
         }
     }
 
-    /// Returns a provably clean connection (ReadyForQuery 'I', nothing outstanding).
+    /// Returns a provably clean connection (ReadyForQuery 'I', nothing outstanding). One
+    /// that a cancel is on its way to is held back until the cancel has been delivered, so
+    /// the cancel cannot reach the next client's query.
     pub fn checkin(self: &Arc<Self>, mut conn: ServerConn) {
+        if conn.cancels.busy() {
+            self.lock().being_canceled += 1;
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let gate = conn.cancels.clone();
+                let delivered = tokio::time::timeout(CANCEL_HOLD, gate.wait()).await;
+                pool.lock().being_canceled -= 1;
+                match delivered {
+                    Ok(()) => pool.checkin(conn),
+                    Err(_) => pool.discard(conn),
+                }
+            });
+            return;
+        }
         let mut st = self.lock();
         let now = Instant::now();
         let retired = st.retired_before.is_some_and(|t| conn.created_at <= t);
@@ -314,7 +347,7 @@ impl Pool {
         loop {
             let busy = {
                 let st = self.lock();
-                st.total - st.idle.len() - st.connecting
+                st.busy()
             };
             if busy == 0 {
                 return;
@@ -360,12 +393,20 @@ impl Pool {
         st.idle.push_front(conn);
     }
 
-    /// Drops a connection from the books and closes it politely in the background.
+    /// Closes a connection in the background. It stays on the books until its backend has
+    /// gone: a backend still working (answers owed) is cancelled first, then sent Terminate,
+    /// and the connection read to its end.
     fn forget(self: &Arc<Self>, st: &mut State, conn: ServerConn) {
-        st.total -= 1;
+        st.closing += 1;
         debug!(pool = %self.database, backend_pid = conn.backend_pid, "closing server connection");
-        close_in_background(conn);
-        self.grow_for_waiters(st);
+        let pool = self.clone();
+        tokio::spawn(async move {
+            close(conn).await;
+            let mut st = pool.lock();
+            st.closing -= 1;
+            st.total -= 1;
+            pool.grow_for_waiters(&mut st);
+        });
     }
 
     /// Opens connections while clients wait and the pool has room.
@@ -412,8 +453,7 @@ impl Pool {
                     }
                 }
                 if st.closed {
-                    st.total -= 1;
-                    close_in_background(conn);
+                    self.forget(&mut st, conn);
                 } else {
                     self.deliver(&mut st, conn);
                 }
@@ -448,14 +488,32 @@ impl Pool {
     }
 }
 
-/// Sends Terminate and closes, without making anyone wait for it.
-pub fn close_in_background(mut conn: ServerConn) {
-    tokio::spawn(async move {
-        let terminate = [b'X', 0, 0, 0, 4];
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            conn.stream.write_all(&terminate).await?;
-            conn.stream.shutdown().await
-        })
+/// How long a clean connection is held back for a cancel on its way to it (the cancel
+/// itself gives up after 5 s).
+const CANCEL_HOLD: Duration = Duration::from_secs(10);
+
+/// Ends a server connection: cancels what its backend is still running, sends Terminate,
+/// and waits (bounded) until the server has closed its end.
+async fn close(mut conn: ServerConn) {
+    if !conn.exchange.is_quiet() {
+        let ok = crate::server::cancel::send_cancel(
+            conn.cancel_addr,
+            conn.backend_pid,
+            conn.backend_secret,
+        )
         .await;
-    });
+        debug!(
+            backend_pid = conn.backend_pid,
+            ok, "cancelled the query of a server being closed"
+        );
+    }
+    let terminate = [b'X', 0, 0, 0, 4];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        conn.stream.write_all(&terminate).await?;
+        conn.stream.flush().await?;
+        let mut sink = [0u8; 1024];
+        while conn.stream.read(&mut sink).await? > 0 {}
+        conn.stream.shutdown().await
+    })
+    .await;
 }

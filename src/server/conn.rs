@@ -1,13 +1,17 @@
 //! A logged-in server connection and what iampool knows about its session.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::Context;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, ReadBuf};
 
+use super::cancel::CancelGate;
 use super::params::SessionParams;
+use crate::protocol::exchange::Exchange;
+use crate::protocol::statements::ServerStatements;
 use crate::stream::Stream;
 
 /// A server connection, owned by exactly one place at a time: the pool's idle list, a
@@ -32,7 +36,12 @@ pub struct ServerConn {
     /// A replacement has been opened ahead of `retire_at` (make-before-break).
     pub renewing: bool,
     /// Named statements iampool has prepared here (transaction mode).
-    pub statements: crate::client::prepared::ServerStatements,
+    pub statements: ServerStatements,
+    /// What the server owes the client it is linked to, and its protocol state.
+    pub exchange: Exchange,
+    /// Cancel requests on their way to this backend: it is not handed to anyone else
+    /// until they have been delivered.
+    pub cancels: Arc<CancelGate>,
 }
 
 impl ServerConn {

@@ -385,6 +385,8 @@ impl Connector {
             leftover,
             renewing: false,
             statements: Default::default(),
+            exchange: Default::default(),
+            cancels: Default::default(),
         };
         Ok((conn, params))
     }

@@ -522,7 +522,10 @@ async fn malformed_packets_get_an_error_and_a_close() {
 }
 
 /// Logs in with trust auth over a raw socket and returns the stream after ReadyForQuery.
-async fn login_raw(addr: std::net::SocketAddr, db: &crate::support::pg::TestDb) -> TcpStream {
+pub(crate) async fn login_raw(
+    addr: std::net::SocketAddr,
+    db: &crate::support::pg::TestDb,
+) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut b = bytes::BytesMut::new();
     iampool::protocol::messages::startup(&mut b, &[("user", &db.user), ("database", &db.name)]);

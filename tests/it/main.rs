@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod cancel;
 mod core;
 mod drivers;
 mod frontend;

@@ -1,0 +1,625 @@
+//! The relay's protocol core, without I/O: walks the bytes each side sent, in place, and
+//! decides what goes on unchanged, what is rewritten, hidden or made up, and what the linked
+//! server now owes ([`Exchange`]).
+//!
+//! The relay reads into the two [`Half`] buffers and calls [`Scan::client`] or
+//! [`Scan::server`]; afterwards `Half::ready` bytes (and `Half::out`) are due to the other
+//! side. The benches and fuzz targets drive the same functions over byte streams split at
+//! arbitrary points.
+
+use bytes::Bytes;
+
+use super::half::Half;
+use super::prepared::{
+    drops_statements, names_statement, write_made, ClientAction, QueryAction, Staging, Tracker,
+};
+use crate::protocol::exchange::{Answer, ClientMsg, Exchange, Made};
+use crate::protocol::framing::{Step, HEADER_LEN};
+use crate::protocol::messages::{
+    backend, frontend, parse_error_fields, parse_parameter_status, TxStatus,
+};
+use crate::protocol::session_state;
+use crate::protocol::statements::ServerStatements;
+use crate::server::params::SessionParams;
+
+/// PostgreSQL never sends a message over 1 GiB.
+pub const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1;
+
+/// Why scanning stopped short.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The client sent Terminate (not forwarded; what came before it is ready to go).
+    Terminate,
+    /// The client broke the protocol (the message says how).
+    Client(String),
+    /// The server broke the protocol.
+    Server(String),
+}
+
+/// Per-transaction traffic, kept in plain integers and added to the pool's counters when the
+/// server is unlinked.
+#[derive(Debug, Default, Clone)]
+pub struct Traffic {
+    pub queries: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+}
+
+/// The parts of a linked server connection the scanner reads and changes.
+pub struct ServerSide<'a> {
+    pub x: &'a mut Exchange,
+    pub statements: &'a mut ServerStatements,
+    pub params: &'a mut SessionParams,
+}
+
+/// One client session's protocol state.
+pub struct Scan {
+    /// Client to server.
+    pub c: Half,
+    /// Server to client.
+    pub s: Half,
+    /// The client's named prepared statements (rewriting is on when `tracker.enabled()`).
+    pub tracker: Tracker,
+    /// The parameter values this client believes in.
+    pub params: SessionParams,
+    pub traffic: Traffic,
+    pub max_message: usize,
+    /// Transaction mode: statements that leave session state behind are noted, and a
+    /// DISCARD or DEALLOCATE the client sends itself retires the server.
+    pub transaction_mode: bool,
+    /// Kinds of session state seen and not yet taken (bit per [`session_state::KINDS`]).
+    pub session_state: u8,
+    /// The linked server sent a FATAL error: it is about to close.
+    pub server_fatal: bool,
+    /// A request started (the first client message since the server was last at rest).
+    pub request_started: bool,
+    /// ReadyForQuery messages seen since the caller last took them.
+    pub readies: u32,
+}
+
+impl Scan {
+    pub fn new(
+        leftover: bytes::BytesMut,
+        tracker: Tracker,
+        params: SessionParams,
+        max_message: usize,
+        transaction_mode: bool,
+    ) -> Scan {
+        Scan {
+            c: Half::with_bytes(leftover),
+            s: Half::default(),
+            tracker,
+            params,
+            traffic: Traffic::default(),
+            max_message,
+            transaction_mode,
+            session_state: 0,
+            server_fatal: false,
+            request_started: false,
+            readies: 0,
+        }
+    }
+
+    /// Walks new client bytes: marks complete and partial messages ready to forward, or
+    /// rewrites them. A message the scanner must see whole (SQL text, a statement name) is
+    /// left in the buffer, with `c.want` set to its size, until it has arrived.
+    pub fn client(&mut self, srv: &mut ServerSide<'_>) -> Result<(), Stop> {
+        let rewrite = self.tracker.enabled();
+        self.c.want = 0;
+        loop {
+            let pos = self.c.ready;
+            let header = match self.c.scan.step(&self.c.buf[pos..], self.max_message) {
+                Err(e) => return Err(Stop::Client(e.to_string())),
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Continue(n)) => {
+                    self.c.scan.consume_body(n);
+                    self.c.ready += n;
+                    continue;
+                }
+                Ok(Step::Message { header, complete }) => {
+                    if !complete && self.needs_whole(header.tag, rewrite) {
+                        self.c.want = header.frame_len();
+                        break;
+                    }
+                    header
+                }
+            };
+            let tag = header.tag;
+            let len = header.frame_len();
+            self.traffic.messages_in += 1;
+            self.traffic.bytes_in += len as u64;
+            self.request_started = true;
+            if tag == frontend::QUERY || tag == frontend::PARSE {
+                let body = &self.c.buf[pos + HEADER_LEN..pos + len];
+                let sql = on_sql(
+                    tag,
+                    body,
+                    &mut self.tracker,
+                    self.transaction_mode,
+                    &mut self.session_state,
+                    srv,
+                );
+                if let Some(command) = sql {
+                    // Answered in order, once everything before it has been answered.
+                    self.c.drop_message(len);
+                    srv.x.expect_made(Made::Query(command));
+                    self.emit_made(srv.x);
+                    continue;
+                }
+            }
+            if rewrite
+                && Tracker::inspects(tag)
+                && names_statement(tag, &self.c.buf[pos + HEADER_LEN..pos + len])
+            {
+                // The message may be rewritten: move what came before it out of the way first,
+                // so the message starts the buffer.
+                self.c.stage_ready();
+                let action = self.tracker.on_client(
+                    &self.c.buf[..len],
+                    srv.statements,
+                    srv.x,
+                    &mut self.c.out,
+                );
+                if action == ClientAction::Rewritten {
+                    bytes::Buf::advance(&mut self.c.buf, len);
+                    self.emit_made(srv.x);
+                    continue;
+                }
+                // Not one of this client's names: forwarded as it is, from the buffer's start.
+                match srv.x.on_client(tag) {
+                    ClientMsg::Forward => {}
+                    _ => unreachable!("Parse, Bind, Describe and Close are forwarded"),
+                }
+                let avail = self.c.buf.len();
+                self.c.ready += self.c.scan.consume_message(header, avail);
+                continue;
+            }
+            match srv.x.on_client(tag) {
+                ClientMsg::Forward => {}
+                ClientMsg::Terminate => {
+                    self.c.buf.truncate(pos);
+                    return Err(Stop::Terminate);
+                }
+                ClientMsg::Invalid => {
+                    return Err(Stop::Client(format!("invalid frontend message type {tag}")))
+                }
+            }
+            let avail = self.c.buf.len() - pos;
+            self.c.ready += self.c.scan.consume_message(header, avail);
+        }
+        Ok(())
+    }
+
+    /// Whether a client message must be complete in the buffer before it is handled.
+    #[inline]
+    fn needs_whole(&self, tag: u8, rewrite: bool) -> bool {
+        match tag {
+            frontend::QUERY | frontend::PARSE => rewrite || self.transaction_mode,
+            frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => rewrite,
+            _ => false,
+        }
+    }
+
+    /// Walks new server bytes, looking into the few messages that decide pooling.
+    pub fn server(&mut self, srv: &mut ServerSide<'_>) -> Result<(), Stop> {
+        self.s.want = 0;
+        loop {
+            let pos = self.s.ready;
+            let header = match self.s.scan.step(&self.s.buf[pos..], MAX_SERVER_MESSAGE) {
+                Err(e) => return Err(Stop::Server(e.to_string())),
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Continue(n)) => {
+                    self.s.scan.consume_body(n);
+                    self.s.ready += n;
+                    continue;
+                }
+                Ok(Step::Message { header, complete }) => {
+                    let inspected = matches!(
+                        header.tag,
+                        backend::READY_FOR_QUERY
+                            | backend::PARAMETER_STATUS
+                            | backend::ERROR_RESPONSE
+                    );
+                    if inspected && !complete {
+                        self.s.want = header.frame_len();
+                        break;
+                    }
+                    header
+                }
+            };
+            let len = header.frame_len();
+            let end = (pos + len).min(self.s.buf.len());
+            let body = &self.s.buf[pos + HEADER_LEN..end];
+            self.traffic.messages_out += 1;
+            self.traffic.bytes_out += len as u64;
+            let mut status = None;
+            match header.tag {
+                backend::READY_FOR_QUERY => {
+                    let Some(s) = body.first().copied().and_then(TxStatus::from_byte) else {
+                        return Err(Stop::Server("bad ReadyForQuery".into()));
+                    };
+                    status = Some(s);
+                    self.traffic.queries += 1;
+                    self.readies += 1;
+                }
+                backend::PARAMETER_STATUS => {
+                    if let Ok((n, v)) = parse_parameter_status(body) {
+                        srv.params.set_reported(n, v);
+                        self.params.set_reported(n, v);
+                    }
+                }
+                backend::ERROR_RESPONSE if parse_error_fields(body).is_fatal() => {
+                    self.server_fatal = true;
+                }
+                backend::PARSE_COMPLETE => {
+                    if let Some(global) = srv.x.completed_parse() {
+                        self.tracker.learned(global);
+                    }
+                }
+                _ => {}
+            }
+            let tracker = &mut self.tracker;
+            let statements = &mut *srv.statements;
+            let answer = srv
+                .x
+                .on_server(header.tag, status, &mut |global: Bytes, client| {
+                    tracker.undo(statements, &global, client)
+                });
+            if answer == Answer::Hide {
+                // The answer to an injected message: complete (5 bytes) and never forwarded.
+                self.s.drop_message(len);
+            } else {
+                let avail = self.s.buf.len() - pos;
+                self.s.ready += self.s.scan.consume_message(header, avail);
+            }
+            self.emit_made(srv.x);
+        }
+        Ok(())
+    }
+
+    /// Writes the made-up answers that are due (after everything scanned so far).
+    #[inline]
+    fn emit_made(&mut self, x: &mut Exchange) {
+        while let Some(made) = x.take_made() {
+            write_made(self.s.staged(), made, x.status());
+        }
+    }
+
+    /// Takes the session-state kinds seen since the last call.
+    pub fn take_session_state(&mut self) -> u8 {
+        std::mem::take(&mut self.session_state)
+    }
+}
+
+/// The server is dropping prepared statements (DEALLOCATE / DISCARD from the client):
+/// iampool's list for it is stale, so it is forgotten and the server retired at release.
+fn forget_server_statements(srv: &mut ServerSide<'_>) {
+    *srv.statements = ServerStatements::default();
+    srv.x.taint();
+}
+
+/// Looks at the SQL of a complete Query or Parse (`body`): session state, and the
+/// statements that drop prepared statements. Returns the command tag when a Query is to be
+/// answered locally (and dropped).
+fn on_sql(
+    tag: u8,
+    body: &[u8],
+    tracker: &mut Tracker,
+    transaction_mode: bool,
+    seen: &mut u8,
+    srv: &mut ServerSide<'_>,
+) -> Option<&'static str> {
+    let sql = if tag == frontend::PARSE {
+        // Parse: name, then the statement text.
+        let skip = body
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(body.len(), |i| i + 1);
+        &body[skip..]
+    } else {
+        body
+    };
+    if transaction_mode {
+        if let Some(kind) = session_state::kind(sql) {
+            *seen |= 1 << kind;
+        }
+    }
+    if !drops_statements(sql) {
+        return None;
+    }
+    if !transaction_mode {
+        // Session mode: the server's state is the client's, and is reset when it leaves.
+        return None;
+    }
+    if tag == frontend::PARSE || !tracker.enabled() {
+        // DEALLOCATE / DISCARD through the extended protocol, or with names not rewritten.
+        forget_server_statements(srv);
+        return None;
+    }
+    match tracker.on_query(body) {
+        QueryAction::Forward => None,
+        QueryAction::Discard | QueryAction::ForwardDeallocate => {
+            forget_server_statements(srv);
+            None
+        }
+        QueryAction::Answer(command) => Some(command),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{Buf, BytesMut};
+
+    use super::*;
+    use crate::protocol::exchange::Disposition;
+    use crate::protocol::statements::KnownStatements;
+
+    #[derive(Default)]
+    struct Srv {
+        x: Exchange,
+        statements: ServerStatements,
+        params: SessionParams,
+    }
+
+    impl Srv {
+        fn side(&mut self) -> ServerSide<'_> {
+            ServerSide {
+                x: &mut self.x,
+                statements: &mut self.statements,
+                params: &mut self.params,
+            }
+        }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn parse(name: &str, q: &str) -> Vec<u8> {
+        let mut b = format!("{name}\0{q}\0").into_bytes();
+        b.extend_from_slice(&0i16.to_be_bytes());
+        msg(b'P', &b)
+    }
+
+    fn bind(stmt: &str) -> Vec<u8> {
+        let mut b = format!("\0{stmt}\0").into_bytes();
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        msg(b'B', &b)
+    }
+
+    fn sync() -> Vec<u8> {
+        msg(b'S', b"")
+    }
+
+    fn tags(mut b: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            out.push(b[0]);
+            let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            b = &b[len + 1..];
+        }
+        out
+    }
+
+    fn session(known: &Arc<KnownStatements>) -> Scan {
+        Scan::new(
+            BytesMut::new(),
+            Tracker::new(2, known.clone()),
+            SessionParams::default(),
+            1 << 20,
+            true,
+        )
+    }
+
+    /// What one half has ready to write, taken out as the write would.
+    fn take(h: &mut Half) -> Vec<u8> {
+        let mut v = h.out.to_vec();
+        v.extend_from_slice(&h.buf[..h.ready]);
+        let ready = h.ready;
+        h.buf.advance(ready);
+        h.ready = 0;
+        h.out.clear();
+        v
+    }
+
+    /// The client sends `bytes`; returns what goes to the server.
+    fn send(scan: &mut Scan, srv: &mut Srv, bytes: &[u8]) -> Vec<u8> {
+        scan.c.buf.extend_from_slice(bytes);
+        scan.client(&mut srv.side()).unwrap();
+        take(&mut scan.c)
+    }
+
+    /// The server answers with these tags (bodies empty, 'Z' with 'I'); returns the tags
+    /// the client gets.
+    fn answer(scan: &mut Scan, srv: &mut Srv, tags_: &[u8]) -> Vec<u8> {
+        for &t in tags_ {
+            let m = if t == b'Z' { msg(t, b"I") } else { msg(t, b"") };
+            scan.s.buf.extend_from_slice(&m);
+        }
+        scan.server(&mut srv.side()).unwrap();
+        tags(&take(&mut scan.s))
+    }
+
+    use std::sync::Arc;
+
+    #[test]
+    fn named_parse_is_renamed_and_shared_between_clients() {
+        let known = Arc::default();
+        let mut srv = Srv::default();
+        let mut a = session(&known);
+        let sent = send(
+            &mut a,
+            &mut srv,
+            &[parse("s1", "select 1"), sync()].concat(),
+        );
+        assert_eq!(tags(&sent), b"PS");
+        assert!(sent.windows(8).any(|w| w == b"iampool_"));
+        assert_eq!(answer(&mut a, &mut srv, b"1Z"), b"1Z");
+        assert_eq!(srv.x.disposition(), Disposition::Clean);
+
+        // A second client, same text: the server has it, so only the Sync goes and the
+        // ParseComplete is made up, in order.
+        let mut b = session(&known);
+        srv.x.reset();
+        let sent = send(
+            &mut b,
+            &mut srv,
+            &[parse("other", "select 1"), sync()].concat(),
+        );
+        assert_eq!(tags(&sent), b"S");
+        assert_eq!(tags(&take(&mut b.s)), b"1");
+        assert_eq!(answer(&mut b, &mut srv, b"Z"), b"Z");
+        assert_eq!(srv.x.disposition(), Disposition::Clean);
+    }
+
+    #[test]
+    fn bind_on_a_fresh_server_injects_the_parse_and_hides_its_answer() {
+        let known = Arc::default();
+        let mut first = Srv::default();
+        let mut c = session(&known);
+        send(
+            &mut c,
+            &mut first,
+            &[parse("s1", "select 1"), sync()].concat(),
+        );
+        answer(&mut c, &mut first, b"1Z");
+
+        let mut fresh = Srv::default();
+        let req = [bind("s1"), msg(b'E', &[0, 0, 0, 0, 0]), sync()].concat();
+        assert_eq!(tags(&send(&mut c, &mut fresh, &req)), b"PBES");
+        assert_eq!(answer(&mut c, &mut fresh, b"12DCZ"), b"2DCZ");
+        assert_eq!(fresh.x.disposition(), Disposition::Clean);
+        assert_eq!(fresh.statements.len(), 1);
+    }
+
+    #[test]
+    fn failed_parse_leaves_nothing_behind() {
+        let known = Arc::default();
+        let mut srv = Srv::default();
+        let mut c = session(&known);
+        let req = [parse("bad", "selec 1"), bind("bad"), sync()].concat();
+        assert_eq!(tags(&send(&mut c, &mut srv, &req)), b"PBS");
+        assert_eq!(answer(&mut c, &mut srv, b"EZ"), b"EZ");
+        assert_eq!(srv.x.disposition(), Disposition::Clean);
+        assert!(srv.statements.is_empty());
+        // The name is gone for the client too: a later Bind goes out as the client wrote it.
+        let sent = send(&mut c, &mut srv, &[bind("bad"), sync()].concat());
+        assert_eq!(sent, [bind("bad"), sync()].concat());
+    }
+
+    #[test]
+    fn close_is_answered_locally_and_lru_evicts() {
+        let known = Arc::default();
+        let mut srv = Srv::default();
+        let mut c = session(&known);
+        let req = [
+            parse("s0", "select 0"),
+            parse("s1", "select 1"),
+            parse("s2", "select 2"),
+            sync(),
+        ]
+        .concat();
+        // The third Parse closes the least recently used statement first (cap 2).
+        assert_eq!(tags(&send(&mut c, &mut srv, &req)), b"PPCPS");
+        assert_eq!(answer(&mut c, &mut srv, b"1131Z"), b"111Z");
+        assert_eq!(srv.statements.len(), 2);
+        let mut close = b"S".to_vec();
+        close.extend_from_slice(b"s2\0");
+        let sent = send(&mut c, &mut srv, &[msg(b'C', &close), sync()].concat());
+        assert_eq!(tags(&sent), b"S");
+        assert_eq!(tags(&take(&mut c.s)), b"3");
+        assert_eq!(answer(&mut c, &mut srv, b"Z"), b"Z");
+        assert_eq!(srv.x.disposition(), Disposition::Clean);
+    }
+
+    #[test]
+    fn deallocate_is_answered_in_order_without_the_server() {
+        let known = Arc::default();
+        let mut srv = Srv::default();
+        let mut c = session(&known);
+        send(
+            &mut c,
+            &mut srv,
+            &[parse("s1", "select 1"), sync()].concat(),
+        );
+        let sent = send(&mut c, &mut srv, &msg(b'Q', b"DEALLOCATE s1\0"));
+        assert!(sent.is_empty());
+        // Not yet: the earlier Sync is still owed.
+        assert!(take(&mut c.s).is_empty());
+        assert_eq!(answer(&mut c, &mut srv, b"1Z"), b"1ZCZ");
+        assert_eq!(srv.x.disposition(), Disposition::Clean);
+    }
+
+    #[test]
+    fn discard_all_retires_the_server() {
+        let known = Arc::default();
+        let mut srv = Srv::default();
+        let mut c = session(&known);
+        send(&mut c, &mut srv, &msg(b'Q', b"DISCARD ALL\0"));
+        answer(&mut c, &mut srv, b"CZ");
+        assert_eq!(srv.x.disposition(), Disposition::Close);
+    }
+
+    #[test]
+    fn session_state_is_seen_without_rewriting() {
+        let mut srv = Srv::default();
+        let mut c = Scan::new(
+            BytesMut::new(),
+            Tracker::new(0, Arc::default()),
+            SessionParams::default(),
+            1 << 20,
+            true,
+        );
+        send(&mut c, &mut srv, &msg(b'Q', b"LISTEN x\0"));
+        assert_eq!(c.take_session_state(), 1);
+    }
+
+    /// However the bytes are split, what is forwarded is exactly what was sent, and the
+    /// server is released only once everything is answered.
+    #[test]
+    fn forwarded_bytes_equal_input_at_any_split() {
+        let client = [
+            msg(b'Q', b"select 1\0"),
+            parse("", "select $1"),
+            bind(""),
+            msg(b'E', &[0, 0, 0, 0, 0]),
+            sync(),
+        ]
+        .concat();
+        let server = [
+            msg(b'T', &[0, 0]),
+            msg(b'D', &[0u8; 300]),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        for split in 1..client.len().max(server.len()) {
+            let known = Arc::default();
+            let mut srv = Srv::default();
+            let mut c = session(&known);
+            let mut to_server = Vec::new();
+            for part in client.chunks(split) {
+                to_server.extend(send(&mut c, &mut srv, part));
+            }
+            assert_eq!(to_server, client, "split {split}");
+            let mut to_client = Vec::new();
+            for part in server.chunks(split) {
+                assert_ne!(srv.x.disposition(), Disposition::Clean);
+                c.s.buf.extend_from_slice(part);
+                c.server(&mut srv.side()).unwrap();
+                to_client.extend(take(&mut c.s));
+            }
+            assert_eq!(to_client, server, "split {split}");
+            assert_eq!(srv.x.disposition(), Disposition::Clean);
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Statements that leave session state behind, which transaction mode cannot carry from one
+//! server to the next (LISTEN, SQL PREPARE, temporary tables, session advisory locks,
+//! WITH HOLD cursors).
+//!
+//! This runs on every simple Query and every Parse in transaction mode, so it is built to
+//! cost a few byte comparisons for ordinary SQL: it looks at the first word, and only for
+//! `SELECT` and `DECLARE` searches further, by a byte search for a character every needle
+//! contains rather than a comparison at every position.
+
+/// Kinds of session state, as metric label values.
+pub const KINDS: [&str; 6] = [
+    "listen",
+    "sql_prepare",
+    "temp_table",
+    "advisory_lock",
+    "with_hold_cursor",
+    "session_set_unreported",
+];
+
+/// The kind of session state SQL text (a Query body or a Parse's statement) creates, as an
+/// index into [`KINDS`].
+#[inline]
+pub fn kind(sql: &[u8]) -> Option<usize> {
+    let text = sql.trim_ascii_start();
+    // Only these first letters can start a statement of interest.
+    match text.first()? | 0x20 {
+        b'l' | b'p' | b'c' | b's' | b'd' => {}
+        _ => return None,
+    }
+    let word_end = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (word, rest) = text.split_at(word_end);
+    if word.eq_ignore_ascii_case(b"listen") {
+        Some(0)
+    } else if word.eq_ignore_ascii_case(b"prepare") {
+        Some(1)
+    } else if word.eq_ignore_ascii_case(b"create") {
+        let next = rest.trim_ascii_start();
+        let temp = [
+            b"temp".as_slice(),
+            b"temporary",
+            b"local temp",
+            b"global temp",
+        ]
+        .iter()
+        .any(|p| starts_with_ci(next, p));
+        temp.then_some(2)
+    } else if word.eq_ignore_ascii_case(b"select") {
+        // Session-level advisory locks (the _xact_ variants end with the transaction).
+        advisory_lock(rest).then_some(3)
+    } else if word.eq_ignore_ascii_case(b"declare") {
+        with_hold(rest).then_some(4)
+    } else {
+        None
+    }
+}
+
+fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
+    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+/// `pg_advisory_lock` or `pg_try_advisory_lock` anywhere in `s`, in any case. Every
+/// candidate has "advisory_lock" right after an underscore, so only underscores are tried.
+fn advisory_lock(s: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(off) = s[i..].iter().position(|&b| b == b'_') {
+        let at = i + off;
+        if starts_with_ci(&s[at + 1..], b"advisory_lock") {
+            let before = &s[..at];
+            let ends = |p: &[u8]| {
+                before.len() >= p.len() && before[before.len() - p.len()..].eq_ignore_ascii_case(p)
+            };
+            if ends(b"pg") || ends(b"pg_try") {
+                return true;
+            }
+        }
+        i = at + 1;
+    }
+    false
+}
+
+fn with_hold(s: &[u8]) -> bool {
+    s.iter()
+        .enumerate()
+        .any(|(i, &b)| b | 0x20 == b'w' && starts_with_ci(&s[i..], b"with hold"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_session_state_cheaply() {
+        let k = |s: &str| kind(s.as_bytes()).map(|i| KINDS[i]);
+        assert_eq!(k("LISTEN chan"), Some("listen"));
+        assert_eq!(k("  prepare p as select 1"), Some("sql_prepare"));
+        assert_eq!(k("create temp table t(a int)"), Some("temp_table"));
+        assert_eq!(k("CREATE TEMPORARY TABLE t(a int)"), Some("temp_table"));
+        assert_eq!(k("create table t(a int)"), None);
+        assert_eq!(k("select pg_advisory_lock(1)"), Some("advisory_lock"));
+        assert_eq!(k("SELECT PG_TRY_ADVISORY_LOCK(1)"), Some("advisory_lock"));
+        assert_eq!(
+            k("select x, pg_advisory_lock_shared(1)"),
+            Some("advisory_lock")
+        );
+        assert_eq!(k("select pg_advisory_xact_lock(1)"), None);
+        assert_eq!(k("select my_advisory_lock(1)"), None);
+        assert_eq!(
+            k("declare c cursor with hold for select 1"),
+            Some("with_hold_cursor")
+        );
+        assert_eq!(
+            k("DECLARE c CURSOR WITH HOLD FOR select 1"),
+            Some("with_hold_cursor")
+        );
+        assert_eq!(k("declare c cursor for select 1"), None);
+        assert_eq!(k("select 1"), None);
+        assert_eq!(k("update t set a = 1"), None);
+        assert_eq!(k("select a from pgbench_accounts where aid = $1"), None);
+        assert_eq!(k(""), None);
+        assert_eq!(k("   "), None);
+        assert_eq!(k("_"), None);
+    }
+}
