@@ -5,6 +5,7 @@ pub mod conn;
 pub mod connect;
 pub mod login_limit;
 pub mod params;
+pub mod session;
 pub mod tls;
 
 pub use conn::ServerConn;

@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod core;
 mod drivers;
+mod fidelity;
 mod frontend;
 mod harness;
 mod iam;
