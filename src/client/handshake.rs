@@ -14,7 +14,7 @@ use crate::pool::Pool;
 use crate::protocol::framing::{startup_packet_len, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::protocol::messages::{self, sqlstate, BodyReader, Severity, TxStatus};
 use crate::server::connect::ServerParamList;
-use crate::server::params::SessionParams;
+use crate::server::params::{canonical_startup_value, SessionParams};
 use crate::stream::Stream;
 
 /// A client that finished the startup phase.
@@ -46,16 +46,29 @@ pub enum Refused {
 /// A FATAL for the client, then the connection closes.
 struct Fatal(&'static str, String);
 
+/// Reads one startup-phase packet. Like PostgreSQL (ProcessStartupPacket), bytes that are
+/// not one end the connection without a word to the client: an invalid length ("invalid
+/// length of startup packet") and an end of stream inside a packet ("incomplete startup
+/// packet") are only logged, and an end of stream before any byte is not even that (health
+/// checks and clients that declined iampool's SSL answer do it).
 async fn read_startup_packet(stream: &mut Stream, buf: &mut BytesMut) -> Result<BytesMut, Fatal> {
     loop {
         match startup_packet_len(buf) {
-            Err(e) => return Err(Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+            Err(e) => {
+                debug!(error = %e, "invalid length of startup packet; closing");
+                return Err(gone());
+            }
             Ok(Some(len)) if buf.len() >= len => return Ok(buf.split_to(len)),
             Ok(Some(len)) => buf.reserve(len - buf.len()),
             Ok(None) => buf.reserve(64),
         }
         match stream.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(gone()),
+            Ok(0) | Err(_) => {
+                if !buf.is_empty() {
+                    debug!(received = buf.len(), "incomplete startup packet; closing");
+                }
+                return Err(gone());
+            }
             Ok(_) => {}
         }
     }
@@ -72,6 +85,8 @@ pub async fn handshake(
     let (mut stream, packet) = match negotiate(shared, stream, &mut buf).await {
         Ok(v) => v,
         Err((Some(mut s), fatal)) => return Err(refuse(&mut s, fatal).await),
+        // Already answered (or nothing to say).
+        Err((None, Fatal(code, _))) if !code.is_empty() => return Err(Refused::Fatal(code)),
         Err((None, _)) => return Err(Refused::Done),
     };
     match login(shared, &mut stream, &mut buf, &packet, over_limit, key).await {
@@ -107,7 +122,10 @@ type Negotiated = Result<(Stream, BytesMut), (Option<Stream>, Fatal)>;
 
 /// SSLRequest / GSSENCRequest / CancelRequest, until the client sends its startup packet.
 async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut) -> Negotiated {
-    let mut negotiated_tls = false;
+    // As in PostgreSQL, each of SSLRequest and GSSENCRequest is answered once; a second one
+    // is an unsupported protocol version.
+    let mut ssl_done = false;
+    let mut gss_done = false;
     loop {
         let packet = match read_startup_packet(&mut stream, buf).await {
             Ok(p) => p,
@@ -115,8 +133,9 @@ async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut)
         };
         let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
         match code {
-            SSL_REQUEST if packet.len() == 8 => {
-                let acceptor = shared.tls_acceptor.as_ref().filter(|_| !negotiated_tls);
+            SSL_REQUEST if !ssl_done => {
+                ssl_done = true;
+                let acceptor = shared.tls_acceptor.as_ref();
                 match (acceptor, stream) {
                     (Some(acceptor), Stream::Tcp(mut tcp)) => {
                         // Bytes pipelined behind the SSLRequest would bypass TLS: refuse them.
@@ -137,22 +156,35 @@ async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut)
                                 return Err((None, gone()));
                             }
                         }
-                        negotiated_tls = true;
                     }
                     (_, mut other) => {
                         if other.write_all(b"N").await.is_err() {
                             return Err((None, gone()));
                         }
                         stream = other;
+                        if let Some(f) = unencrypted_after(buf, "SSL request") {
+                            return Err((Some(stream), f));
+                        }
                     }
                 }
             }
-            GSSENC_REQUEST if packet.len() == 8 => {
+            GSSENC_REQUEST if !gss_done => {
+                gss_done = true;
                 if stream.write_all(b"N").await.is_err() {
                     return Err((None, gone()));
                 }
+                if let Some(f) = unencrypted_after(buf, "GSSAPI encryption request") {
+                    return Err((Some(stream), f));
+                }
             }
-            CANCEL_REQUEST if packet.len() == 16 => {
+            CANCEL_REQUEST if packet.len() != 16 => {
+                debug!(
+                    len = packet.len(),
+                    "invalid length of startup packet (cancel request); closing"
+                );
+                return Err((None, gone()));
+            }
+            CANCEL_REQUEST => {
                 let mut r = BodyReader::new(&packet[8..]);
                 let pid = r.i32().unwrap_or(0);
                 let secret = r.i32().unwrap_or(0);
@@ -161,18 +193,41 @@ async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut)
             }
             code if code >> 16 == 3 => return Ok((stream, packet)),
             code => {
-                let f = Fatal(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!(
-                        "unsupported frontend protocol {}.{}: server supports 3.0",
-                        code >> 16,
-                        code & 0xffff
-                    ),
+                let message = format!(
+                    "unsupported frontend protocol {}.{}: server supports 3.0 to 3.0",
+                    code >> 16,
+                    code & 0xffff
                 );
-                return Err((Some(stream), f));
+                if code >> 16 >= 3 {
+                    return Err((
+                        Some(stream),
+                        Fatal(sqlstate::FEATURE_NOT_SUPPORTED, message),
+                    ));
+                }
+                // PostgreSQL answers an older protocol in that protocol's error format:
+                // 'E', then the text, NUL-terminated.
+                let mut b = BytesMut::new();
+                b.extend_from_slice(b"EFATAL:  ");
+                b.extend_from_slice(message.as_bytes());
+                b.extend_from_slice(b"\n\0");
+                let _ = stream.write_all(&b).await;
+                let _ = stream.flush().await;
+                debug!(%message, "client refused at startup");
+                return Err((None, Fatal(sqlstate::FEATURE_NOT_SUPPORTED, message)));
             }
         }
     }
+}
+
+/// Bytes that arrived with an SSLRequest or GSSENCRequest, before its answer, were not
+/// encrypted and may have been injected: refused, as PostgreSQL does.
+fn unencrypted_after(buf: &BytesMut, request: &str) -> Option<Fatal> {
+    (!buf.is_empty()).then(|| {
+        Fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("received unencrypted data after {request}"),
+        )
+    })
 }
 
 /// The startup packet's parameters, client authentication and the welcome.
@@ -303,7 +358,8 @@ async fn welcome_client(
         params.set_reported(n, v);
     }
     for (n, v) in startup_params {
-        params.set_startup(n, v);
+        // The spelling PostgreSQL would report (client_encoding `utf8` is `UTF8`).
+        params.set_startup(n, &canonical_startup_value(n, v));
     }
     let mut out = BytesMut::with_capacity(512);
     for (n, v) in welcome.iter() {

@@ -29,19 +29,17 @@ use tracing::debug;
 use super::cancel::{CancelSlot, CancelTarget};
 use super::half::HIGH_WATER;
 use super::prepared::{names_statement, Tracker};
-use super::scan::{Scan, ServerSide, Stop, MAX_SERVER_MESSAGE};
+use super::scan::{Scan, ServerSide, Stop};
 use crate::config::PoolMode;
 use crate::pool::{Pool, PoolError};
 use crate::protocol::exchange::Disposition;
 use crate::protocol::framing::{Header, HEADER_LEN};
-use crate::protocol::messages::{
-    self, backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, Severity,
-    TxStatus,
-};
+use crate::protocol::messages::{self, backend, frontend, sqlstate, Severity, TxStatus};
 use crate::protocol::session_state;
 use crate::server::params::SessionParams;
+use crate::server::session::SessionError;
 use crate::server::ServerConn;
-use crate::stream::{read_message, Stream};
+use crate::stream::Stream;
 
 /// A client that leaves while its server is still answering: how long the answers may take
 /// before the backend's query is cancelled (a COMMIT sent just before leaving completes).
@@ -325,24 +323,32 @@ impl Session {
 
     /// Links a server: brings its session parameters in line with the client's first.
     async fn link(&mut self, mut server: ServerConn) -> Result<(), End> {
-        if let Some(sql) = SessionParams::sync_sql(&self.scan.params, &mut server.params) {
-            match self.apply_params(&mut server, &sql).await {
-                Ok(()) => {}
-                Err(Some((code, msg))) => {
-                    // The client asked for a value the server rejects: as PostgreSQL would at startup.
-                    self.pool.discard(server);
-                    self.send_fatal(&code, &msg).await;
-                    return Err(End::ProtocolError);
+        let mut reports = BytesMut::new();
+        match server
+            .sync_params(&mut self.scan.params, &mut reports)
+            .await
+        {
+            Ok(()) => {
+                // The server's spelling of what it applied (ParameterStatus), for the client.
+                if !reports.is_empty() {
+                    let _ = self.client.write_all(&reports).await;
                 }
-                Err(None) => {
-                    self.pool.discard(server);
-                    self.send_fatal(
-                        sqlstate::CONNECTION_FAILURE,
-                        "server connection failed while applying session parameters",
-                    )
-                    .await;
-                    return Err(End::ServerGone);
-                }
+            }
+            Err(SessionError::Server { code, message }) => {
+                // The client asked for a value the server rejects: as PostgreSQL would at startup.
+                self.pool.discard(server);
+                self.send_fatal(&code, &message).await;
+                return Err(End::ProtocolError);
+            }
+            Err(e) => {
+                debug!(backend_pid = server.backend_pid, error = %e, "applying session parameters failed");
+                self.pool.discard(server);
+                self.send_fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "server connection failed while applying session parameters",
+                )
+                .await;
+                return Err(End::ServerGone);
             }
         }
         self.cancel.link(CancelTarget {
@@ -358,70 +364,6 @@ impl Session {
         self.linked_at = Instant::now();
         self.server = Some(server);
         Ok(())
-    }
-
-    /// Runs the SET statements on a server before the client's request. ParameterStatus
-    /// answers go to the client too (they carry the server's canonical spelling).
-    /// Err(Some) is the server's error, Err(None) an I/O failure.
-    async fn apply_params(
-        &mut self,
-        server: &mut ServerConn,
-        sql: &str,
-    ) -> Result<(), Option<(String, String)>> {
-        let mut out = BytesMut::new();
-        messages::query(&mut out, sql);
-        server.stream.write_all(&out).await.map_err(|_| None)?;
-        server.stream.flush().await.map_err(|_| None)?;
-        let (error, status) = self.drain_to_ready(server, true).await.map_err(|_| None)?;
-        match (error, status) {
-            (Some(e), _) => Err(Some(e)),
-            (None, TxStatus::Idle) => Ok(()),
-            (None, _) => Err(None),
-        }
-    }
-
-    /// Reads a server's answers to iampool's own query up to ReadyForQuery.
-    async fn drain_to_ready(
-        &mut self,
-        server: &mut ServerConn,
-        forward_params: bool,
-    ) -> io::Result<(Option<(String, String)>, TxStatus)> {
-        let mut error = None;
-        let mut buf = BytesMut::with_capacity(1024);
-        loop {
-            let (tag, body) =
-                read_message(&mut server.stream, &mut buf, MAX_SERVER_MESSAGE).await?;
-            match tag {
-                backend::READY_FOR_QUERY => {
-                    let status = body
-                        .first()
-                        .copied()
-                        .and_then(TxStatus::from_byte)
-                        .ok_or_else(|| {
-                            io::Error::new(io::ErrorKind::InvalidData, "bad ReadyForQuery")
-                        })?;
-                    if !buf.is_empty() {
-                        server.leftover.extend_from_slice(&buf);
-                    }
-                    return Ok((error, status));
-                }
-                backend::PARAMETER_STATUS => {
-                    if let Ok((n, v)) = parse_parameter_status(&body) {
-                        server.params.set_reported(n, v);
-                        if forward_params && self.scan.params.set_reported(n, v) {
-                            let mut m = BytesMut::new();
-                            messages::parameter_status(&mut m, n, v);
-                            let _ = self.client.write_all(&m).await;
-                        }
-                    }
-                }
-                backend::ERROR_RESPONSE => {
-                    let f = parse_error_fields(&body);
-                    error = Some((f.code, f.message));
-                }
-                _ => {}
-            }
-        }
     }
 
     /// The session ended while a server is linked (the client left, or broke the protocol):
@@ -457,22 +399,15 @@ impl Session {
             PoolMode::Transaction => self.pool.checkin(server),
             PoolMode::Session => {
                 // A session leaves state behind: reset it before anyone else gets the server.
-                let sql = self.server_reset_query.clone();
-                let reset = if sql.trim().is_empty() {
-                    Ok(Ok((None, TxStatus::Idle)))
-                } else {
-                    tokio::time::timeout(Duration::from_secs(10), async {
-                        let mut out = BytesMut::new();
-                        messages::query(&mut out, &sql);
-                        server.stream.write_all(&out).await?;
-                        server.stream.flush().await?;
-                        self.drain_to_ready(&mut server, false).await
-                    })
-                    .await
-                };
+                let reset = server
+                    .reset_session(&self.server_reset_query, Duration::from_secs(10))
+                    .await;
                 match reset {
-                    Ok(Ok((None, TxStatus::Idle))) => self.pool.checkin(server),
-                    _ => self.pool.discard(server),
+                    Ok(()) => self.pool.checkin(server),
+                    Err(e) => {
+                        debug!(backend_pid = server.backend_pid, error = %e, "server_reset_query failed; closing the server");
+                        self.pool.discard(server);
+                    }
                 }
             }
         }

@@ -22,8 +22,7 @@ use crate::protocol::session_state;
 use crate::protocol::statements::ServerStatements;
 use crate::server::params::SessionParams;
 
-/// PostgreSQL never sends a message over 1 GiB.
-pub const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1;
+pub use crate::protocol::framing::MAX_SERVER_MESSAGE;
 
 /// Why scanning stopped short.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +220,7 @@ impl Scan {
                         backend::READY_FOR_QUERY
                             | backend::PARAMETER_STATUS
                             | backend::ERROR_RESPONSE
+                            | backend::COMMAND_COMPLETE
                     );
                     if inspected && !complete {
                         self.s.want = header.frame_len();
@@ -250,6 +250,8 @@ impl Scan {
                         self.params.set_reported(n, v);
                     }
                 }
+                // A client's RESET / DISCARD ALL changes what iampool set on this server.
+                backend::COMMAND_COMPLETE => srv.params.on_command_complete(body),
                 backend::ERROR_RESPONSE if parse_error_fields(body).is_fatal() => {
                     self.server_fatal = true;
                 }

@@ -9,6 +9,9 @@ use thiserror::Error;
 /// Type byte + length.
 pub const HEADER_LEN: usize = 5;
 
+/// PostgreSQL never sends a message over 1 GiB; the cap on what a server may send.
+pub const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1;
+
 /// Startup packets are small; PostgreSQL itself caps them at 10,000 bytes.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 

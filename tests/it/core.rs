@@ -466,7 +466,7 @@ fn rss_kb() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_packets_get_an_error_and_a_close() {
+async fn malformed_packets_get_an_error_or_a_silent_close() {
     let pg = shared_cluster();
     let db = pg.scratch_db("malformed");
     let mut cfg = pooler::config(pg, &db);
@@ -482,10 +482,11 @@ async fn malformed_packets_get_an_error_and_a_close() {
             (-8i32).to_be_bytes().to_vec(),
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         ] {
+            // Not a startup packet: closed without a word, as PostgreSQL does.
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(&bad).await.unwrap();
             let reply = read_to_close(&mut s).await;
-            assert_eq!(sqlstate_of(&reply), "08P01");
+            assert!(reply.is_empty(), "{bad:?}: {reply:?}");
         }
     }
     let grown = rss_kb().saturating_sub(before);
