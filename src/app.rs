@@ -333,6 +333,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     });
 
     let mut addrs = Vec::new();
+    spawn_memory_trim(Arc::downgrade(&shared));
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let l = TcpListener::bind(addr)
@@ -444,3 +445,39 @@ async fn accept_unix(listener: UnixListener, shared: Arc<Shared>) {
         }
     }
 }
+
+/// After a burst of clients has left, gives the memory their sessions used back to the
+/// system: the allocator keeps freed memory for reuse, so without this a sidecar's resident
+/// size would stay at its peak.
+fn spawn_memory_trim(shared: std::sync::Weak<Shared>) {
+    /// Clients gone since the peak before memory is trimmed.
+    const TRIM_AFTER: usize = 256;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut peak = 0;
+        loop {
+            tick.tick().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let now = shared.clients.load(std::sync::atomic::Ordering::Relaxed);
+            peak = peak.max(now);
+            if peak - now >= TRIM_AFTER {
+                trim_heap();
+                peak = now;
+            }
+        }
+    });
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory held by glibc's allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}

@@ -23,6 +23,17 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::TlsServer(_) | Stream::TlsClient(_))
     }
+
+    /// Waits until the socket has something to read, without a buffer to read into, so an
+    /// idle connection holds none. `false` for TLS streams, whose decrypted bytes may
+    /// already wait inside the TLS layer: read those with a buffer.
+    pub async fn readable(&self) -> io::Result<bool> {
+        match self {
+            Stream::Tcp(s) => s.readable().await.map(|()| true),
+            Stream::Unix(s) => s.readable().await.map(|()| true),
+            Stream::TlsServer(_) | Stream::TlsClient(_) => Ok(false),
+        }
+    }
 }
 
 macro_rules! dispatch {

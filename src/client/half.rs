@@ -1,6 +1,7 @@
 //! One direction of the relay: a read buffer, the bytes scanned in it and waiting to go out,
 //! and the staging area for messages iampool changes, drops or makes up.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,8 +16,39 @@ use crate::stream::Stream;
 /// Read size per syscall, and how many unsent bytes a direction may hold before it stops reading.
 pub const READ_CHUNK: usize = 16 * 1024;
 pub const HIGH_WATER: usize = 64 * 1024;
-/// Buffers larger than this are given back while their client is idle.
+/// Buffers larger than this are freed rather than kept for reuse.
 const SHRINK_ABOVE: usize = 256 * 1024;
+/// Spare buffers kept per thread for the next message to arrive.
+const SPARE_PER_THREAD: usize = 64;
+
+thread_local! {
+    /// Buffers of idle sessions, for whichever session on this thread reads next: an idle
+    /// client holds no buffer, and steady traffic allocates none.
+    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer for the next read: a spare one if this thread has one.
+fn take_spare() -> BytesMut {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+}
+
+/// Keeps an empty buffer for reuse, or frees it if it grew large or enough are kept.
+fn give_spare(mut b: BytesMut) {
+    if b.capacity() == 0 || b.capacity() > SHRINK_ABOVE {
+        return;
+    }
+    b.clear();
+    // An empty, unshared buffer reclaims the space in front of it without allocating.
+    b.reserve(READ_CHUNK);
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_PER_THREAD {
+            s.push(b);
+        }
+    });
+}
 
 /// One direction of the relay: a read buffer whose front `ready` bytes are scanned and
 /// waiting to be written to the other side. When a message must be changed, dropped or
@@ -37,7 +69,7 @@ pub struct Half {
 impl Staging for Half {
     fn staged(&mut self) -> &mut BytesMut {
         self.stage_ready();
-        &mut self.out
+        self.out_buf()
     }
 }
 
@@ -51,6 +83,9 @@ impl Half {
     }
 
     pub fn reserve(&mut self) {
+        if self.buf.capacity() == 0 {
+            self.buf = take_spare();
+        }
         let spare = self.buf.capacity() - self.buf.len();
         let need = READ_CHUNK.max(self.want.saturating_sub(self.buf.len() - self.ready));
         if spare < need {
@@ -58,15 +93,23 @@ impl Half {
         }
     }
 
-    /// Gives back a buffer that grew for one large message (a big Query or Bind, a big
-    /// ErrorResponse), once it is empty, so an idle client does not keep it for its session.
-    pub fn shrink_if_idle(&mut self) {
-        if self.buf.is_empty() && self.out.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
-            self.buf = BytesMut::with_capacity(READ_CHUNK);
+    /// Gives the buffers back while they are empty (between a client's requests), so an
+    /// idle client holds none; the next read takes one again.
+    pub fn release_buffers(&mut self) {
+        if self.buf.is_empty() && self.ready == 0 {
+            give_spare(std::mem::take(&mut self.buf));
         }
-        if self.out.is_empty() && self.out.capacity() > SHRINK_ABOVE {
-            self.out = BytesMut::new();
+        if self.out.is_empty() {
+            give_spare(std::mem::take(&mut self.out));
         }
+    }
+
+    /// The staging buffer, taken from the spares when it has none.
+    pub fn out_buf(&mut self) -> &mut BytesMut {
+        if self.out.capacity() == 0 {
+            self.out = take_spare();
+        }
+        &mut self.out
     }
 
     /// Nothing scanned is waiting and the stream sits at a message boundary.
@@ -77,7 +120,9 @@ impl Half {
     /// Moves the scanned bytes to `out`, so the message at `buf[0]` can be changed or dropped.
     pub fn stage_ready(&mut self) {
         if self.ready > 0 {
-            self.out.extend_from_slice(&self.buf[..self.ready]);
+            let ready = self.ready;
+            self.out_buf();
+            self.out.extend_from_slice(&self.buf[..ready]);
             self.buf.advance(self.ready);
             self.ready = 0;
         }

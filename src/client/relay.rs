@@ -193,8 +193,20 @@ impl Session {
                 if self.shutdown_seen {
                     return self.shut_down().await;
                 }
-                self.scan.s.shrink_if_idle();
-                self.scan.c.shrink_if_idle();
+                if self.scan.c.buf.is_empty() {
+                    // Between requests: hold no buffer while waiting for the next one.
+                    self.scan.c.release_buffers();
+                    self.scan.s.release_buffers();
+                    tokio::select! {
+                        r = self.client.readable() => if r.is_err() {
+                            return End::ClientGone;
+                        },
+                        _ = self.shutdown_signal.as_mut() => {
+                            self.shutdown_seen = true;
+                            return self.shut_down().await;
+                        }
+                    }
+                }
                 self.scan.c.reserve();
                 tokio::select! {
                     r = self.client.read_buf(&mut self.scan.c.buf) => match r {

@@ -155,6 +155,7 @@ impl Scan {
                 // The message may be rewritten: move what came before it out of the way first,
                 // so the message starts the buffer.
                 self.c.stage_ready();
+                self.c.out_buf();
                 let action = self.tracker.on_client(
                     &self.c.buf[..len],
                     srv.statements,
