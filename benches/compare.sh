@@ -185,7 +185,8 @@ idle_test() {
   done
   line=$(grep '^HOLDING' "$out" 2>/dev/null || true)
   if [[ -n $line ]]; then
-    read -r connected failed secs < <(sed 's/.*connected=\([0-9]*\) failed=\([0-9]*\) seconds=\([0-9.]*\).*/\1 \2 \3/' <<<"$line")
+    [[ $line =~ connected=([0-9]+)\ failed=([0-9]+)\ seconds=([0-9.]+) ]] &&
+      { connected=${BASH_REMATCH[1]}; failed=${BASH_REMATCH[2]}; secs=${BASH_REMATCH[3]}; }
     sleep 2
     held=$(rss_kib "${SPID[$s]}")
     ((failed == 0)) || note="$(head -n 1 "$WORK/idle-$s.err" | tr '|\t' '/ ' | cut -c 1-160)"
