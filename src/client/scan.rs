@@ -14,7 +14,7 @@ use super::prepared::{
     drops_statements, names_statement, write_made, ClientAction, QueryAction, Staging, Tracker,
 };
 use crate::protocol::exchange::{Answer, ClientMsg, Exchange, Made};
-use crate::protocol::framing::{Step, HEADER_LEN};
+use crate::protocol::framing::{Header, Step, HEADER_LEN};
 use crate::protocol::messages::{
     backend, frontend, parse_error_fields, parse_parameter_status, TxStatus,
 };
@@ -23,6 +23,18 @@ use crate::protocol::statements::ServerStatements;
 use crate::server::params::SessionParams;
 
 pub use crate::protocol::framing::MAX_SERVER_MESSAGE;
+
+/// A simple Query longer than this is inspected by its first bytes only and streamed on as
+/// it arrives, never held whole: statements that leave session state behind or drop
+/// prepared statements begin there (a session-level advisory lock taken past it goes
+/// unnoticed, which only costs the warning).
+pub const INSPECT_PREFIX: usize = 4096;
+
+/// Whether a message that is inspected can be passed on before it has fully arrived.
+#[inline]
+fn streams_after_prefix(h: Header) -> bool {
+    h.tag == frontend::QUERY && h.frame_len() > INSPECT_PREFIX
+}
 
 /// Why scanning stopped short.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +131,15 @@ impl Scan {
                 }
                 Ok(Step::Message { header, complete }) => {
                     if !complete && self.needs_whole(header.tag, rewrite) {
-                        self.c.want = header.frame_len();
-                        break;
+                        let have = self.c.buf.len() - pos;
+                        if !streams_after_prefix(header) {
+                            self.c.want = header.frame_len();
+                            break;
+                        }
+                        if have < INSPECT_PREFIX {
+                            self.c.want = INSPECT_PREFIX;
+                            break;
+                        }
                     }
                     header
                 }
@@ -131,10 +150,12 @@ impl Scan {
             self.traffic.bytes_in += len as u64;
             self.request_started = true;
             if tag == frontend::QUERY || tag == frontend::PARSE {
-                let body = &self.c.buf[pos + HEADER_LEN..pos + len];
+                let end = (pos + len).min(self.c.buf.len());
+                let body = &self.c.buf[pos + HEADER_LEN..end];
                 let sql = on_sql(
                     tag,
                     body,
+                    end < pos + len,
                     &mut self.tracker,
                     self.transaction_mode,
                     &mut self.session_state,
@@ -309,6 +330,7 @@ fn forget_server_statements(srv: &mut ServerSide<'_>) {
 fn on_sql(
     tag: u8,
     body: &[u8],
+    partial: bool,
     tracker: &mut Tracker,
     transaction_mode: bool,
     seen: &mut u8,
@@ -336,8 +358,9 @@ fn on_sql(
         // Session mode: the server's state is the client's, and is reset when it leaves.
         return None;
     }
-    if tag == frontend::PARSE || !tracker.enabled() {
-        // DEALLOCATE / DISCARD through the extended protocol, or with names not rewritten.
+    if tag == frontend::PARSE || !tracker.enabled() || partial {
+        // DEALLOCATE / DISCARD through the extended protocol, with names not rewritten, or
+        // at the start of a long multi-statement text.
         forget_server_statements(srv);
         return None;
     }
@@ -624,5 +647,52 @@ mod tests {
             assert_eq!(to_client, server, "split {split}");
             assert_eq!(srv.x.disposition(), Disposition::Clean);
         }
+    }
+}
+
+#[cfg(test)]
+mod streaming_tests {
+    use bytes::{Buf, BytesMut};
+
+    use super::*;
+    use crate::protocol::exchange::Disposition;
+
+    /// A long Query is passed on as it arrives: the scanner never waits for all of it, so
+    /// a client that stalls halfway makes iampool hold no more than a read's worth.
+    #[test]
+    fn a_long_query_streams_in_pieces() {
+        let mut x = Exchange::default();
+        let mut statements = ServerStatements::default();
+        let mut params = SessionParams::default();
+        let mut scan = Scan::new(
+            BytesMut::new(),
+            Tracker::new(200, Default::default()),
+            SessionParams::default(),
+            64 << 20,
+            true,
+        );
+        let text = format!("select '{}'\0", "x".repeat(1 << 20));
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&((text.len() + 4) as i32).to_be_bytes());
+        q.extend_from_slice(text.as_bytes());
+        let mut forwarded = 0;
+        let mut held = 0;
+        for part in q.chunks(16 * 1024) {
+            scan.c.buf.extend_from_slice(part);
+            let mut srv = ServerSide {
+                x: &mut x,
+                statements: &mut statements,
+                params: &mut params,
+            };
+            scan.client(&mut srv).unwrap();
+            held = held.max(scan.c.buf.len());
+            forwarded += scan.c.ready;
+            let ready = scan.c.ready;
+            scan.c.buf.advance(ready);
+            scan.c.ready = 0;
+        }
+        assert_eq!(forwarded, q.len());
+        assert!(held <= 2 * INSPECT_PREFIX + 16 * 1024, "held {held} bytes");
+        assert_eq!(x.disposition(), Disposition::Busy, "the Query is owed its answer");
     }
 }

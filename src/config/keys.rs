@@ -238,7 +238,7 @@ pub static KEYS: &[Key] = &[
         .example("5min"),
     Key::new("max_message_size", "max-message-size", Kind::Size, TIMEOUTS)
         .default("256MB")
-        .help("Largest protocol message accepted from either side, 8kB to 1GB")
+        .help("Largest protocol message accepted from a client, 8kB to 1GB (larger ones get 08P01); a long Query is streamed to the server as it arrives, never held whole. Server messages are bounded by PostgreSQL's own 1GB")
         .example("64MB"),
     Key::new("shutdown_timeout", "shutdown-timeout", Kind::Duration, TIMEOUTS)
         .default("30s")
