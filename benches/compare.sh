@@ -53,7 +53,7 @@ MAX_CLIENT_CONN=$((IDLE_CLIENTS + MAX_CLIENTS + 100))
 bench_init
 add_system direct
 add_peers
-add_system iampool "$IAMPOOL_BIN"
+add_iampools "$IAMPOOL_BIN"
 mapfile -t POOLERS < <(poolers)
 # Direct runs open MAX_CLIENTS backends while every pooler may keep POOL_SIZE idle servers (x2
 # for the odd extra one during a login), plus room for psql and pgbench's own connection.

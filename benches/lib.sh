@@ -55,7 +55,7 @@ rss_kib() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status" 2>/dev/null || ech
 # SYSTEMS: names in the order given; KIND[name] = direct|pgbouncer|pgdog|iampool;
 # BIN[name]; PORT[name]; VERSION[name]; SPID[name] = pid of the running pooler ("" when stopped).
 SYSTEMS=()
-declare -A KIND BIN PORT VERSION SPID CONFDIR
+declare -A KIND BIN PORT VERSION SPID CONFDIR THREADS
 EVENTS=()
 
 add_system() {
@@ -84,6 +84,30 @@ add_system() {
   BIN[$name]=$bin
   VERSION[$name]=${version:-unknown}
   SPID[$name]=
+}
+
+# add_iampools BIN: iampool once per value in BENCH_IAMPOOL_THREADS (its worker_threads
+# setting: 0 = one per core, 1 = single-threaded); one value (or none) adds plain "iampool".
+add_iampools() {
+  local bin=$1 t
+  read -r -a threads <<<"${BENCH_IAMPOOL_THREADS:-}"
+  if ((${#threads[@]} <= 1)); then
+    add_system iampool "$bin"
+    [[ ${#threads[@]} -eq 1 ]] && THREADS[iampool]=${threads[0]}
+    return 0
+  fi
+  for t in "${threads[@]}"; do
+    [[ $t =~ ^[0-9]+$ ]] || die "BENCH_IAMPOOL_THREADS values are thread counts (got '$t')"
+    add_system iampool "$bin"
+    local name=${SYSTEMS[-1]}
+    unset 'KIND[$name]'
+    SYSTEMS[-1]=iampool-t$t
+    KIND[iampool-t$t]=iampool
+    BIN[iampool-t$t]=$bin
+    VERSION[iampool-t$t]=${VERSION[$name]}
+    SPID[iampool-t$t]=
+    THREADS[iampool-t$t]=$t
+  done
 }
 
 poolers() { local s; for s in "${SYSTEMS[@]}"; do [[ ${KIND[$s]} == direct ]] || echo "$s"; done; }
@@ -152,7 +176,8 @@ EOF
       # The whole configuration is these flags (IAMPOOL_* variables were unset by the caller).
       printf '%s\n' --upstream "postgres://bench:$PW@127.0.0.1:$PG_PORT/bench?sslmode=disable" \
         --listen "127.0.0.1:${PORT[$s]}" --pool-size "$POOL_SIZE" --auth-type md5 \
-        --max-client-conn "$MAX_CLIENT_CONN" >"$dir/iampool.args"
+        --max-client-conn "$MAX_CLIENT_CONN" ${THREADS[$s]:+--worker-threads "${THREADS[$s]}"} \
+        >"$dir/iampool.args"
       ;;
   esac
   [[ $(id -u) -eq 0 ]] && chown -R postgres:postgres "$dir"

@@ -14,10 +14,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = loaded.config.as_ref().map_or(0, |c| c.worker_threads);
+    let runtime = match runtime(threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("iampool: cannot start the runtime: {e}");
@@ -61,6 +59,20 @@ fn main() -> ExitCode {
             runtime.block_on(run(config, source, log_reloader))
         }
     }
+}
+
+/// One thread: tokio's current-thread runtime, where a client and its server wake each
+/// other without crossing threads and no scheduler statistics are kept. Otherwise the
+/// work-stealing scheduler with `threads` workers (0: one per core).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
 }
 
 fn init_logging(level: &str, format: LogFormat) -> LogReloader {

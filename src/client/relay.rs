@@ -31,7 +31,7 @@ use super::half::HIGH_WATER;
 use super::prepared::{names_statement, Tracker};
 use super::scan::{Scan, ServerSide, Stop};
 use crate::config::PoolMode;
-use crate::pool::{Pool, PoolError};
+use crate::pool::{Pool, PoolError, Server};
 use crate::protocol::exchange::Disposition;
 use crate::protocol::framing::{Header, HEADER_LEN};
 use crate::protocol::messages::{self, backend, frontend, sqlstate, Severity, TxStatus};
@@ -76,10 +76,14 @@ pub struct Session {
     client: Stream,
     /// The protocol state of both directions.
     scan: Scan,
-    server: Option<ServerConn>,
+    server: Option<Server>,
     linked_at: Instant,
-    /// When the request now in flight started (for the query duration histogram).
+    /// When the request now in flight started (for the query duration histogram); the
+    /// first request of a transaction starts when the server is linked.
     request_started: Option<Instant>,
+    /// When the server last reported ReadyForQuery: the end of the transaction at unlink,
+    /// so that no clock is read for it.
+    last_ready: Option<Instant>,
     /// Kinds of session state already reported for this client (bit per kind).
     session_state_seen: u8,
     cancel: Arc<CancelSlot>,
@@ -145,6 +149,7 @@ impl Session {
             server: None,
             linked_at: Instant::now(),
             request_started: None,
+            last_ready: None,
             session_state_seen: 0,
             cancel: a.cancel,
             client_done: false,
@@ -299,7 +304,7 @@ impl Session {
     }
 
     /// A server at rest leaves the client: back to the pool if provably clean, else closed.
-    fn release(&mut self, server: ServerConn) {
+    fn release(&mut self, server: Server) {
         match server.exchange.disposition() {
             Disposition::Clean => self.pool.checkin(server),
             d => {
@@ -316,14 +321,19 @@ impl Session {
     }
 
     /// Unlinks the server: cancel routing, saturation count and the transaction's metrics.
-    fn unlink(&mut self) -> ServerConn {
+    fn unlink(&mut self) -> Server {
         let server = self.server.take().expect("linked");
         self.cancel.unlink();
         self.pool.linked.fetch_sub(1, Ordering::Relaxed);
         let m = &self.pool.metrics;
         m.transactions.inc();
-        m.transaction
-            .observe(self.linked_at.elapsed().as_secs_f64());
+        let ended = self.last_ready.take().unwrap_or_else(Instant::now);
+        m.transaction.observe(
+            ended
+                .saturating_duration_since(self.linked_at)
+                .as_secs_f64(),
+        );
+        self.request_started = None;
         let t = std::mem::take(&mut self.scan.traffic);
         m.queries.inc_by(t.queries);
         m.bytes_in.inc_by(t.bytes_in);
@@ -334,7 +344,7 @@ impl Session {
     }
 
     /// Links a server: brings its session parameters in line with the client's first.
-    async fn link(&mut self, mut server: ServerConn) -> Result<(), End> {
+    async fn link(&mut self, mut server: Server) -> Result<(), End> {
         let mut reports = BytesMut::new();
         match server
             .sync_params(&mut self.scan.params, &mut reports)
@@ -374,6 +384,7 @@ impl Session {
         tracing::trace!(backend_pid = server.backend_pid, "server linked");
         self.pool.linked.fetch_add(1, Ordering::Relaxed);
         self.linked_at = Instant::now();
+        self.request_started = Some(self.linked_at);
         self.server = Some(server);
         Ok(())
     }
@@ -382,7 +393,7 @@ impl Session {
     /// deliver what the client sent (a COMMIT must not be lost), give the server a moment to
     /// finish answering, and return it only if it is then provably clean. A server that is
     /// still working is closed by the pool, which cancels its query first.
-    async fn settle_server(&mut self, mut server: ServerConn) {
+    async fn settle_server(&mut self, mut server: Server) {
         let delivered = tokio::time::timeout(Duration::from_secs(5), async {
             poll_fn(|cx| self.scan.c.poll_write_to(cx, &mut server.stream)).await
         })
@@ -537,7 +548,12 @@ impl Session {
                 self.idle_armed = false;
                 continue;
             }
-            if !self.shutdown_seen && self.shutdown_signal.as_mut().poll(cx).is_ready() {
+            // Transaction mode notices shutdown when the server is released; session mode,
+            // whose server stays linked between transactions, must be told here.
+            if self.mode == PoolMode::Session
+                && !self.shutdown_seen
+                && self.shutdown_signal.as_mut().poll(cx).is_ready()
+            {
                 self.shutdown_seen = true;
             }
             if self.shutdown_seen
@@ -609,10 +625,12 @@ impl Session {
         if self.scan.readies > 0 {
             self.scan.readies = 0;
             if let Some(started) = self.request_started.take() {
+                let now = Instant::now();
+                self.last_ready = Some(now);
                 self.pool
                     .metrics
                     .query
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(now.saturating_duration_since(started).as_secs_f64());
             }
         }
         match result {

@@ -693,6 +693,10 @@ mod streaming_tests {
         }
         assert_eq!(forwarded, q.len());
         assert!(held <= 2 * INSPECT_PREFIX + 16 * 1024, "held {held} bytes");
-        assert_eq!(x.disposition(), Disposition::Busy, "the Query is owed its answer");
+        assert_eq!(
+            x.disposition(),
+            Disposition::Busy,
+            "the Query is owed its answer"
+        );
     }
 }

@@ -128,6 +128,7 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let g = &inputs.globals;
     let listen = r.req(g, "listen", value::addrs);
     let unix_socket_dir = r.get(g, "unix_socket_dir", value::path);
+    let worker_threads = r.req(g, "worker_threads", usize_count);
     let max_client_conn = r.req(g, "max_client_conn", usize_count);
     let max_prepared_statements = r.req(g, "max_prepared_statements", usize_count);
     let server_lifetime = r.req(g, "server_lifetime", value::duration);
@@ -163,6 +164,7 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     Ok(Config {
         listen: listen?,
         unix_socket_dir: unix_socket_dir?,
+        worker_threads: worker_threads?,
         max_client_conn: max_client_conn?,
         max_prepared_statements: max_prepared_statements?,
         server_lifetime: server_lifetime?,

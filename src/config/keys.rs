@@ -173,6 +173,12 @@ pub static KEYS: &[Key] = &[
         .restart()
         .help("Directory for a .s.PGSQL.<port> unix socket (unset: no unix socket)")
         .example("/var/run/iampool"),
+    Key::new("worker_threads", "worker-threads", Kind::Count, LISTENING)
+        .restart()
+        .default("0")
+        .unit("threads")
+        .help("Threads serving clients: 0 for one per CPU core (tokio's work-stealing scheduler), 1 for a single thread that does everything itself (no cross-thread wakeups, least CPU per transaction, like PgBouncer); other values are taken as given")
+        .example("1"),
     Key::new("max_client_conn", "max-client-conn", Kind::Count, LISTENING)
         .default("1000")
         .unit("client connections")

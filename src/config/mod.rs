@@ -170,6 +170,8 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Directory for a `.s.PGSQL.<port>` unix socket, if any.
     pub unix_socket_dir: Option<PathBuf>,
+    /// 0: one per core (multi-threaded scheduler); 1: a single-threaded runtime.
+    pub worker_threads: usize,
     pub max_client_conn: usize,
     /// Named prepared statements per server connection in transaction mode; 0 disables the rewriting.
     pub max_prepared_statements: usize,

@@ -81,6 +81,7 @@ fn global_value(c: &Config, name: &str) -> Option<Shown> {
                 .join(","),
         ),
         "unix_socket_dir" => path(&c.unix_socket_dir),
+        "worker_threads" => integer(c.worker_threads),
         "max_client_conn" => integer(c.max_client_conn),
         "max_prepared_statements" => integer(c.max_prepared_statements),
         "server_lifetime" => duration(c.server_lifetime),

@@ -39,6 +39,7 @@ impl Pool {
             return false;
         }
         let now = Instant::now();
+        st.clock = now;
         let idle_timeout = st.settings.idle_timeout;
         let min = st.settings.min_pool_size;
         let mut keep = std::collections::VecDeque::with_capacity(st.idle.len());

@@ -61,7 +61,11 @@ impl PoolError {
     }
 }
 
-type Delivery = Result<ServerConn, PoolError>;
+/// A server connection as the pool hands it around: boxed, so that checkout, link, release
+/// and checkin move a pointer rather than the whole connection state.
+pub type Server = Box<ServerConn>;
+
+type Delivery = Result<Server, PoolError>;
 
 struct Waiter {
     tx: oneshot::Sender<Delivery>,
@@ -71,7 +75,7 @@ struct Waiter {
 struct State {
     settings: PoolSettings,
     /// Most recently used first (LIFO reuse keeps a warm core; the rest can idle out).
-    idle: VecDeque<ServerConn>,
+    idle: VecDeque<Server>,
     /// Every connection that exists or is being opened: idle + in use + connecting +
     /// closing. A closing connection counts until its backend has gone, so the upstream
     /// never has more than pool_size backends of this pool.
@@ -88,6 +92,9 @@ struct State {
     paused: bool,
     /// Admin RECONNECT: connections opened before this are closed when they come back.
     retired_before: Option<Instant>,
+    /// The time as of the last janitor tick (at most 500 ms old): checkin and checkout
+    /// compare lifetimes against it instead of reading the clock per transaction.
+    clock: Instant,
 }
 
 impl State {
@@ -158,6 +165,7 @@ impl Pool {
                 closed: false,
                 paused: false,
                 retired_before: None,
+                clock: Instant::now(),
             }),
             welcome: Mutex::new(None),
             metrics,
@@ -225,15 +233,15 @@ impl Pool {
     }
 
     /// Waits (FIFO, up to `query_wait_timeout`) for a clean server connection.
-    pub async fn checkout(self: &Arc<Self>) -> Result<ServerConn, PoolError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Server, PoolError> {
         let (mut rx, wait) = {
             let mut st = self.lock();
             if st.closed {
                 return Err(PoolError::Closed);
             }
-            let now = Instant::now();
+            let clock = st.clock;
             while let Some(mut conn) = (!st.paused).then(|| st.idle.pop_front()).flatten() {
-                if conn.is_broken() || conn.expired(now) {
+                if conn.is_broken() || conn.expired(clock) {
                     self.forget(&mut st, conn);
                     continue;
                 }
@@ -241,6 +249,8 @@ impl Pool {
                 return Ok(conn);
             }
             // A login failed permanently a moment ago: fail fast instead of hammering.
+            let now = Instant::now();
+            st.clock = now;
             if let Some((at, e)) = &st.last_error {
                 if e.is_permanent() && now.duration_since(*at) < st.settings.login_retry {
                     let (code, msg) = e.client_error();
@@ -278,7 +288,7 @@ impl Pool {
     /// Returns a provably clean connection (ReadyForQuery 'I', nothing outstanding). One
     /// that a cancel is on its way to is held back until the cancel has been delivered, so
     /// the cancel cannot reach the next client's query.
-    pub fn checkin(self: &Arc<Self>, mut conn: ServerConn) {
+    pub fn checkin(self: &Arc<Self>, mut conn: Server) {
         if conn.cancels.busy() {
             self.lock().being_canceled += 1;
             let pool = self.clone();
@@ -294,7 +304,7 @@ impl Pool {
             return;
         }
         let mut st = self.lock();
-        let now = Instant::now();
+        let now = st.clock;
         let retired = st.retired_before.is_some_and(|t| conn.created_at <= t);
         if st.closed || conn.expired(now) || retired || st.total > st.settings.pool_size {
             self.forget(&mut st, conn);
@@ -305,7 +315,7 @@ impl Pool {
     }
 
     /// Closes a connection that is not clean, or that the caller otherwise will not return.
-    pub fn discard(self: &Arc<Self>, conn: ServerConn) {
+    pub fn discard(self: &Arc<Self>, conn: Server) {
         let mut st = self.lock();
         self.forget(&mut st, conn);
     }
@@ -381,7 +391,7 @@ impl Pool {
         self.grow_for_waiters(&mut st);
     }
 
-    fn deliver(self: &Arc<Self>, st: &mut State, mut conn: ServerConn) {
+    fn deliver(self: &Arc<Self>, st: &mut State, mut conn: Server) {
         // Paused: the connection waits in the idle list (a popped waiter would be dropped).
         while let Some(w) = (!st.paused).then(|| st.waiters.pop_front()).flatten() {
             match w.tx.send(Ok(conn)) {
@@ -396,7 +406,7 @@ impl Pool {
     /// Closes a connection in the background. It stays on the books until its backend has
     /// gone: a backend still working (answers owed) is cancelled first, then sent Terminate,
     /// and the connection read to its end.
-    fn forget(self: &Arc<Self>, st: &mut State, conn: ServerConn) {
+    fn forget(self: &Arc<Self>, st: &mut State, conn: Server) {
         st.closing += 1;
         debug!(pool = %self.database, backend_pid = conn.backend_pid, "closing server connection");
         let pool = self.clone();
@@ -445,6 +455,7 @@ impl Pool {
         st.connecting -= 1;
         match result {
             Ok((conn, params)) => {
+                let conn = Box::new(conn);
                 st.last_error = None;
                 {
                     let mut w = self.welcome.lock().unwrap_or_else(|e| e.into_inner());
@@ -494,7 +505,7 @@ const CANCEL_HOLD: Duration = Duration::from_secs(10);
 
 /// Ends a server connection: cancels what its backend is still running, sends Terminate,
 /// and waits (bounded) until the server has closed its end.
-async fn close(mut conn: ServerConn) {
+async fn close(mut conn: Server) {
     if !conn.exchange.is_quiet() {
         let ok = crate::server::cancel::send_cancel(
             conn.cancel_addr,

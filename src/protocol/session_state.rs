@@ -61,24 +61,23 @@ fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// `pg_advisory_lock` or `pg_try_advisory_lock` anywhere in `s`, in any case. Every
-/// candidate has "advisory_lock" right after an underscore, so only underscores are tried.
+/// `pg_advisory_lock` or `pg_try_advisory_lock` anywhere in `s`, in any case. A 'v' is rare
+/// in SQL and every candidate has one at a known place, so only those are tried.
 fn advisory_lock(s: &[u8]) -> bool {
-    let mut i = 0;
-    while let Some(off) = s[i..].iter().position(|&b| b == b'_') {
-        let at = i + off;
-        if starts_with_ci(&s[at + 1..], b"advisory_lock") {
-            let before = &s[..at];
-            let ends = |p: &[u8]| {
-                before.len() >= p.len() && before[before.len() - p.len()..].eq_ignore_ascii_case(p)
-            };
-            if ends(b"pg") || ends(b"pg_try") {
-                return true;
-            }
+    const WORD: &[u8] = b"advisory_lock";
+    memchr::memchr2_iter(b'v', b'V', s).any(|v| {
+        let Some(at) = v.checked_sub(2) else {
+            return false;
+        };
+        if !starts_with_ci(&s[at..], WORD) {
+            return false;
         }
-        i = at + 1;
-    }
-    false
+        let before = &s[..at];
+        let ends = |p: &[u8]| {
+            before.len() >= p.len() && before[before.len() - p.len()..].eq_ignore_ascii_case(p)
+        };
+        ends(b"pg_") || ends(b"pg_try_")
+    })
 }
 
 fn with_hold(s: &[u8]) -> bool {

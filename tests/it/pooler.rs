@@ -22,6 +22,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
     Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         unix_socket_dir: None,
+        worker_threads: 0,
         max_client_conn: 2000,
         max_prepared_statements: 200,
         server_lifetime: Duration::from_secs(3600),
