@@ -43,9 +43,11 @@ pub async fn serve(shared: Arc<Shared>, stream: Stream) {
     let over_limit = open > config.max_client_conn;
     let registration = shared.cancel.register();
     let key = (registration.pid, registration.secret);
+    // Boxed: the login's state lives on the heap only while the login runs, so the task of
+    // a logged-in client is no larger than its session.
     let login = tokio::time::timeout(
         config.client_login_timeout,
-        handshake::handshake(&shared, stream, over_limit, key),
+        Box::pin(handshake::handshake(&shared, stream, over_limit, key)),
     )
     .await;
     let login = match login {

@@ -90,7 +90,8 @@ pub struct Session {
     /// The client will send nothing more (EOF or Terminate).
     client_done: bool,
     idle_tx_timeout: Option<Duration>,
-    idle_timer: Pin<Box<Sleep>>,
+    /// Made the first time a transaction sits idle (most sessions never need one).
+    idle_timer: Option<Pin<Box<Sleep>>>,
     idle_armed: bool,
     server_reset_query: String,
     shutdown: watch::Receiver<bool>,
@@ -154,7 +155,7 @@ impl Session {
             cancel: a.cancel,
             client_done: false,
             idle_tx_timeout: a.idle_tx_timeout,
-            idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            idle_timer: None,
             idle_armed: false,
             server_reset_query: a.server_reset_query,
             shutdown_signal: {
@@ -584,12 +585,17 @@ impl Session {
             return Poll::Pending;
         }
         if !self.idle_armed {
-            self.idle_timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + limit);
+            let deadline = tokio::time::Instant::now() + limit;
+            match self.idle_timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
             self.idle_armed = true;
         }
-        match self.idle_timer.as_mut().poll(cx) {
+        let Some(timer) = self.idle_timer.as_mut() else {
+            return Poll::Pending;
+        };
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Wake::IdleInTransaction),
             Poll::Pending => Poll::Pending,
         }
