@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use iampool::client::prepared::Tracker;
@@ -123,10 +123,7 @@ fn feed_server(scan: &mut Scan, srv: &mut Server, bytes: &[u8], chunk: usize) ->
         scan.s.buf.extend_from_slice(part);
         scan.server(&mut srv.side()).expect("bench traffic frames");
         passed += scan.s.ready + scan.s.out.len();
-        let ready = scan.s.ready;
-        scan.s.buf.advance(ready);
-        scan.s.ready = 0;
-        scan.s.out.clear();
+        scan.s.discard_ready();
     }
     passed
 }
@@ -228,10 +225,7 @@ fn select_only(mode: &str) -> (Vec<u8>, Vec<u8>) {
 fn transaction(scan: &mut Scan, srv: &mut Server, client: &[u8], server: &[u8]) -> bool {
     scan.c.buf.extend_from_slice(client);
     scan.client(&mut srv.side()).expect("bench request frames");
-    let ready = scan.c.ready;
-    scan.c.buf.advance(ready);
-    scan.c.ready = 0;
-    scan.c.out.clear();
+    scan.c.discard_ready();
     feed_server(scan, srv, server, server.len());
     srv.x.disposition() == Disposition::Clean
 }

@@ -128,6 +128,13 @@ impl Half {
         }
     }
 
+    /// Throws away what is scanned and due to the other side (its reader is gone).
+    pub fn discard_ready(&mut self) {
+        self.buf.advance(self.ready);
+        self.ready = 0;
+        self.out.clear();
+    }
+
     /// Drops a complete message at the scan position (after staging what came before it).
     pub fn drop_message(&mut self, len: usize) {
         self.stage_ready();

@@ -404,7 +404,7 @@ impl Session {
             self.pool.discard(server);
             return;
         }
-        if server.exchange.disposition() == Disposition::Busy && !server.exchange.is_quiet() {
+        if !server.exchange.is_quiet() {
             let drained = tokio::time::timeout(SETTLE_GRACE, self.drain_owed(&mut server)).await;
             if !matches!(drained, Ok(Ok(()))) {
                 self.pool.discard(server);
@@ -440,10 +440,7 @@ impl Session {
     /// Reads and drops the server's answers to a client that is gone, until nothing is owed.
     async fn drain_owed(&mut self, server: &mut ServerConn) -> io::Result<()> {
         // Whatever was already scanned would have gone to the client: drop it.
-        let s = &mut self.scan.s;
-        s.buf.advance(s.ready);
-        s.ready = 0;
-        s.out.clear();
+        self.scan.s.discard_ready();
         while !server.exchange.is_quiet() {
             self.scan.s.reserve();
             if server.stream.read_buf(&mut self.scan.s.buf).await? == 0 {
@@ -452,10 +449,7 @@ impl Session {
             self.scan
                 .server(&mut side(server))
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
-            let s = &mut self.scan.s;
-            s.buf.advance(s.ready);
-            s.ready = 0;
-            s.out.clear();
+            self.scan.s.discard_ready();
         }
         Ok(())
     }

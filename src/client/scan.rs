@@ -169,6 +169,7 @@ impl Scan {
                     continue;
                 }
             }
+            let mut pos = pos;
             if rewrite
                 && Tracker::inspects(tag)
                 && names_statement(tag, &self.c.buf[pos + HEADER_LEN..pos + len])
@@ -176,6 +177,7 @@ impl Scan {
                 // The message may be rewritten: move what came before it out of the way first,
                 // so the message starts the buffer.
                 self.c.stage_ready();
+                pos = 0;
                 self.c.out_buf();
                 let action = self.tracker.on_client(
                     &self.c.buf[..len],
@@ -189,13 +191,6 @@ impl Scan {
                     continue;
                 }
                 // Not one of this client's names: forwarded as it is, from the buffer's start.
-                match srv.x.on_client(tag) {
-                    ClientMsg::Forward => {}
-                    _ => unreachable!("Parse, Bind, Describe and Close are forwarded"),
-                }
-                let avail = self.c.buf.len();
-                self.c.ready += self.c.scan.consume_message(header, avail);
-                continue;
             }
             match srv.x.on_client(tag) {
                 ClientMsg::Forward => {}
@@ -346,16 +341,14 @@ fn on_sql(
     } else {
         body
     };
-    if transaction_mode {
-        if let Some(kind) = session_state::kind(sql) {
-            *seen |= 1 << kind;
-        }
-    }
-    if !drops_statements(sql) {
-        return None;
-    }
     if !transaction_mode {
         // Session mode: the server's state is the client's, and is reset when it leaves.
+        return None;
+    }
+    if let Some(kind) = session_state::kind(sql) {
+        *seen |= 1 << kind;
+    }
+    if !drops_statements(sql) {
         return None;
     }
     if tag == frontend::PARSE || !tracker.enabled() || partial {

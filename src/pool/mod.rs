@@ -293,8 +293,7 @@ impl Pool {
             self.lock().being_canceled += 1;
             let pool = self.clone();
             tokio::spawn(async move {
-                let gate = conn.cancels.clone();
-                let delivered = tokio::time::timeout(CANCEL_HOLD, gate.wait()).await;
+                let delivered = tokio::time::timeout(CANCEL_HOLD, conn.cancels.wait()).await;
                 pool.lock().being_canceled -= 1;
                 match delivered {
                     Ok(()) => pool.checkin(conn),

@@ -149,31 +149,20 @@ impl Exchange {
                     }
                 }
             }
+            // Each extended-protocol message is owed its own answer (`expect` also marks the
+            // batch unsynced).
             frontend::EXECUTE => {
-                self.unsynced = true;
                 self.exec_open = true;
                 self.exec_syncs = 0;
                 self.expect(Owed::Execute);
             }
-            frontend::PARSE => {
-                self.unsynced = true;
-                self.expect(Owed::Parse {
-                    hide: false,
-                    undo: None,
-                });
-            }
-            frontend::BIND => {
-                self.unsynced = true;
-                self.expect(Owed::Bind);
-            }
-            frontend::DESCRIBE => {
-                self.unsynced = true;
-                self.expect(Owed::Describe);
-            }
-            frontend::CLOSE => {
-                self.unsynced = true;
-                self.expect(Owed::Close { hide: false });
-            }
+            frontend::PARSE => self.expect(Owed::Parse {
+                hide: false,
+                undo: None,
+            }),
+            frontend::BIND => self.expect(Owed::Bind),
+            frontend::DESCRIBE => self.expect(Owed::Describe),
+            frontend::CLOSE => self.expect(Owed::Close { hide: false }),
             frontend::FLUSH => self.unsynced = true,
             frontend::COPY_DATA => {}
             frontend::COPY_DONE | frontend::COPY_FAIL => {
@@ -228,12 +217,6 @@ impl Exchange {
         self.owed.push_back(owed);
     }
 
-    /// True while the server ignores Syncs (extended-protocol COPY FROM STDIN).
-    #[inline]
-    pub fn ignoring_syncs(&self) -> bool {
-        self.ignore_syncs
-    }
-
     /// True while the server discards messages up to the next Sync (after an error).
     #[inline]
     pub fn skipping(&self) -> bool {
@@ -245,7 +228,8 @@ impl Exchange {
         self.tainted = true;
     }
 
-    pub fn tainted(&self) -> bool {
+    #[cfg(test)]
+    fn tainted(&self) -> bool {
         self.tainted
     }
 
@@ -442,8 +426,9 @@ impl Exchange {
         self.status
     }
 
-    /// How many entries are owed (for tests and the admin console).
-    pub fn owed(&self) -> usize {
+    /// How many entries are owed.
+    #[cfg(test)]
+    fn owed(&self) -> usize {
         self.owed.len()
     }
 
