@@ -17,7 +17,9 @@ use tracing::{info, warn};
 
 use crate::client::auth::{prepare_users, UserAuth};
 use crate::client::cancel::CancelRegistry;
-use crate::config::{Config, Database, Upstream, UpstreamAuth};
+use crate::client::console::ConsoleLogin;
+use crate::client::registry::ClientRegistry;
+use crate::config::{Config, Database, ReloadReport, Upstream, UpstreamAuth};
 use crate::metrics::http::Health;
 use crate::metrics::{Metrics, PoolsCollector};
 use crate::pool::{Pool, PoolSettings};
@@ -47,30 +49,22 @@ pub type ConfigSource = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 /// Applies a new log filter.
 pub type LogReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
-/// What a reload did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReloadReport {
-    pub applied: Vec<String>,
-    /// Changed keys that only take effect after a restart.
-    pub needs_restart: Vec<String>,
-}
-
 /// State shared by every connection task.
 pub struct Shared {
     config_source: std::sync::OnceLock<ConfigSource>,
     log_reloader: std::sync::OnceLock<LogReloader>,
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// Draining: /readyz is false and no new client is accepted.
-    pub draining: std::sync::atomic::AtomicBool,
+    draining: std::sync::atomic::AtomicBool,
     config: RwLock<Arc<Config>>,
     users: RwLock<Arc<HashMap<String, UserAuth>>>,
     pools: HashMap<String, Arc<Pool>>,
-    pub cancel: CancelRegistry,
-    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    cancel: CancelRegistry,
+    tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Connections open on the client side (logged in or logging in).
-    pub clients: AtomicUsize,
+    clients: AtomicUsize,
     /// Logged-in clients, for the admin console's SHOW CLIENTS and SHOW SERVERS.
-    client_registry: crate::admin::ClientRegistry,
+    client_registry: ClientRegistry,
     shutdown: watch::Receiver<bool>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -95,12 +89,13 @@ impl Shared {
         self.pools.values()
     }
 
-    pub fn client_registry(&self) -> &crate::admin::ClientRegistry {
-        &self.client_registry
-    }
-
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.clone()
+    }
+
+    /// True once a shutdown began: /readyz says no and no new client is accepted.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Starts a graceful shutdown (admin SHUTDOWN; `main` then drains and exits).
@@ -170,6 +165,68 @@ impl Shared {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "configuration reloaded");
         report
+    }
+}
+
+/// The client side's view of the process.
+impl crate::client::Context for Shared {
+    fn config(&self) -> Arc<Config> {
+        Shared::config(self)
+    }
+    fn users(&self) -> Arc<HashMap<String, UserAuth>> {
+        Shared::users(self)
+    }
+    fn pool(&self, database: &str) -> Option<Arc<Pool>> {
+        Shared::pool(self, database)
+    }
+    fn cancel_keys(&self) -> &CancelRegistry {
+        &self.cancel
+    }
+    fn tls_acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.tls_acceptor.as_ref()
+    }
+    fn open_clients(&self) -> &AtomicUsize {
+        &self.clients
+    }
+    fn clients(&self) -> &ClientRegistry {
+        &self.client_registry
+    }
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        Shared::shutdown_signal(self)
+    }
+    async fn serve_console(self: Arc<Self>, login: ConsoleLogin) {
+        crate::admin::serve(self, login).await
+    }
+}
+
+/// The admin console's view of the process.
+impl crate::admin::Context for Shared {
+    fn config(&self) -> Arc<Config> {
+        Shared::config(self)
+    }
+    fn pools(&self) -> Vec<Arc<Pool>> {
+        Shared::pools(self).cloned().collect()
+    }
+    fn pool(&self, database: &str) -> Option<Arc<Pool>> {
+        Shared::pool(self, database)
+    }
+    fn clients(&self) -> &ClientRegistry {
+        &self.client_registry
+    }
+    fn started_at(&self) -> i64 {
+        self.metrics.started.get()
+    }
+    fn reload(&self) -> Result<ReloadReport, String> {
+        Shared::reload(self)
+    }
+    fn request_shutdown(&self) {
+        Shared::request_shutdown(self)
+    }
+    fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        Shared::shutdown_signal(self)
     }
 }
 
@@ -401,7 +458,7 @@ struct AppHealth(Arc<Shared>);
 
 impl Health for AppHealth {
     fn ready(&self) -> bool {
-        !self.0.draining.load(Ordering::Acquire)
+        !self.0.is_draining()
             && self.0.pools().all(|p| {
                 let st = p.status();
                 st.warmed && (st.last_login_ok || st.idle + st.active > 0)

@@ -9,8 +9,7 @@ use tracing::info;
 use super::command::{Command, Show, COMMANDS};
 use super::reply;
 use super::show;
-use super::Role;
-use crate::app::Shared;
+use super::{Context, Role};
 use crate::pool::Pool;
 
 /// SQLSTATEs the console reports besides the protocol-level ones.
@@ -41,7 +40,7 @@ impl Failed {
 
 /// Runs `cmd` as `role`, appending its answer (rows or notices, then CommandComplete) to `out`.
 pub async fn execute(
-    shared: &Arc<Shared>,
+    ctx: &dyn Context,
     role: Role,
     user: &str,
     cmd: &Command,
@@ -59,14 +58,14 @@ pub async fn execute(
     match cmd {
         Command::Show(what) => {
             let table = match what {
-                Show::Pools => show::pools_table(shared),
-                Show::Stats => show::stats_table(shared),
-                Show::Clients => show::clients_table(shared),
-                Show::Servers => show::servers_table(shared),
-                Show::Databases => show::databases_table(shared),
-                Show::Config => show::config_table(shared),
+                Show::Pools => show::pools_table(ctx),
+                Show::Stats => show::stats_table(ctx),
+                Show::Clients => show::clients_table(ctx),
+                Show::Servers => show::servers_table(ctx),
+                Show::Databases => show::databases_table(ctx),
+                Show::Config => show::config_table(ctx),
                 Show::Version => show::version_table(),
-                Show::Tokens => show::tokens_table(shared),
+                Show::Tokens => show::tokens_table(ctx),
                 Show::Help => {
                     reply::notice(out, &format!("Console usage: {COMMANDS}"));
                     reply::command_complete(out, "SHOW");
@@ -76,7 +75,7 @@ pub async fn execute(
             table.encode(out);
         }
         Command::Pause(db) => {
-            let targets = targets(shared, db.as_deref())?;
+            let targets = targets(ctx, db.as_deref())?;
             info!(user, database = ?db, "admin PAUSE: waiting for servers in use to be released");
             // Every pool stops handing out servers at once; then wait for all of them.
             let mut waits = tokio::task::JoinSet::new();
@@ -88,21 +87,21 @@ pub async fn execute(
             reply::command_complete(out, cmd.tag());
         }
         Command::Resume(db) => {
-            for pool in targets(shared, db.as_deref())? {
+            for pool in targets(ctx, db.as_deref())? {
                 pool.resume();
             }
             info!(user, database = ?db, "admin RESUME");
             reply::command_complete(out, cmd.tag());
         }
         Command::Reconnect(db) => {
-            for pool in targets(shared, db.as_deref())? {
+            for pool in targets(ctx, db.as_deref())? {
                 pool.retire_all();
             }
             info!(user, database = ?db, "admin RECONNECT: server connections will be replaced");
             reply::command_complete(out, cmd.tag());
         }
         Command::Reload => {
-            let report = shared.reload().map_err(|e| {
+            let report = ctx.reload().map_err(|e| {
                 Failed::new(
                     code::CONFIG_FILE_ERROR,
                     format!("RELOAD failed, the configuration in use is unchanged: {e}"),
@@ -124,7 +123,7 @@ pub async fn execute(
         }
         Command::Shutdown => {
             info!(user, "admin SHUTDOWN: draining");
-            shared.request_shutdown();
+            ctx.request_shutdown();
             reply::command_complete(out, cmd.tag());
         }
     }
@@ -132,10 +131,10 @@ pub async fn execute(
 }
 
 /// The pool named `db`, or every pool.
-fn targets(shared: &Shared, db: Option<&str>) -> Result<Vec<Arc<Pool>>, Failed> {
+fn targets(ctx: &dyn Context, db: Option<&str>) -> Result<Vec<Arc<Pool>>, Failed> {
     match db {
-        None => Ok(shared.pools().cloned().collect()),
-        Some(name) => match shared.pool(name) {
+        None => Ok(ctx.pools()),
+        Some(name) => match ctx.pool(name) {
             Some(pool) => Ok(vec![pool]),
             None => Err(Failed::new(
                 code::INVALID_CATALOG_NAME,

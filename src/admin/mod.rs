@@ -5,7 +5,6 @@
 //! everything and `stats_users` only SHOW. A configured database of the same name wins, so
 //! adding the console never takes a database away from its clients.
 
-mod clients;
 mod command;
 mod execute;
 mod reply;
@@ -14,70 +13,43 @@ mod show;
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use tokio::sync::watch;
 
-pub use clients::{ClientInfo, ClientRegistry, Endpoint, Registered};
+use crate::client::console::ConsoleLogin;
+pub use crate::client::console::Role;
+use crate::client::registry::ClientRegistry;
+use crate::config::{Config, ReloadReport};
+use crate::pool::Pool;
 
-use crate::app::Shared;
-use crate::config::Config;
-use crate::server::connect::ServerParamList;
-use crate::stream::Stream;
-
-/// Database names that reach the console.
-pub const CONSOLE_DATABASES: [&str; 2] = ["pgbouncer", "iampool"];
-
-/// What a console user may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// `admin_users`: every command.
-    Admin,
-    /// `stats_users`: SHOW only.
-    Stats,
-}
-
-pub fn is_console_database(database: &str) -> bool {
-    CONSOLE_DATABASES.contains(&database)
-}
-
-/// The user's console role, if any; admin wins when a user is in both lists.
-pub fn role(config: &Config, user: &str) -> Option<Role> {
-    if config.admin_users.iter().any(|u| u == user) {
-        Some(Role::Admin)
-    } else if config.stats_users.iter().any(|u| u == user) {
-        Some(Role::Stats)
-    } else {
-        None
-    }
-}
-
-/// The ParameterStatus set a console client gets at login. `server_version` names iampool
-/// the way PgBouncer names itself, so clients can tell they reached the console.
-pub fn welcome_params() -> Arc<ServerParamList> {
-    let params = [
-        (
-            "server_version",
-            concat!(env!("CARGO_PKG_VERSION"), "/iampool"),
-        ),
-        ("server_encoding", "UTF8"),
-        ("client_encoding", "UTF8"),
-        ("DateStyle", "ISO"),
-        ("TimeZone", "UTC"),
-        ("integer_datetimes", "on"),
-        ("standard_conforming_strings", "on"),
-        ("application_name", ""),
-    ];
-    Arc::new(
-        params
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect(),
-    )
+/// What the console reads and controls. The composition root (`app::Shared`) provides it;
+/// the console sees nothing else of the process.
+pub trait Context: Send + Sync {
+    /// The configuration in force (RELOAD replaces it).
+    fn config(&self) -> Arc<Config>;
+    /// Every pool, in no particular order.
+    fn pools(&self) -> Vec<Arc<Pool>>;
+    fn pool(&self, database: &str) -> Option<Arc<Pool>>;
+    /// Logged-in clients, for SHOW CLIENTS and SHOW SERVERS.
+    fn clients(&self) -> &ClientRegistry;
+    /// When iampool started, in seconds since the Unix epoch.
+    fn started_at(&self) -> i64;
+    /// Re-reads the configuration and applies what can change live.
+    fn reload(&self) -> Result<ReloadReport, String>;
+    /// Starts a graceful shutdown.
+    fn request_shutdown(&self);
+    fn shutdown_signal(&self) -> watch::Receiver<bool>;
 }
 
 /// Serves a logged-in console client until it leaves or iampool shuts down.
-pub async fn serve(shared: Arc<Shared>, stream: Stream, buf: BytesMut, role: Role, user: String) {
+pub async fn serve(ctx: Arc<dyn Context>, login: ConsoleLogin) {
+    let ConsoleLogin {
+        stream,
+        buf,
+        role,
+        user,
+    } = login;
     session::Console {
-        shared,
+        ctx,
         stream,
         buf,
         role,

@@ -11,8 +11,7 @@ use tracing::debug;
 use super::command::{self, SyntaxError};
 use super::execute::{self, code};
 use super::reply;
-use super::Role;
-use crate::app::Shared;
+use super::{Context, Role};
 use crate::protocol::messages::{self, frontend, sqlstate, BodyReader, DecodeError, Severity};
 use crate::stream::{read_message, Stream};
 
@@ -23,7 +22,7 @@ const EXTENDED: &str = "the admin console supports only the simple query protoco
 
 /// Who is connected, for privileges and log lines.
 pub struct Console {
-    pub shared: Arc<Shared>,
+    pub ctx: Arc<dyn Context>,
     pub stream: Stream,
     /// Bytes the client sent after its startup packet.
     pub buf: BytesMut,
@@ -39,8 +38,8 @@ enum Next {
 
 impl Console {
     pub async fn run(mut self) {
-        let max = self.shared.config().max_message_size.min(MAX_MESSAGE);
-        let mut shutdown = self.shared.shutdown_signal();
+        let max = self.ctx.config().max_message_size.min(MAX_MESSAGE);
+        let mut shutdown = self.ctx.shutdown_signal();
         // After an extended-protocol error everything up to Sync is ignored, as PostgreSQL does.
         let mut skipping = false;
         loop {
@@ -142,7 +141,7 @@ impl Console {
                     }
                     out.clear();
                     debug!(user = %self.user, command = ?cmd, "admin command");
-                    execute::execute(&self.shared, self.role, &self.user, &cmd, out).await
+                    execute::execute(&*self.ctx, self.role, &self.user, &cmd, out).await
                 }
             };
             if let Err(f) = result {

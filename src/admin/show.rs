@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::reply::{Cell, Table, Ty};
-use crate::app::Shared;
+use super::Context;
 use crate::config::keys::{DefaultValue, Scope, KEYS};
 use crate::config::Named;
 use crate::pool::Pool;
@@ -17,8 +17,8 @@ use crate::pool::Pool;
 use Ty::{Int4, Int8, Text};
 
 /// Pools sorted by database name, so output is stable.
-fn pools(shared: &Shared) -> Vec<Arc<Pool>> {
-    let mut pools: Vec<_> = shared.pools().cloned().collect();
+fn pools(ctx: &dyn Context) -> Vec<Arc<Pool>> {
+    let mut pools = ctx.pools();
     pools.sort_by(|a, b| a.database.cmp(&b.database));
     pools
 }
@@ -46,9 +46,9 @@ static POOLS: [(&str, Ty); 16] = [
 /// forwarded at once and never queue, and servers are never "used" or "tested" here. A
 /// server whose query a cancel is on its way to is `sv_being_canceled` until the cancel has
 /// been delivered, and only then goes back to the pool.
-pub fn pools_table(shared: &Shared) -> Table {
+pub fn pools_table(ctx: &dyn Context) -> Table {
     let mut t = Table::new(&POOLS);
-    for p in pools(shared) {
+    for p in pools(ctx) {
         let st = p.status();
         let waiting = st.waiting.min(st.sessions);
         let wait = st.longest_wait;
@@ -95,8 +95,8 @@ static STATS: [(&str, Ty); 15] = [
 /// Totals since start (times in microseconds, as PgBouncer). The `avg_*` rates are per
 /// second since start and the `avg_*_time` values are means per transaction, query and
 /// wait, rather than PgBouncer's last-period figures: iampool keeps no periods.
-pub fn stats_table(shared: &Shared) -> Table {
-    let started = shared.metrics.started.get();
+pub fn stats_table(ctx: &dyn Context) -> Table {
+    let started = ctx.started_at();
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -105,7 +105,7 @@ pub fn stats_table(shared: &Shared) -> Table {
     let secs_to_us = |s: f64| (s * 1e6) as i64;
     let mean = |sum: i64, n: u64| if n == 0 { 0 } else { sum / n as i64 };
     let mut t = Table::new(&STATS);
-    for p in pools(shared) {
+    for p in pools(ctx) {
         let m = &p.metrics;
         let (xacts, queries) = (m.transactions.get(), m.queries.get());
         let (recv, sent) = (m.bytes_in.get(), m.bytes_out.get());
@@ -170,9 +170,9 @@ static CLIENTS: [(&str, Ty); 13] = [
 /// One row per logged-in client (the console's own included). `state` is `active` while
 /// the client holds a server, `waiting` while it is queued for one, and `idle` otherwise;
 /// `link` is the server it holds (its `ptr` in SHOW SERVERS).
-pub fn clients_table(shared: &Shared) -> Table {
+pub fn clients_table(ctx: &dyn Context) -> Table {
     let mut t = Table::new(&CLIENTS);
-    for (id, c) in shared.client_registry().snapshot() {
+    for (id, c) in ctx.clients().snapshot() {
         let server = c.cancel.target();
         t.push(vec![
             "C".into(),
@@ -214,13 +214,13 @@ static SERVERS: [(&str, Ty); 10] = [
 ];
 
 /// One row per server connection in use, found through the client holding it.
-pub fn servers_table(shared: &Shared) -> Table {
+pub fn servers_table(ctx: &dyn Context) -> Table {
     let mut t = Table::new(&SERVERS);
-    for (id, c) in shared.client_registry().snapshot() {
+    for (id, c) in ctx.clients().snapshot() {
         let Some(server) = c.cancel.target() else {
             continue;
         };
-        let user = shared
+        let user = ctx
             .pool(&c.database)
             .map(|p| p.user.clone())
             .unwrap_or_default();
@@ -237,7 +237,7 @@ pub fn servers_table(shared: &Shared) -> Table {
             c.application_name.as_str().into(),
         ]);
     }
-    for pool in shared.pools() {
+    for pool in ctx.pools() {
         for (pid, addr) in pool.idle_servers() {
             t.push(vec![
                 "S".into(),
@@ -274,9 +274,9 @@ static DATABASES: [(&str, Ty); 13] = [
 
 /// Every pool signs in as its upstream user, which is PgBouncer's `force_user`; iampool has
 /// no reserve pool and no per-database connection cap (0 = none, as in PgBouncer).
-pub fn databases_table(shared: &Shared) -> Table {
+pub fn databases_table(ctx: &dyn Context) -> Table {
     let mut t = Table::new(&DATABASES);
-    for p in pools(shared) {
+    for p in pools(ctx) {
         let st = p.status();
         let u = &p.connector().upstream;
         t.push(vec![
@@ -307,8 +307,8 @@ static CONFIG: [(&str, Ty); 4] = [
 
 /// Global keys with their effective values, read back from the redacted rendering so that
 /// no secret can reach this table; per-database values are in SHOW DATABASES.
-pub fn config_table(shared: &Shared) -> Table {
-    let rendered = shared.config().render_redacted();
+pub fn config_table(ctx: &dyn Context) -> Table {
+    let rendered = ctx.config().render_redacted();
     let values: toml::Table = toml::from_str(&rendered).unwrap_or_default();
     let mut t = Table::new(&CONFIG);
     for key in KEYS.iter().filter(|k| k.scope == Scope::Global) {
@@ -364,9 +364,9 @@ static TOKENS: [(&str, Ty); 14] = [
 /// One row per upstream. IAM columns are NULL for password upstreams; times are whole
 /// seconds (negative once passed), NULL before the first token or for credentials that do
 /// not expire. The identity is the access key id, never the secret.
-pub fn tokens_table(shared: &Shared) -> Table {
+pub fn tokens_table(ctx: &dyn Context) -> Table {
     let mut t = Table::new(&TOKENS);
-    for p in pools(shared) {
+    for p in pools(ctx) {
         let u = &p.connector().upstream;
         let mut row: Vec<Cell> = vec![
             p.database.as_str().into(),

@@ -7,8 +7,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
-use super::auth;
-use crate::app::Shared;
+use super::console::{self, Role};
+use super::{auth, Context};
 use crate::config::ClientTls;
 use crate::pool::Pool;
 use crate::protocol::framing::{startup_packet_len, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
@@ -31,7 +31,7 @@ pub struct Login {
 pub enum Target {
     Pool(Arc<Pool>),
     /// The admin console, and what this user may do there.
-    Admin(crate::admin::Role),
+    Admin(Role),
 }
 
 /// The startup phase ended without a session.
@@ -76,20 +76,20 @@ async fn read_startup_packet(stream: &mut Stream, buf: &mut BytesMut) -> Result<
 
 /// Runs the startup phase for one client connection.
 pub async fn handshake(
-    shared: &Arc<Shared>,
+    ctx: &impl Context,
     stream: Stream,
     over_limit: bool,
     key: (i32, i32),
 ) -> Result<Login, Refused> {
     let mut buf = BytesMut::with_capacity(512);
-    let (mut stream, packet) = match negotiate(shared, stream, &mut buf).await {
+    let (mut stream, packet) = match negotiate(ctx, stream, &mut buf).await {
         Ok(v) => v,
         Err((Some(mut s), fatal)) => return Err(refuse(&mut s, fatal).await),
         // Already answered (or nothing to say).
         Err((None, Fatal(code, _))) if !code.is_empty() => return Err(Refused::Fatal(code)),
         Err((None, _)) => return Err(Refused::Done),
     };
-    match login(shared, &mut stream, &mut buf, &packet, over_limit, key).await {
+    match login(ctx, &mut stream, &mut buf, &packet, over_limit, key).await {
         Ok((user, database, target, params)) => Ok(Login {
             stream,
             leftover: buf,
@@ -121,7 +121,7 @@ fn gone() -> Fatal {
 type Negotiated = Result<(Stream, BytesMut), (Option<Stream>, Fatal)>;
 
 /// SSLRequest / GSSENCRequest / CancelRequest, until the client sends its startup packet.
-async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut) -> Negotiated {
+async fn negotiate(ctx: &impl Context, mut stream: Stream, buf: &mut BytesMut) -> Negotiated {
     // As in PostgreSQL, each of SSLRequest and GSSENCRequest is answered once; a second one
     // is an unsupported protocol version.
     let mut ssl_done = false;
@@ -135,7 +135,7 @@ async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut)
         match code {
             SSL_REQUEST if !ssl_done => {
                 ssl_done = true;
-                let acceptor = shared.tls_acceptor.as_ref();
+                let acceptor = ctx.tls_acceptor();
                 match (acceptor, stream) {
                     (Some(acceptor), Stream::Tcp(mut tcp)) => {
                         // Bytes pipelined behind the SSLRequest would bypass TLS: refuse them.
@@ -188,7 +188,7 @@ async fn negotiate(shared: &Arc<Shared>, mut stream: Stream, buf: &mut BytesMut)
                 let mut r = BodyReader::new(&packet[8..]);
                 let pid = r.i32().unwrap_or(0);
                 let secret = r.i32().unwrap_or(0);
-                shared.cancel.cancel(pid, secret).await;
+                ctx.cancel_keys().cancel(pid, secret).await;
                 return Err((None, gone()));
             }
             code if code >> 16 == 3 => return Ok((stream, packet)),
@@ -232,14 +232,14 @@ fn unencrypted_after(buf: &BytesMut, request: &str) -> Option<Fatal> {
 
 /// The startup packet's parameters, client authentication and the welcome.
 async fn login(
-    shared: &Arc<Shared>,
+    ctx: &impl Context,
     stream: &mut Stream,
     buf: &mut BytesMut,
     packet: &[u8],
     over_limit: bool,
     key: (i32, i32),
 ) -> Result<(String, String, Target, SessionParams), Fatal> {
-    let config = shared.config();
+    let config = ctx.config();
     // Startup parameters, decoded strictly.
     let minor = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]) & 0xffff;
     let mut r = BodyReader::new(&packet[8..]);
@@ -303,15 +303,15 @@ async fn login(
             "no more connections allowed (max_client_conn)".into(),
         ));
     }
-    let pool = shared.pool(&database);
-    if pool.is_none() && !crate::admin::is_console_database(&database) {
+    let pool = ctx.pool(&database);
+    if pool.is_none() && !console::is_console_database(&database) {
         return Err(Fatal(
             sqlstate::INVALID_CATALOG_NAME,
             format!("database \"{database}\" does not exist"),
         ));
     }
 
-    let users = shared.users();
+    let users = ctx.users();
     auth::authenticate(stream, buf, config.auth_type, &users, &user)
         .await
         .map_err(|(code, msg)| Fatal(code, msg))?;
@@ -319,13 +319,13 @@ async fn login(
     // The admin console: checked after authentication, so only a signed-in user learns
     // whether it may use it.
     let Some(pool) = pool else {
-        let role = crate::admin::role(&config, &user).ok_or_else(|| {
+        let role = console::role(&config, &user).ok_or_else(|| {
             Fatal(
                 sqlstate::INVALID_AUTHORIZATION,
                 format!("not allowed: user \"{user}\" is not in admin_users or stats_users"),
             )
         })?;
-        let welcome = crate::admin::welcome_params();
+        let welcome = console::welcome_params();
         let params = welcome_client(stream, &welcome, &startup_params, key).await?;
         return Ok((user, database, Target::Admin(role), params));
     };

@@ -2,27 +2,59 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod console;
 pub mod half;
 pub mod handshake;
 pub mod prepared;
+pub mod registry;
 pub mod relay;
 pub mod scan;
 pub mod tls;
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tracing::debug;
 
-use crate::app::Shared;
+use self::auth::UserAuth;
+use self::cancel::CancelRegistry;
+use self::console::ConsoleLogin;
+use self::registry::{ClientInfo, ClientRegistry};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::stream::Stream;
 
+/// What the client side needs of the process. The composition root (`app::Shared`)
+/// provides it; the client side sees nothing else, and reaches the console only through
+/// [`Context::serve_console`].
+pub trait Context: Send + Sync + 'static {
+    /// The configuration in force (a reload replaces it; a session keeps the one it began with).
+    fn config(&self) -> Arc<Config>;
+    /// Users and their verifiers, for client authentication.
+    fn users(&self) -> Arc<HashMap<String, UserAuth>>;
+    fn pool(&self, database: &str) -> Option<Arc<Pool>>;
+    fn cancel_keys(&self) -> &CancelRegistry;
+    fn tls_acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor>;
+    /// Client connections open (logged in or logging in), for max_client_conn.
+    fn open_clients(&self) -> &AtomicUsize;
+    /// Logged-in clients, as the console lists them.
+    fn clients(&self) -> &ClientRegistry;
+    fn metrics(&self) -> &Metrics;
+    fn shutdown_signal(&self) -> watch::Receiver<bool>;
+    /// Serves a client that signed in to the admin console.
+    fn serve_console(self: Arc<Self>, login: ConsoleLogin) -> impl Future<Output = ()> + Send;
+}
+
 /// Counts a client connection for max_client_conn while it lives.
-struct ClientSlot<'a>(&'a Shared);
+struct ClientSlot<'a>(&'a AtomicUsize);
 
 impl Drop for ClientSlot<'_> {
     fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -36,36 +68,31 @@ impl Drop for SessionCount {
 }
 
 /// Serves one accepted client connection from startup to the end.
-pub async fn serve(shared: Arc<Shared>, stream: Stream) {
-    let open = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
-    let _slot = ClientSlot(&shared);
-    let config = shared.config();
+pub async fn serve<C: Context>(ctx: Arc<C>, stream: Stream) {
+    let open = ctx.open_clients().fetch_add(1, Ordering::AcqRel) + 1;
+    let _slot = ClientSlot(ctx.open_clients());
+    let config = ctx.config();
     let over_limit = open > config.max_client_conn;
-    let registration = shared.cancel.register();
+    let registration = ctx.cancel_keys().register();
     let key = (registration.pid, registration.secret);
     // Boxed: the login's state lives on the heap only while the login runs, so the task of
     // a logged-in client is no larger than its session.
     let login = tokio::time::timeout(
         config.client_login_timeout,
-        Box::pin(handshake::handshake(&shared, stream, over_limit, key)),
+        Box::pin(handshake::handshake(&*ctx, stream, over_limit, key)),
     )
     .await;
     let login = match login {
         Ok(Ok(login)) => login,
         Ok(Err(refused)) => {
             if let handshake::Refused::Fatal(code) = refused {
-                shared
-                    .metrics
-                    .client_logins
-                    .with_label_values(&[code])
-                    .inc();
+                ctx.metrics().client_logins.with_label_values(&[code]).inc();
             }
             debug!(?refused, "client not logged in");
             return;
         }
         Err(_) => {
-            shared
-                .metrics
+            ctx.metrics()
                 .client_logins
                 .with_label_values(&["timeout"])
                 .inc();
@@ -73,32 +100,25 @@ pub async fn serve(shared: Arc<Shared>, stream: Stream) {
             return;
         }
     };
-    shared
-        .metrics
-        .client_logins
-        .with_label_values(&["ok"])
-        .inc();
-    let _listed = shared
-        .client_registry()
-        .register(crate::admin::ClientInfo::new(
-            &login.stream,
-            &login.user,
-            &login.database,
-            login.params.reported("application_name").unwrap_or(""),
-            registration.slot.clone(),
-        ));
+    ctx.metrics().client_logins.with_label_values(&["ok"]).inc();
+    let _listed = ctx.clients().register(ClientInfo::new(
+        &login.stream,
+        &login.user,
+        &login.database,
+        login.params.reported("application_name").unwrap_or(""),
+        registration.slot.clone(),
+    ));
     let pool = match login.target {
         handshake::Target::Pool(pool) => pool,
         handshake::Target::Admin(role) => {
             debug!(user = %login.user, ?role, "admin console client logged in");
-            let admin = crate::admin::serve(
-                shared.clone(),
-                login.stream,
-                login.leftover,
+            let console = ConsoleLogin {
+                stream: login.stream,
+                buf: login.leftover,
                 role,
-                login.user,
-            );
-            return admin.await;
+                user: login.user,
+            };
+            return ctx.clone().serve_console(console).await;
         }
     };
     pool.sessions.fetch_add(1, Ordering::Relaxed);
@@ -114,7 +134,7 @@ pub async fn serve(shared: Arc<Shared>, stream: Stream) {
         max_prepared_statements: config.max_prepared_statements,
         idle_tx_timeout: config.idle_transaction_timeout,
         server_reset_query: config.server_reset_query.clone(),
-        shutdown: shared.shutdown_signal(),
+        shutdown: ctx.shutdown_signal(),
     });
     let end = session.run().await;
     debug!(?end, "client session ended");

@@ -29,6 +29,14 @@ pub use keys::is_reloadable;
 pub use render::example_toml;
 pub use value::Named;
 
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub applied: Vec<String>,
+    /// Changed keys that only take effect after a restart.
+    pub needs_restart: Vec<String>,
+}
+
 /// A secret value (password, verifier). Never printed: `Debug` and `Display` redact it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);

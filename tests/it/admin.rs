@@ -552,10 +552,7 @@ async fn shutdown_drains_the_pooler() {
         .expect("shutdown signal fires")
         .unwrap();
     assert!(*signal.borrow());
-    assert!(iam
-        .shared()
-        .draining
-        .load(std::sync::atomic::Ordering::Acquire));
+    assert!(iam.shared().is_draining());
     // The idle pool client is told, and every session ends.
     let e = tokio::time::timeout(T, c.simple_query("select 1"))
         .await
