@@ -122,8 +122,22 @@ fn put_cstr(out: &mut BytesMut, s: &[u8]) {
 
 /// Writes `tag` + length + body, where the body is `head` + the new name + NUL + `tail`.
 fn put_renamed(out: &mut BytesMut, tag: u8, head: &[u8], name: &[u8], tail: &[u8]) {
+    put_renamed_start(out, tag, head, name, tail, tail.len());
+}
+
+/// [`put_renamed`] for a message still arriving: its tail is `tail_len` bytes, of which only
+/// the first part, `tail`, is written here; the rest follows unchanged.
+fn put_renamed_start(
+    out: &mut BytesMut,
+    tag: u8,
+    head: &[u8],
+    name: &[u8],
+    tail: &[u8],
+    tail_len: usize,
+) {
+    debug_assert!(tail.len() <= tail_len);
     out.put_u8(tag);
-    out.put_i32((4 + head.len() + name.len() + 1 + tail.len()) as i32);
+    out.put_i32((4 + head.len() + name.len() + 1 + tail_len) as i32);
     out.put_slice(head);
     put_cstr(out, name);
     out.put_slice(tail);
@@ -178,18 +192,25 @@ impl Tracker {
         )
     }
 
-    /// Handles one complete client message that names a statement (`frame` includes the
-    /// tag and length; see [`names_statement`]). Anything else is [`ClientAction::Forward`]
+    /// Handles one client message that names a statement (see [`names_statement`]):
+    /// `frame` is the message from its tag on, `frame_len` long. Only a Bind may be
+    /// incomplete (its names arrived, its parameter values are still coming: the caller
+    /// passes those on after the rewritten start). Anything else is [`ClientAction::Forward`]
     /// and accounted by the caller.
     pub fn on_client(
         &mut self,
         frame: &[u8],
+        frame_len: usize,
         server: &mut ServerStatements,
         x: &mut Exchange,
         stage: &mut dyn Staging,
     ) -> ClientAction {
         let tag = frame[0];
         let body = &frame[5..];
+        if frame.len() < frame_len && tag != frontend::BIND {
+            debug_assert!(false, "only a Bind is rewritten before it has all arrived");
+            return ClientAction::Forward;
+        }
         match tag {
             frontend::PARSE => self.parse(body, server, x, stage),
             frontend::BIND => {
@@ -199,8 +220,16 @@ impl Tracker {
                 };
                 let head_len = portal.len() + 1;
                 let tail = r.remaining();
+                let tail_len = frame_len - 5 - head_len - name.len() - 1;
                 self.use_statement(name, Owed::Bind, server, x, stage, |out, global| {
-                    put_renamed(out, frontend::BIND, &body[..head_len], global, tail)
+                    put_renamed_start(
+                        out,
+                        frontend::BIND,
+                        &body[..head_len],
+                        global,
+                        tail,
+                        tail_len,
+                    )
                 })
             }
             frontend::DESCRIBE | frontend::CLOSE => {

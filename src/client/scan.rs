@@ -24,16 +24,30 @@ use crate::server::params::SessionParams;
 
 pub use crate::protocol::framing::MAX_SERVER_MESSAGE;
 
-/// A simple Query longer than this is inspected by its first bytes only and streamed on as
-/// it arrives, never held whole: statements that leave session state behind or drop
-/// prepared statements begin there (a session-level advisory lock taken past it goes
-/// unnoticed, which only costs the warning).
+/// A Query, unnamed Parse or Bind longer than this is inspected by its first bytes only and
+/// streamed on as it arrives, never held whole: statements that leave session state behind
+/// or drop prepared statements begin there (a session-level advisory lock taken past it goes
+/// unnoticed, which only costs the warning), and a Bind's statement name comes before its
+/// parameter values. A named Parse is held whole when rewriting is on: its text is what
+/// the pool keeps to prepare the statement on other servers.
 pub const INSPECT_PREFIX: usize = 4096;
 
-/// Whether a message that is inspected can be passed on before it has fully arrived.
+/// Whether an inspected message this long may be passed on before it has fully arrived.
 #[inline]
 fn streams_after_prefix(h: Header) -> bool {
-    h.tag == frontend::QUERY && h.frame_len() > INSPECT_PREFIX
+    matches!(h.tag, frontend::QUERY | frontend::PARSE | frontend::BIND)
+        && h.frame_len() > INSPECT_PREFIX
+}
+
+/// With the first bytes of a long message's body in hand: whether everything the scanner
+/// decides on is in them, so the rest can stream.
+fn prefix_suffices(tag: u8, prefix: &[u8], rewrite: bool) -> bool {
+    match tag {
+        frontend::PARSE => !rewrite || prefix.first() == Some(&0),
+        // The portal's and the statement's names, both ended.
+        frontend::BIND => !rewrite || prefix.iter().filter(|&&b| b == 0).nth(1).is_some(),
+        _ => true,
+    }
 }
 
 /// Why scanning stopped short.
@@ -140,6 +154,11 @@ impl Scan {
                             self.c.want = INSPECT_PREFIX;
                             break;
                         }
+                        let prefix = &self.c.buf[pos + HEADER_LEN..];
+                        if !prefix_suffices(header.tag, prefix, rewrite) {
+                            self.c.want = header.frame_len();
+                            break;
+                        }
                     }
                     header
                 }
@@ -170,23 +189,29 @@ impl Scan {
                 }
             }
             let mut pos = pos;
+            let end = (pos + len).min(self.c.buf.len());
             if rewrite
                 && Tracker::inspects(tag)
-                && names_statement(tag, &self.c.buf[pos + HEADER_LEN..pos + len])
+                && names_statement(tag, &self.c.buf[pos + HEADER_LEN..end])
             {
                 // The message may be rewritten: move what came before it out of the way first,
                 // so the message starts the buffer.
                 self.c.stage_ready();
                 pos = 0;
+                let avail = len.min(self.c.buf.len());
                 self.c.out_buf();
                 let action = self.tracker.on_client(
-                    &self.c.buf[..len],
+                    &self.c.buf[..avail],
+                    len,
                     srv.statements,
                     srv.x,
                     &mut self.c.out,
                 );
                 if action == ClientAction::Rewritten {
-                    bytes::Buf::advance(&mut self.c.buf, len);
+                    // What arrived of it is rewritten into `out`; the rest of a long Bind
+                    // (its parameter values) streams on unchanged behind it.
+                    bytes::Buf::advance(&mut self.c.buf, avail);
+                    self.c.scan.consume_message(header, avail);
                     self.emit_made(srv.x);
                     continue;
                 }
@@ -640,6 +665,107 @@ mod tests {
             assert_eq!(to_client, server, "split {split}");
             assert_eq!(srv.x.disposition(), Disposition::Clean);
         }
+    }
+    /// Feeds `bytes` in 16 KiB reads, taking what is ready after each; returns what went to
+    /// the server and the most the client half ever held.
+    fn stream_in(scan: &mut Scan, srv: &mut Srv, bytes: &[u8]) -> (Vec<u8>, usize) {
+        let mut sent = Vec::new();
+        let mut held = 0;
+        for part in bytes.chunks(16 * 1024) {
+            scan.c.buf.extend_from_slice(part);
+            scan.client(&mut srv.side()).unwrap();
+            held = held.max(scan.c.buf.len());
+            sent.extend(take(&mut scan.c));
+        }
+        (sent, held)
+    }
+
+    /// A Bind with a large parameter value, naming `stmt`.
+    fn big_bind(stmt: &str, value_len: usize) -> Vec<u8> {
+        let mut b = format!("\0{stmt}\0").into_bytes();
+        b.extend_from_slice(&0i16.to_be_bytes()); // parameter formats
+        b.extend_from_slice(&1i16.to_be_bytes()); // one value
+        b.extend_from_slice(&(value_len as i32).to_be_bytes());
+        b.extend(std::iter::repeat_n(b'v', value_len));
+        b.extend_from_slice(&0i16.to_be_bytes()); // result formats
+        msg(b'B', &b)
+    }
+
+    #[test]
+    fn a_long_bind_of_a_renamed_statement_streams_with_its_new_name() {
+        let known = Arc::default();
+        let mut srv = Srv::default();
+        let mut a = session(&known);
+        let sent = send(
+            &mut a,
+            &mut srv,
+            &[parse("s1", "select $1"), sync()].concat(),
+        );
+        let global = &sent[5..5 + sent[5..].iter().position(|&b| b == 0).unwrap()];
+        let global = String::from_utf8(global.to_vec()).unwrap();
+        answer(&mut a, &mut srv, b"1Z");
+
+        let value_len = 512 << 10;
+        let (sent, held) = stream_in(&mut a, &mut srv, &big_bind("s1", value_len));
+        // Exactly the client's Bind with the server-side name, however it arrived.
+        assert_eq!(sent, big_bind(&global, value_len));
+        assert!(held <= 2 * INSPECT_PREFIX + 16 * 1024, "held {held} bytes");
+        assert!(a.c.scan.at_boundary());
+        assert_eq!(
+            srv.x.disposition(),
+            Disposition::Busy,
+            "the Bind is owed its answer"
+        );
+    }
+
+    #[test]
+    fn a_long_bind_on_a_fresh_server_streams_after_the_injected_parse() {
+        let known = Arc::default();
+        let mut first = Srv::default();
+        let mut a = session(&known);
+        send(
+            &mut a,
+            &mut first,
+            &[parse("s1", "select $1"), sync()].concat(),
+        );
+        answer(&mut a, &mut first, b"1Z");
+
+        // The same client on a server that lacks the statement: Parse, then the Bind.
+        let mut fresh = Srv::default();
+        let (sent, held) = stream_in(
+            &mut a,
+            &mut fresh,
+            &[big_bind("s1", 512 << 10), sync()].concat(),
+        );
+        assert_eq!(tags(&sent), b"PBS");
+        assert!(held <= 2 * INSPECT_PREFIX + 16 * 1024, "held {held} bytes");
+        // The injected ParseComplete is hidden; the client sees its own answers only.
+        assert_eq!(answer(&mut a, &mut fresh, b"12Z"), b"2Z");
+        assert_eq!(fresh.x.disposition(), Disposition::Clean);
+    }
+
+    #[test]
+    fn a_long_unnamed_parse_streams_and_a_long_named_one_is_held_whole() {
+        let known = Arc::default();
+        let text = format!("select '{}'", "x".repeat(512 << 10));
+        let mut srv = Srv::default();
+        let mut a = session(&known);
+        let unnamed = parse("", &text);
+        let (sent, held) = stream_in(&mut a, &mut srv, &unnamed);
+        assert_eq!(sent, unnamed);
+        assert!(held <= 2 * INSPECT_PREFIX + 16 * 1024, "held {held} bytes");
+
+        // A named Parse is the statement's definition, kept to prepare it elsewhere.
+        let mut srv = Srv::default();
+        let mut b = session(&known);
+        let named = parse("big", &text);
+        let (sent, held) = stream_in(&mut b, &mut srv, &named);
+        assert!(
+            held + 16 * 1024 >= named.len(),
+            "held whole until complete: {held}"
+        );
+        assert_eq!(tags(&sent), b"P");
+        assert!(sent.windows(8).any(|w| w == b"iampool_"));
     }
 }
 

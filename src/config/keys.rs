@@ -244,7 +244,7 @@ pub static KEYS: &[Key] = &[
         .example("5min"),
     Key::new("max_message_size", "max-message-size", Kind::Size, TIMEOUTS)
         .default("256MB")
-        .help("Largest protocol message accepted from a client, 8kB to 1GB (larger ones get 08P01); a long Query is streamed to the server as it arrives, never held whole. Server messages are bounded by PostgreSQL's own 1GB")
+        .help("Largest protocol message accepted from a client, 8kB to 1GB (larger ones get 08P01); a long Query, Bind or unnamed Parse is streamed to the server as it arrives, never held whole (a named Parse is kept whole while rewriting is on: its text is what the pool prepares on other servers). Server messages are bounded by PostgreSQL's own 1GB")
         .example("64MB"),
     Key::new("shutdown_timeout", "shutdown-timeout", Kind::Duration, TIMEOUTS)
         .default("30s")

@@ -82,3 +82,47 @@ async fn pgbench_prepared_64_clients_10_servers() {
     assert!(processed > 0, "{out}");
     assert!(iam.shutdown().await);
 }
+
+/// Large parameter values go through a renamed statement intact, on whichever server the
+/// client gets (iampool passes a long Bind on as it arrives, behind its rewritten start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bind_values_through_renamed_statements() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("prep_big");
+    pooler::create_owned_table(pg, &db, "t (id int primary key, b bytea not null)");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.databases[0].pool_size = 2;
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+    let mut tasks = Vec::new();
+    for client in 0..3i32 {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(addr, &db).await;
+            let put = c
+                .prepare("insert into t values ($1, $2) returning length(b)")
+                .await
+                .unwrap();
+            let get = c.prepare("select b from t where id = $1").await.unwrap();
+            for round in 0..3i32 {
+                let id = client * 10 + round;
+                let len = (3 << 20) + 4099 * id as usize;
+                let value: Vec<u8> = (0..len).map(|i| (i * 31 + id as usize) as u8).collect();
+                let stored: i32 = c.query_one(&put, &[&id, &value]).await.unwrap().get(0);
+                assert_eq!(stored as usize, len);
+                let back: Vec<u8> = c.query_one(&get, &[&id]).await.unwrap().get(0);
+                assert!(
+                    back == value,
+                    "client {client} round {round}: value changed"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("bounded")
+            .expect("client");
+    }
+    assert!(iam.shutdown().await);
+}
