@@ -343,6 +343,7 @@ fn upstream(
     let sslrootcert = r.get(layer, "sslrootcert", value::path);
     let hostaddr = r.get(layer, "hostaddr", value::ip);
     let allow_cleartext_password = r.req(layer, "allow_cleartext_password", value::boolean);
+    let insecure_unverified_tls = r.req(layer, "insecure_unverified_tls", value::boolean);
     let max_new_connections_per_second =
         r.req(layer, "max_new_connections_per_second", |raw, key| {
             value::count_in(raw, key, 1, 1000).map(|n| n as u32)
@@ -361,16 +362,31 @@ fn upstream(
         );
     }
     let iam = is_iam.then(|| iam(r, layer, &parsed.host));
+    let insecure_unverified_tls = insecure_unverified_tls?;
+    // The weakest TLS an IAM token may travel over: verified, unless a test setup says otherwise.
+    let weakest = if insecure_unverified_tls {
+        SslMode::Require
+    } else {
+        SslMode::VerifyCa
+    };
     let sslmode = match (sslmode?, is_iam) {
-        (Some(mode), true) if mode < SslMode::Require => Err(r.blame(
+        (Some(mode), true) if mode < weakest => Err(r.blame(
             layer,
             "sslmode",
             Problem::new(
-                format!(
-                    "sslmode={} is too weak for auth=iam: IAM tokens are sent as cleartext passwords",
-                    mode.name()
-                ),
-                "use sslmode=verify-full",
+                if mode < SslMode::Require {
+                    format!(
+                        "sslmode={} is too weak for auth=iam: the IAM token is sent as a cleartext password",
+                        mode.name()
+                    )
+                } else {
+                    format!(
+                        "sslmode={} does not verify the server, so the IAM token would go to whoever answers",
+                        mode.name()
+                    )
+                },
+                "use sslmode=verify-full (with sslrootcert for a private CA); for a test setup only, \
+                 insecure_unverified_tls = true allows sslmode=require",
             ),
         )),
         (Some(mode), _) => Ok(mode),
@@ -395,6 +411,7 @@ fn upstream(
         sslrootcert: sslrootcert?,
         auth,
         allow_cleartext_password: allow_cleartext_password?,
+        insecure_unverified_tls,
         max_new_connections_per_second: max_new_connections_per_second?,
         reauth_interval: reauth_interval?,
     })

@@ -298,7 +298,7 @@ pub static KEYS: &[Key] = &[
     Key::new("sslmode", "sslmode", Kind::Choice(SslMode::NAMES), UPSTREAM)
         .derived("verify-full with auth=iam, else prefer")
         .per_database()
-        .help("TLS to the upstream, as libpq's sslmode; auth=iam needs require or stronger")
+        .help("TLS to the upstream, as libpq's sslmode; auth=iam needs verify-ca or verify-full (the token goes only to a server iampool has verified)")
         .example("verify-full"),
     Key::new("sslrootcert", "sslrootcert", Kind::File, UPSTREAM)
         .per_database()
@@ -341,7 +341,12 @@ pub static KEYS: &[Key] = &[
     Key::new("allow_cleartext_password", "allow-cleartext-password", Kind::Bool, UPSTREAM)
         .default("false")
         .per_database()
-        .help("Allow sending a cleartext password to an upstream over a connection without TLS")
+        .help("Allow sending a cleartext password to an upstream iampool has not verified (no TLS, or sslmode below verify-ca)")
+        .example("true"),
+    Key::new("insecure_unverified_tls", "insecure-unverified-tls", Kind::Bool, UPSTREAM)
+        .default("false")
+        .per_database()
+        .help("TEST SETUPS ONLY: let auth=iam send its token over sslmode=require, which encrypts but does not verify the server, so whoever answers gets the token")
         .example("true"),
     Key::new("auth", "auth", Kind::Choice(UPSTREAM_AUTH_NAMES), DATABASE)
         .default("password")

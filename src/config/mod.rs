@@ -142,8 +142,10 @@ pub struct Upstream {
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
     pub auth: UpstreamAuth,
-    /// Send a cleartext password over a connection without TLS (off by default).
+    /// Send a cleartext password to a server that is not verified (off by default).
     pub allow_cleartext_password: bool,
+    /// auth=iam over TLS that does not verify the server (test setups only; off by default).
+    pub insecure_unverified_tls: bool,
     /// New server logins per second to this host, shared by every pool to it.
     pub max_new_connections_per_second: u32,
     /// Optional bound on how long a pooled session lives after its login (IAM re-authentication).

@@ -130,6 +130,7 @@ fn database_values(d: &Database) -> Vec<(&'static str, Shown)> {
                 "allow_cleartext_password" => {
                     Some(toml::Value::Boolean(u.allow_cleartext_password))
                 }
+                "insecure_unverified_tls" => Some(toml::Value::Boolean(u.insecure_unverified_tls)),
                 // IAM keys only for IAM databases; an inferred region is a comment of its own.
                 "region" => match iam? {
                     iam if iam.region_inferred => return None,

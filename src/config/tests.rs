@@ -255,10 +255,59 @@ fn iam_rules() {
     assert_eq!(e.key, "databases.d.sslmode");
     assert!(
         e.message
-            .contains("IAM tokens are sent as cleartext passwords"),
+            .contains("the IAM token is sent as a cleartext password"),
         "{e}"
     );
-    assert_eq!(e.fix, "use sslmode=verify-full");
+    assert!(e.fix.starts_with("use sslmode=verify-full"), "{e}");
+
+    // TLS that does not verify the server is refused too: the token would go to whoever
+    // answers. Only the loudly named opt-out lets a test setup use it.
+    for mode in ["require", "prefer", "allow"] {
+        let url = format!("postgres://app@{RDS_HOST}/d?auth=iam&sslmode={mode}");
+        let e = one_error(&["--upstream", &url], &[]);
+        assert_eq!(e.key, "databases.d.sslmode", "{mode}");
+        assert!(e.fix.contains("insecure_unverified_tls"), "{e}");
+    }
+    let e = one_error(
+        &[
+            "--upstream",
+            &format!("postgres://app@{RDS_HOST}/d?auth=iam&sslmode=require"),
+        ],
+        &[],
+    );
+    assert!(e.message.contains("does not verify the server"), "{e}");
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            &format!(
+                "postgres://app@{RDS_HOST}/d?auth=iam&sslmode=require&insecure_unverified_tls=true"
+            ),
+        ],
+        &[],
+    )
+    .unwrap();
+    let u = &config.databases[0].upstream;
+    assert_eq!(
+        (u.sslmode, u.insecure_unverified_tls),
+        (SslMode::Require, true)
+    );
+    let e = one_error(
+        &[
+            "--upstream",
+            &format!(
+                "postgres://app@{RDS_HOST}/d?auth=iam&sslmode=prefer&insecure_unverified_tls=true"
+            ),
+        ],
+        &[],
+    );
+    assert!(e.message.contains("too weak"), "{e}");
+    for mode in ["verify-ca", "verify-full"] {
+        let url = format!("postgres://app@{RDS_HOST}/d?auth=iam&sslmode={mode}");
+        assert!(
+            Config::from_args(&["--upstream", &url], &[]).is_ok(),
+            "{mode}"
+        );
+    }
 
     let e = one_error(
         &["--upstream", "postgres://app@db.internal/d?auth=iam"],

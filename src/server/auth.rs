@@ -81,7 +81,7 @@ pub async fn authenticate(
     buf: &mut BytesMut,
     user: &str,
     secret: &Option<Secret>,
-    allow_cleartext_without_tls: bool,
+    cleartext_allowed: bool,
 ) -> Result<(), LoginError> {
     let mut scram: Option<ScramClient> = None;
     let mut out = BytesMut::with_capacity(256);
@@ -104,10 +104,11 @@ pub async fn authenticate(
         match code {
             auth::OK => return Ok(()),
             auth::CLEARTEXT_PASSWORD => {
-                if !stream.is_tls() && !allow_cleartext_without_tls {
+                if !cleartext_allowed {
                     return Err(LoginError::Config(
-                        "the server asks for a cleartext password over a connection without TLS; \
-                         use sslmode=require or stronger, or set allow_cleartext_password = true"
+                        "the server asks for a cleartext password, and iampool has not verified it \
+                         (no TLS, or sslmode below verify-ca); use sslmode=verify-full, or set \
+                         allow_cleartext_password = true to send it anyway"
                             .into(),
                     ));
                 }

@@ -16,7 +16,7 @@ use super::auth::{authenticate, LoginSecret, Password};
 use super::conn::ServerConn;
 use super::login_limit::LoginLimiter;
 use super::params::SessionParams;
-use crate::config::{SslMode, Upstream};
+use crate::config::{SslMode, Upstream, UpstreamAuth};
 use crate::protocol::framing::SSL_REQUEST;
 use crate::protocol::messages::{self, backend, parse_error_fields, ErrorFields};
 use crate::stream::{read_message, Stream};
@@ -313,14 +313,8 @@ impl Connector {
         stream.flush().await?;
 
         let mut buf = BytesMut::with_capacity(1024);
-        authenticate(
-            &mut stream,
-            &mut buf,
-            &u.user,
-            &secret.secret,
-            self.upstream.allow_cleartext_password,
-        )
-        .await?;
+        let cleartext = cleartext_allowed(&self.upstream, stream.is_tls());
+        authenticate(&mut stream, &mut buf, &u.user, &secret.secret, cleartext).await?;
 
         // After AuthenticationOk: ParameterStatus*, BackendKeyData, ReadyForQuery.
         let mut params = ServerParamList::new();
@@ -390,4 +384,13 @@ impl Connector {
         };
         Ok((conn, params))
     }
+}
+
+/// Whether a password (or IAM token) may go to this server in cleartext: only once the server
+/// is verified, unless the configuration says otherwise for this upstream.
+fn cleartext_allowed(u: &Upstream, tls: bool) -> bool {
+    let verified = tls && u.sslmode >= SslMode::VerifyCa;
+    verified
+        || u.allow_cleartext_password
+        || (tls && u.insecure_unverified_tls && matches!(u.auth, UpstreamAuth::Iam(_)))
 }

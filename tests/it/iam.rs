@@ -834,7 +834,8 @@ async fn token_for_wrong_host_or_region_is_refused_after_one_retry() {
     }
 }
 
-/// auth=iam with sslmode=disable never starts: the token would go out in cleartext.
+/// auth=iam with sslmode=disable or require never starts: the token would go out in cleartext,
+/// or to a server nobody verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iam_with_sslmode_disable_is_refused_at_start() {
     let url =
@@ -852,6 +853,21 @@ async fn iam_with_sslmode_disable_is_refused_at_start() {
     let checked = format!("{out}{err}");
     assert!(!ok, "check-config reports the mistake:\n{checked}");
     assert!(checked.contains("sslmode"), "{checked}");
+
+    // TLS that encrypts without verifying the server is refused as well, unless the loudly
+    // named test-setup opt-out is set.
+    let require = url.replace("sslmode=disable", "sslmode=require");
+    let (ok, out, err) = run_iampool(&["--upstream", &require, "check-config"], &static_env());
+    let text = format!("{out}{err}");
+    assert!(!ok, "sslmode=require must be refused for auth=iam:\n{text}");
+    assert!(text.contains("does not verify the server"), "{text}");
+    assert!(
+        text.contains("insecure_unverified_tls"),
+        "names the opt-out: {text}"
+    );
+    let opted_out = format!("{require}&insecure_unverified_tls=true");
+    let (ok, out, err) = run_iampool(&["--upstream", &opted_out, "check-config"], &static_env());
+    assert!(ok, "the opt-out is honoured: {out}{err}");
 
     // The right configuration passes check-config and shows verify-full.
     let good = url.replace("&sslmode=disable", "");

@@ -60,6 +60,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
                 sslrootcert: None,
                 auth: UpstreamAuth::Password,
                 allow_cleartext_password: false,
+                insecure_unverified_tls: false,
                 max_new_connections_per_second: 200,
                 reauth_interval: None,
             },

@@ -75,3 +75,65 @@ async fn md5_and_cleartext_upstreams() {
     assert_eq!(code(&err), "28P01", "{err:?}");
     assert!(iam.shutdown().await);
 }
+
+/// A cleartext password goes only to a server iampool has verified: over TLS that only
+/// encrypts (sslmode=require) it is refused unless explicitly allowed; verify-full sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_password_goes_only_to_a_verified_server() {
+    use crate::support::certs::{install_for_postgres, TestPki};
+    use iampool::config::SslMode;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let (cert, key) = pki.issue_server(dir.path(), &["127.0.0.1"]);
+    let pg_files = tempfile::tempdir().unwrap();
+    let (cert, key) = install_for_postgres(&cert, &key, pg_files.path());
+    let pg = PgCluster::start(PgOptions {
+        hba: vec!["hostssl all plainuser 127.0.0.1/32 password".into()],
+        tls: Some((cert, key)),
+        ..PgOptions::default()
+    });
+    pg.psql(
+        "create user plainuser password 'plain-secret'; create database plaindb owner plainuser;",
+    );
+    let plain = TestDb {
+        name: "plaindb".into(),
+        user: "plainuser".into(),
+        password: "plain-secret".into(),
+    };
+
+    let config = |mode: SslMode| {
+        let mut cfg = pooler::config(&pg, &plain);
+        cfg.databases[0].upstream.sslmode = mode;
+        cfg.databases[0].upstream.sslrootcert = Some(pki.ca_path.clone());
+        cfg
+    };
+    // Encrypted but not verified: whoever answers would get the password.
+    let iam = start(config(SslMode::Require)).await;
+    let err = try_connect(iam.local_addr(), &plain).await.unwrap_err();
+    let msg = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert_eq!(code(&err), "08001", "{err:?}");
+    assert!(msg.contains("not verified"), "{msg}");
+    assert!(msg.contains("verify-full"), "names the fix: {msg}");
+    assert!(!msg.contains("plain-secret"));
+    assert!(iam.shutdown().await);
+
+    // Verified: sent.
+    for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
+        let iam = start(config(mode)).await;
+        let c = connect(iam.local_addr(), &plain).await;
+        c.simple_query("select 1").await.unwrap();
+        assert!(iam.shutdown().await);
+    }
+
+    // Unverified, but explicitly allowed.
+    let mut cfg = config(SslMode::Require);
+    cfg.databases[0].upstream.allow_cleartext_password = true;
+    let iam = start(cfg).await;
+    let c = connect(iam.local_addr(), &plain).await;
+    c.simple_query("select 1").await.unwrap();
+    assert!(iam.shutdown().await);
+}
