@@ -59,6 +59,12 @@ pub fn sign_token(
         utf8_percent_encode(user, RFC3986)
     );
     let uri = format!("https://{base}");
+    // The Host header botocore signs: the host in lower case, and no port when it is the
+    // https default (its URL handling drops :443). The token text keeps the host as given.
+    let signed_host = match port {
+        443 => host.to_ascii_lowercase(),
+        _ => format!("{}:{port}", host.to_ascii_lowercase()),
+    };
 
     let identity: Identity = creds.clone().into();
     let mut settings = SigningSettings::default();
@@ -77,7 +83,7 @@ pub fn sign_token(
     let request = SignableRequest::new(
         "GET",
         uri.as_str(),
-        std::iter::once(("host", host_port.as_str())),
+        std::iter::once(("host", signed_host.as_str())),
         SignableBody::empty(),
     )
     .map_err(|e| IamError::Signing(e.to_string()))?;
@@ -217,6 +223,34 @@ mod tests {
         assert!(token.contains("&X-Amz-SignedHeaders=host&"), "{token}");
         assert!(token.contains("&X-Amz-Date=20300506T070809Z&"), "{token}");
         assert!(token.contains("&X-Amz-Security-Token=tok&"), "{token}");
+    }
+
+    /// botocore signs the lower-cased host, and no port for 443; the token text keeps the
+    /// host and port as given. Expected values from botocore 1.44.8's generate_db_auth_token.
+    #[test]
+    fn host_case_and_port_443_sign_as_botocore_does() {
+        let c = creds(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            None,
+        );
+        let t = at("2026-01-02T03:04:05Z");
+        let sig = |s: &str| s.rsplit("X-Amz-Signature=").next().unwrap().to_owned();
+        let upper = sign_token(&c, "MyDB.Example.COM", 5432, "app", "us-east-1", t).unwrap();
+        assert!(upper.starts_with("MyDB.Example.COM:5432/?Action=connect&DBUser=app&"));
+        let lower = "5431dde4a27ea86ddb4cfa271db27c37e16521211718c2ffc9060d3f642b4292";
+        assert_eq!(sig(&upper), lower);
+        let https = sign_token(&c, "mydb.example.com", 443, "app", "us-east-1", t).unwrap();
+        assert!(https.starts_with("mydb.example.com:443/?Action=connect&"));
+        assert_eq!(
+            sig(&https),
+            "207c93142d823c051e43d58506b3049d87e8fe6c49f09efe9e9a77d378adc521"
+        );
+        let http = sign_token(&c, "mydb.example.com", 80, "app", "us-east-1", t).unwrap();
+        assert_eq!(
+            sig(&http),
+            "95c03134e068876891aae5c6d7b9565c20069336232992772c34d84638ef6522"
+        );
     }
 
     #[test]

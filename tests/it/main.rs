@@ -15,4 +15,5 @@ mod observability;
 mod pgbench;
 mod pooler;
 mod prepared;
+mod signer;
 mod upstream_auth;
