@@ -81,8 +81,14 @@ fn init_logging(level: &str, format: LogFormat) -> LogReloader {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
+    // Colour only for a person at a terminal, never in a file or a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(not_secret_bearing));
     match format {
         LogFormat::Json => registry.with(fmt.json()).init(),
         LogFormat::Text => registry.with(fmt).init(),
@@ -90,6 +96,20 @@ fn init_logging(level: &str, format: LogFormat) -> LogReloader {
     Box::new(move |level: &str| {
         let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
+    })
+}
+
+/// Dependencies whose events carry secrets whatever the level asked for: aws-sigv4 traces
+/// the canonical request of every signing, session token included. They never reach the
+/// log, so no log_level can print a secret.
+const SECRET_BEARING_TARGETS: [&str; 1] = ["aws_sigv4"];
+
+fn not_secret_bearing(meta: &tracing::Metadata<'_>) -> bool {
+    let target = meta.target();
+    !SECRET_BEARING_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
     })
 }
 

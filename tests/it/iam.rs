@@ -1031,3 +1031,58 @@ async fn imdsv2_credentials_sign_logins() {
             .collect::<BTreeSet<_>>()
     );
 }
+
+/// At log_level=trace, a whole IAM login (env keys, a two-hop AssumeRole chain through STS,
+/// a signed token, the upstream login, a client's SCRAM login) logs no secret: no key, no
+/// session token, no token or signature, whatever a dependency logs; and, written to a file,
+/// no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_level_iam_login_logs_no_secret() {
+    let ttl = Duration::from_secs(3600);
+    let sts = FakeSts::start(ttl).await;
+    let arn1 = "arn:aws:iam::111122223333:role/hop-one";
+    let arn2 = "arn:aws:iam::444455556666:role/db-connect";
+    let rds = rds_with_app(RdsOptions::default());
+    let keys = keys_with_next(vec![], arn2, ttl, 1);
+    rds.set_issued_keys(&keys);
+    let mut env = static_env();
+    env.push(("AWS_ENDPOINT_URL_STS", sts.endpoint()));
+    let iampool = Iampool::start(
+        &args(
+            &rds.upstream_url(APP, ""),
+            &[
+                "--assume-role-arn",
+                &format!("{arn1},{arn2}"),
+                "--log-level",
+                "trace",
+            ],
+        ),
+        &env,
+    );
+    assert_eq!(iampool.query_ok(APP).await, APP);
+    let log = iampool.log();
+    assert!(
+        log.contains("TRACE"),
+        "the log is at trace level: {}",
+        &log[..log.len().min(2000)]
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "no colour codes in a log that is not a terminal"
+    );
+    assert_secret_free(&log, "iampool's trace log");
+    let mut secrets = vec![
+        ("the env secret key", STATIC_SECRET_ACCESS_KEY.to_string()),
+        (
+            "a session token parameter",
+            "X-Amz-Security-Token".to_string(),
+        ),
+    ];
+    for k in &keys {
+        secrets.push(("a role's secret key", k.secret_access_key.clone()));
+        secrets.push(("a role's session token", k.session_token.clone()));
+    }
+    for (what, secret) in &secrets {
+        assert!(!log.contains(secret.as_str()), "the trace log shows {what}");
+    }
+}
