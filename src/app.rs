@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::client::auth::{prepare_users, UserAuth};
 use crate::client::cancel::CancelRegistry;
 use crate::client::console::ConsoleLogin;
+use crate::client::guard::LoginGuard;
 use crate::client::registry::ClientRegistry;
 use crate::config::{Config, Database, ReloadReport, Upstream, UpstreamAuth};
 use crate::metrics::http::Health;
@@ -60,6 +61,7 @@ pub struct Shared {
     users: RwLock<Arc<HashMap<String, UserAuth>>>,
     pools: HashMap<String, Arc<Pool>>,
     cancel: CancelRegistry,
+    login_guard: LoginGuard,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Connections open on the client side (logged in or logging in).
     clients: AtomicUsize,
@@ -91,6 +93,16 @@ impl Shared {
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.clone()
+    }
+
+    /// Client connections still logging in.
+    pub fn pending_logins(&self) -> usize {
+        self.login_guard.pending()
+    }
+
+    /// Client connections open (logging in or logged in).
+    pub fn open_client_count(&self) -> usize {
+        self.clients.load(Ordering::Acquire)
     }
 
     /// True once a shutdown began: /readyz says no and no new client is accepted.
@@ -181,6 +193,9 @@ impl crate::client::Context for Shared {
     }
     fn cancel_keys(&self) -> &CancelRegistry {
         &self.cancel
+    }
+    fn login_guard(&self) -> &LoginGuard {
+        &self.login_guard
     }
     fn tls_acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
         self.tls_acceptor.as_ref()
@@ -382,6 +397,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         users: RwLock::new(Arc::new(users)),
         pools,
         cancel: CancelRegistry::default(),
+        login_guard: LoginGuard::default(),
         tls_acceptor,
         clients: AtomicUsize::new(0),
         client_registry: Default::default(),

@@ -24,6 +24,17 @@ impl Stream {
         matches!(self, Stream::TlsServer(_) | Stream::TlsClient(_))
     }
 
+    /// The peer's IP address (None for a unix socket, or if the socket has none any more).
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().ok(),
+            Stream::TlsServer(s) => s.get_ref().0.peer_addr().ok(),
+            Stream::TlsClient(s) => s.get_ref().0.peer_addr().ok(),
+            Stream::Unix(_) => None,
+        }
+        .map(|a| a.ip())
+    }
+
     /// Waits until the socket has something to read, without a buffer to read into, so an
     /// idle connection holds none. `false` for TLS streams, whose decrypted bytes may
     /// already wait inside the TLS layer: read those with a buffer.

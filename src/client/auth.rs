@@ -2,8 +2,9 @@
 //!
 //! Secrets are prepared once at start (a plain password becomes a SCRAM verifier and an md5
 //! hash), so a login never runs PBKDF2 on the stored side. Unknown users go through the same
-//! exchange against a throwaway verifier and fail the same way, so a client cannot probe
-//! which user names exist.
+//! exchange against a stand-in verifier (a stable salt per name, derived from a per-process
+//! secret, as PostgreSQL's mock authentication) with the same work, and fail the same way, so
+//! a client cannot probe which user names exist.
 
 use std::collections::HashMap;
 
@@ -53,6 +54,16 @@ pub fn prepare_users(
         out.insert(name.clone(), auth);
     }
     Ok(out)
+}
+
+/// The key unknown users' stand-in verifiers are derived from: random, drawn once per process.
+fn mock_secret() -> &'static [u8; 32] {
+    static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        let mut s = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut s);
+        s
+    })
 }
 
 /// Why authentication failed: (SQLSTATE, message) for the client's FATAL.
@@ -113,10 +124,10 @@ pub async fn authenticate(
             Some(UserAuth { scram: Some(v), .. }) => scram_exchange(stream, buf, v.clone()).await?,
             Some(UserAuth { md5: Some(h), .. }) => md5_exchange(stream, buf, Some(h), user).await?,
             _ => {
-                // Unknown user: run the exchange against a random verifier and fail at the end.
-                let mut junk = [0u8; 16];
-                rand::thread_rng().fill_bytes(&mut junk);
-                let mock = ScramVerifier::from_password(&hex::encode(junk), &junk, 4096);
+                // Unknown user: the same exchange against a stand-in verifier (the same salt
+                // for the same name every time, and no more work than a real user's), failing
+                // at the end exactly as a wrong password does.
+                let mock = ScramVerifier::mock(mock_secret(), user);
                 scram_exchange(stream, buf, mock).await?;
                 false
             }
@@ -141,7 +152,18 @@ async fn md5_exchange(
     let response = BodyReader::new(&body)
         .cbytes()
         .map_err(|_| protocol("malformed password message"))?;
-    Ok(stored.is_some_and(|h| md5_verify(h, salt, response)))
+    // An unknown user's answer is checked against a stand-in hash all the same, so both
+    // cost the same.
+    let mock;
+    let hash = match stored {
+        Some(h) => h,
+        None => {
+            mock = format!("md5{}", hex::encode(&mock_secret()[..16]));
+            &mock
+        }
+    };
+    let ok = md5_verify(hash, salt, response);
+    Ok(stored.is_some() && ok)
 }
 
 async fn scram_exchange(

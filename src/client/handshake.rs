@@ -2,6 +2,7 @@
 //! authentication and the welcome (ParameterStatus, BackendKeyData, ReadyForQuery).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -100,6 +101,19 @@ pub async fn handshake(
         }),
         Err(f) => Err(refuse(&mut stream, f).await),
     }
+}
+
+/// Refuses a connection before reading anything from it (53300, too many connections).
+pub async fn refuse_now(stream: &mut Stream, message: &str) {
+    let mut b = BytesMut::new();
+    messages::error_response(
+        &mut b,
+        Severity::Fatal,
+        sqlstate::TOO_MANY_CONNECTIONS,
+        message,
+    );
+    let _ = stream.write_all(&b).await;
+    let _ = stream.flush().await;
 }
 
 async fn refuse(stream: &mut Stream, Fatal(code, message): Fatal) -> Refused {
@@ -311,10 +325,28 @@ async fn login(
         ));
     }
 
+    // Too many failed logins from this address: refused before any password is checked.
+    let peer = stream.peer_ip();
+    let guard = ctx.login_guard();
+    if let Some(wait) = guard.blocked(peer, config.auth_failure_limit, Instant::now()) {
+        return Err(Fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "too many failed logins from this address (auth_failure_limit); try again in {} s",
+                wait.as_secs() + 1
+            ),
+        ));
+    }
     let users = ctx.users();
-    auth::authenticate(stream, buf, config.auth_type, &users, &user)
-        .await
-        .map_err(|(code, msg)| Fatal(code, msg))?;
+    if let Err((code, msg)) = auth::authenticate(stream, buf, config.auth_type, &users, &user).await
+    {
+        if code == sqlstate::INVALID_PASSWORD {
+            guard.failed(peer, Instant::now());
+            // As PostgreSQL's auth_delay: every wrong guess costs the guesser time.
+            tokio::time::sleep(config.auth_failure_delay).await;
+        }
+        return Err(Fatal(code, msg));
+    }
 
     // The admin console: checked after authentication, so only a signed-in user learns
     // whether it may use it.

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod console;
+pub mod guard;
 pub mod half;
 pub mod handshake;
 pub mod prepared;
@@ -22,6 +23,7 @@ use tracing::debug;
 use self::auth::UserAuth;
 use self::cancel::CancelRegistry;
 use self::console::ConsoleLogin;
+use self::guard::LoginGuard;
 use self::registry::{ClientInfo, ClientRegistry};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -38,6 +40,8 @@ pub trait Context: Send + Sync + 'static {
     fn users(&self) -> Arc<HashMap<String, UserAuth>>;
     fn pool(&self, database: &str) -> Option<Arc<Pool>>;
     fn cancel_keys(&self) -> &CancelRegistry;
+    /// Logins in progress and failed logins per address.
+    fn login_guard(&self) -> &LoginGuard;
     fn tls_acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor>;
     /// Client connections open (logged in or logging in), for max_client_conn.
     fn open_clients(&self) -> &AtomicUsize;
@@ -68,10 +72,24 @@ impl Drop for SessionCount {
 }
 
 /// Serves one accepted client connection from startup to the end.
-pub async fn serve<C: Context>(ctx: Arc<C>, stream: Stream) {
+pub async fn serve<C: Context>(ctx: Arc<C>, mut stream: Stream) {
+    let config = ctx.config();
+    // Over max_pending_logins: told at once and not counted as a client, so logins that
+    // stall cannot fill max_client_conn.
+    let Some(mut pending) = ctx.login_guard().begin(config.max_pending_logins) else {
+        handshake::refuse_now(
+            &mut stream,
+            "too many connections are logging in (max_pending_logins); try again",
+        )
+        .await;
+        ctx.metrics()
+            .client_logins
+            .with_label_values(&[crate::protocol::messages::sqlstate::TOO_MANY_CONNECTIONS])
+            .inc();
+        return;
+    };
     let open = ctx.open_clients().fetch_add(1, Ordering::AcqRel) + 1;
     let _slot = ClientSlot(ctx.open_clients());
-    let config = ctx.config();
     let over_limit = open > config.max_client_conn;
     let registration = ctx.cancel_keys().register();
     let key = (registration.pid, registration.secret);
@@ -82,6 +100,7 @@ pub async fn serve<C: Context>(ctx: Arc<C>, stream: Stream) {
         Box::pin(handshake::handshake(&*ctx, stream, over_limit, key)),
     )
     .await;
+    pending.done();
     let login = match login {
         Ok(Ok(login)) => login,
         Ok(Err(refused)) => {

@@ -130,6 +130,9 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let unix_socket_dir = r.get(g, "unix_socket_dir", value::path);
     let worker_threads = r.req(g, "worker_threads", usize_count);
     let max_client_conn = r.req(g, "max_client_conn", usize_count);
+    let max_pending_logins = r.req(g, "max_pending_logins", usize_count);
+    let auth_failure_delay = r.req(g, "auth_failure_delay", value::duration);
+    let auth_failure_limit = r.req(g, "auth_failure_limit", usize_count);
     let max_prepared_statements = r.req(g, "max_prepared_statements", usize_count);
     let server_lifetime = r.req(g, "server_lifetime", value::duration);
     let server_lifetime_jitter = lifetime_jitter(r, g, &server_lifetime);
@@ -166,6 +169,9 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         unix_socket_dir: unix_socket_dir?,
         worker_threads: worker_threads?,
         max_client_conn: max_client_conn?,
+        max_pending_logins: max_pending_logins?,
+        auth_failure_delay: auth_failure_delay?,
+        auth_failure_limit: auth_failure_limit?,
         max_prepared_statements: max_prepared_statements?,
         server_lifetime: server_lifetime?,
         server_lifetime_jitter: server_lifetime_jitter?,

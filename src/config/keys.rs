@@ -184,6 +184,11 @@ pub static KEYS: &[Key] = &[
         .unit("client connections")
         .help("Most client connections accepted at once")
         .example("5000"),
+    Key::new("max_pending_logins", "max-pending-logins", Kind::Count, LISTENING)
+        .default("256")
+        .unit("connections")
+        .help("Most client connections still logging in at once; a connection beyond it is refused (53300) without counting toward max_client_conn, so stalled or slow logins cannot take logged-in clients' places; 0 for no separate limit")
+        .example("20"),
     Key::new("pool_mode", "pool-mode", Kind::Choice(PoolMode::NAMES), POOLS)
         .default("transaction")
         .per_database()
@@ -251,6 +256,15 @@ pub static KEYS: &[Key] = &[
         .restart()
         .help("On shutdown, wait this long for clients to finish before closing them")
         .example("10s"),
+    Key::new("auth_failure_delay", "auth-failure-delay", Kind::Duration, CLIENTS)
+        .default("500ms")
+        .help("A failed client login gets its error this much later, as PostgreSQL's auth_delay, so passwords cannot be guessed at speed; 0 disables")
+        .example("2s"),
+    Key::new("auth_failure_limit", "auth-failure-limit", Kind::Count, CLIENTS)
+        .default("20")
+        .unit("failed logins per minute")
+        .help("Failed client logins from one source address in a minute before further logins from it are refused (53300) for the rest of that minute; 0 disables")
+        .example("5"),
     Key::new("auth_type", "auth-type", Kind::Choice(AuthType::NAMES), CLIENTS)
         .default("scram-sha-256")
         .help("How clients prove their password to iampool: scram-sha-256, md5, or trust (no password)")

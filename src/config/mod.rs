@@ -183,6 +183,12 @@ pub struct Config {
     /// 0: one per core (multi-threaded scheduler); 1: a single-threaded runtime.
     pub worker_threads: usize,
     pub max_client_conn: usize,
+    /// Client connections still logging in; 0 = no separate limit.
+    pub max_pending_logins: usize,
+    /// Wait before a failed client login's error.
+    pub auth_failure_delay: Duration,
+    /// Failed logins per source address per minute; 0 = no limit.
+    pub auth_failure_limit: usize,
     /// Named prepared statements per server connection in transaction mode; 0 disables the rewriting.
     pub max_prepared_statements: usize,
     pub server_lifetime: Duration,

@@ -146,6 +146,25 @@ impl ScramVerifier {
         ScramVerifier::from_password(password, &salt, DEFAULT_ITERATIONS)
     }
 
+    /// The stand-in verifier for a user name that does not exist, as PostgreSQL's mock
+    /// authentication: derived from `secret` (random per process) and the name, so the same
+    /// name always gets the same salt, and built without PBKDF2 so the exchange costs what a
+    /// real user's does. No password matches it: its keys are not derived from one.
+    pub fn mock(secret: &[u8], user: &str) -> ScramVerifier {
+        let derive = |what: &[u8]| {
+            let mut m = Vec::with_capacity(what.len() + user.len());
+            m.extend_from_slice(what);
+            m.extend_from_slice(user.as_bytes());
+            hmac(secret, &m)
+        };
+        ScramVerifier {
+            iterations: DEFAULT_ITERATIONS,
+            salt: derive(b"salt\0")[..SALT_LEN].to_vec(),
+            stored_key: derive(b"stored key\0"),
+            server_key: derive(b"server key\0"),
+        }
+    }
+
     pub fn iterations(&self) -> u32 {
         self.iterations
     }

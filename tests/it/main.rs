@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod cancel;
+mod client_auth;
 mod core;
 mod drivers;
 mod fidelity;
