@@ -58,6 +58,8 @@ pub struct Shared {
     /// Draining: /readyz is false and no new client is accepted.
     draining: std::sync::atomic::AtomicBool,
     config: RwLock<Arc<Config>>,
+    /// The configuration iampool started with: what restart-only settings still are.
+    started: Arc<Config>,
     users: RwLock<Arc<HashMap<String, UserAuth>>>,
     pools: HashMap<String, Arc<Pool>>,
     cancel: CancelRegistry,
@@ -135,28 +137,48 @@ impl Shared {
         Ok(self.apply(new))
     }
 
-    /// Applies reloadable settings from `new`: pool sizes and timeouts, users, log level and
-    /// client limits. Everything else is reported as needing a restart.
+    /// Applies reloadable settings from `new`: pool sizes and timeouts, upstream passwords,
+    /// users, log level and client limits. Everything else is reported as needing a
+    /// restart, measured against what is actually running, so a later reload still reports
+    /// a restart that has not happened.
     pub fn apply(&self, new: Config) -> ReloadReport {
         let old = self.config();
+        let started = &self.started;
         let mut report = ReloadReport::default();
         for key in old.changed_keys(&new) {
             if crate::config::is_reloadable(key) {
                 report.applied.push(key.to_owned());
-            } else {
+            }
+        }
+        for key in started.changed_keys(&new) {
+            if !crate::config::is_reloadable(key) {
                 report.needs_restart.push(key.to_owned());
             }
         }
-        // Databases: settings of existing pools apply; new, removed or re-pointed ones wait.
+        // Databases: settings and passwords of existing pools apply; new, removed or
+        // re-pointed ones wait for a restart.
         for db in &new.databases {
-            match (self.pools.get(&db.name), old.database(&db.name)) {
-                (Some(pool), Some(before)) if before.upstream == db.upstream => {
+            let pool = self.pools.get(&db.name);
+            match (pool, started.database(&db.name)) {
+                (Some(pool), Some(first)) if same_but_password(&first.upstream, &db.upstream) => {
                     pool.update_settings(pool_settings(&new, db));
+                    let before = old
+                        .database(&db.name)
+                        .and_then(|d| d.upstream.password.as_ref());
+                    if before != db.upstream.password.as_ref()
+                        && pool
+                            .connector()
+                            .replace_password(db.upstream.password.clone())
+                    {
+                        report
+                            .applied
+                            .push(format!("databases.{}.password", db.name));
+                    }
                 }
                 _ => report.needs_restart.push(format!("databases.{}", db.name)),
             }
         }
-        for db in &old.databases {
+        for db in &started.databases {
             if new.database(&db.name).is_none() {
                 report.needs_restart.push(format!("databases.{}", db.name));
             }
@@ -243,6 +265,15 @@ impl crate::admin::Context for Shared {
     fn shutdown_signal(&self) -> watch::Receiver<bool> {
         Shared::shutdown_signal(self)
     }
+}
+
+/// Whether two upstreams are the same server, user and settings, whatever their passwords.
+fn same_but_password(a: &Upstream, b: &Upstream) -> bool {
+    let unkeyed = |u: &Upstream| Upstream {
+        password: None,
+        ..u.clone()
+    };
+    unkeyed(a) == unkeyed(b)
 }
 
 fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
@@ -344,7 +375,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .or_insert_with(|| Arc::new(LoginLimiter::new(u.max_new_connections_per_second)))
             .clone();
         let password = match &u.auth {
-            UpstreamAuth::Password => Password::Static(u.password.clone()),
+            UpstreamAuth::Password => Password::fixed(u.password.clone()),
             UpstreamAuth::Iam(iam) => {
                 if iam.region_inferred {
                     info!(database = %db.name, host = %u.host, region = %iam.region,
@@ -394,6 +425,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         draining: std::sync::atomic::AtomicBool::new(false),
         config: RwLock::new(Arc::new(config.clone())),
+        started: Arc::new(config.clone()),
         users: RwLock::new(Arc::new(users)),
         pools,
         cancel: CancelRegistry::default(),

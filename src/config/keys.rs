@@ -307,7 +307,7 @@ pub static KEYS: &[Key] = &[
         .help("Users allowed to read statistics (comma-separated; an array in the file)")
         .example("monitor"),
     Key::new("upstream", "upstream", Kind::Urls, UPSTREAM)
-        .help("Upstream URL postgres://user[:password]@host[:port]/dbname?param=value, one database each; several are separated by whitespace")
+        .help("Upstream URL postgres://user[:password]@host[:port]/dbname?param=value, one database each; several are separated by whitespace. A reload applies a changed password to the logins that follow; any other change needs a restart")
         .example("postgres://app@mydb.abc123.us-east-1.rds.amazonaws.com/appdb?auth=iam"),
     Key::new("sslmode", "sslmode", Kind::Choice(SslMode::NAMES), UPSTREAM)
         .derived("verify-full with auth=iam, else prefer")

@@ -19,8 +19,9 @@ const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 
 /// Where the upstream password comes from.
 pub enum Password {
-    /// A static password from the configuration (or none, for trust/peer upstreams).
-    Static(Option<Secret>),
+    /// A static password from the configuration (or none, for trust/peer upstreams); a
+    /// reload may replace it, for the logins that follow.
+    Static(std::sync::RwLock<Option<Secret>>),
     /// A short-lived RDS IAM token, from the token cache.
     Iam(IamAuthenticator),
 }
@@ -35,7 +36,7 @@ impl Password {
     pub async fn resolve(&self) -> Result<LoginSecret, LoginError> {
         match self {
             Password::Static(p) => Ok(LoginSecret {
-                secret: p.clone(),
+                secret: p.read().unwrap_or_else(|e| e.into_inner()).clone(),
                 token: None,
             }),
             Password::Iam(auth) => {
@@ -55,6 +56,22 @@ impl Password {
     pub fn refused(&self, secret: &LoginSecret) {
         if let (Password::Iam(auth), Some(token)) = (self, &secret.token) {
             auth.invalidate(token);
+        }
+    }
+
+    /// A static password for the configuration's value.
+    pub fn fixed(secret: Option<Secret>) -> Password {
+        Password::Static(std::sync::RwLock::new(secret))
+    }
+
+    /// Replaces a static password (a rotated one, on reload); false for IAM, which has none.
+    pub fn replace(&self, secret: Option<Secret>) -> bool {
+        match self {
+            Password::Static(p) => {
+                *p.write().unwrap_or_else(|e| e.into_inner()) = secret;
+                true
+            }
+            Password::Iam(_) => false,
         }
     }
 

@@ -16,7 +16,7 @@ use super::auth::{authenticate, LoginSecret, Password};
 use super::conn::ServerConn;
 use super::login_limit::LoginLimiter;
 use super::params::SessionParams;
-use crate::config::{SslMode, Upstream, UpstreamAuth};
+use crate::config::{Secret, SslMode, Upstream, UpstreamAuth};
 use crate::protocol::framing::SSL_REQUEST;
 use crate::protocol::messages::{self, backend, parse_error_fields, ErrorFields};
 use crate::stream::{read_message, Stream};
@@ -153,6 +153,12 @@ impl Connector {
             lifetime_jitter,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// A rotated upstream password, for the logins that follow; connections already signed
+    /// in are not affected. False for IAM upstreams.
+    pub fn replace_password(&self, secret: Option<Secret>) -> bool {
+        self.password.replace(secret)
     }
 
     /// The IAM authenticator, for IAM upstreams.

@@ -655,3 +655,64 @@ async fn garbage_input_gets_an_error_not_a_hang() {
     }
     assert!(iam.shutdown().await);
 }
+
+/// A rotated upstream password applies on reload to the logins that follow, without a
+/// restart; a setting that needs a restart is still reported by every later reload until
+/// there has been one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rotates_the_upstream_password_and_remembers_pending_restarts() {
+    let pg = crate::support::pg::shared_cluster();
+    let db = pg.scratch_db("reload_rotate");
+    let cfg = pooler::config(pg, &db);
+    let iam = start(cfg.clone()).await;
+    let client = pooler::connect(iam.local_addr(), &db).await;
+    client.simple_query("select 1").await.unwrap();
+
+    // The password changes upstream and in the configuration.
+    pg.psql(&format!(
+        "alter role {} password 'rotated-secret'",
+        crate::support::pg::quote_ident(&db.user)
+    ));
+    let mut rotated = cfg.clone();
+    rotated.databases[0].upstream.password = Some(iampool::config::Secret::new("rotated-secret"));
+    let report = iam.shared().apply(rotated.clone());
+    assert!(
+        report
+            .applied
+            .contains(&format!("databases.{}.password", db.name)),
+        "{report:?}"
+    );
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    // New server logins use it: retire the old servers and sign in again.
+    iam.shared().pool(&db.name).unwrap().retire_all();
+    let fresh = pooler::connect(iam.local_addr(), &db).await;
+    fresh
+        .simple_query("select 1")
+        .await
+        .expect("a new server login with the rotated password");
+    client
+        .simple_query("select 1")
+        .await
+        .expect("the first client still works");
+
+    // A restart-only change is reported, and again on the next reload.
+    let mut moved = rotated.clone();
+    moved.listen = vec![
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    ];
+    let first = iam.shared().apply(moved.clone());
+    assert!(
+        first.needs_restart.contains(&"listen".to_owned()),
+        "{first:?}"
+    );
+    let second = iam.shared().apply(moved);
+    assert!(
+        second.needs_restart.contains(&"listen".to_owned()),
+        "still pending: {second:?}"
+    );
+    // Going back to what runs clears it.
+    let back = iam.shared().apply(rotated);
+    assert!(back.needs_restart.is_empty(), "{back:?}");
+    assert!(iam.shutdown().await);
+}
