@@ -726,10 +726,8 @@ impl Session {
             PoolError::Timeout { .. } => format!("query_wait_timeout: {e}"),
             _ => e.to_string(),
         };
-        let code = match &e {
-            PoolError::Timeout { .. } => sqlstate::PROTOCOL_VIOLATION.to_owned(),
-            other => other.sqlstate().to_owned(),
-        };
+        // The same SQLSTATE a client gets for this at login: the pool decides it.
+        let code = e.sqlstate().to_owned();
         self.send_fatal(&code, &msg).await;
         End::PoolError
     }

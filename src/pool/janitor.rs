@@ -58,14 +58,17 @@ impl Pool {
             keep.push_back(conn);
         }
         st.idle = keep;
-        // Top up to min_pool_size, unless logins are failing right now (then wait out
-        // server_login_retry before trying again).
-        let backing_off = st
-            .last_error
-            .as_ref()
-            .is_some_and(|(at, _)| now.duration_since(*at) < st.settings.login_retry);
-        while !backing_off && st.total < min && st.total < st.settings.pool_size {
-            self.spawn_connect(&mut st);
+        // Top up to min_pool_size; while logins fail, one at a time once the backoff ends.
+        match st.backoff {
+            Some(b) if now < b.until || st.connecting > 0 => {}
+            Some(_) if st.total < min && st.total < st.settings.pool_size => {
+                self.spawn_connect(&mut st)
+            }
+            _ => {
+                while st.backoff.is_none() && st.total < min && st.total < st.settings.pool_size {
+                    self.spawn_connect(&mut st);
+                }
+            }
         }
         true
     }

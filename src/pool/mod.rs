@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::PoolMode;
 use crate::metrics::PoolMetrics;
@@ -45,6 +45,14 @@ pub enum PoolError {
     /// The upstream refused the login: (SQLSTATE, message).
     #[error("{1}")]
     Login(String, String),
+    /// Logins are failing and the pool has no server: the client is told at once (after a
+    /// short grace) rather than at query_wait_timeout.
+    #[error("the upstream cannot be reached: {last_error}; iampool tries again in {}s",
+        .retry_in.as_secs().max(1))]
+    Unavailable {
+        last_error: String,
+        retry_in: Duration,
+    },
     #[error("pool is shutting down")]
     Closed,
 }
@@ -56,6 +64,9 @@ impl PoolError {
                 crate::protocol::messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH
             }
             PoolError::Login(code, _) => code,
+            PoolError::Unavailable { .. } => {
+                crate::protocol::messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH
+            }
             PoolError::Closed => crate::protocol::messages::sqlstate::ADMIN_SHUTDOWN,
         }
     }
@@ -87,6 +98,10 @@ struct State {
     waiters: VecDeque<Waiter>,
     /// Last login failure and when, so a burst of clients does not hammer a failing upstream.
     last_error: Option<(Instant, LoginError)>,
+    /// Set while logins fail: no login starts before `until`, then one at a time.
+    backoff: Option<Backoff>,
+    /// A retry is scheduled for when the backoff ends.
+    retry_armed: bool,
     closed: bool,
     /// Admin PAUSE: no connection is handed out until RESUME.
     paused: bool,
@@ -97,7 +112,37 @@ struct State {
     clock: Instant,
 }
 
+/// Consecutive failed logins and when the next may start.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// The longest wait between failed logins (at least server_login_retry).
+pub const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(30);
+/// While logins fail and the pool has no server, a client waits this long for one before it
+/// is told why (at most query_wait_timeout).
+pub const UNAVAILABLE_GRACE: Duration = Duration::from_secs(3);
+
+/// The wait after the `failures`-th failed login in a row: server_login_retry doubled for
+/// each failure after the first, capped, with the upper half jittered so that many pools
+/// (or many iampools) do not retry in step.
+fn backoff_delay(retry: Duration, failures: u32) -> Duration {
+    let cap = MAX_LOGIN_BACKOFF.max(retry);
+    let full = retry
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(cap);
+    let half = full / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
 impl State {
+    /// Server connections that exist and are signed in (idle or in use).
+    fn live(&self) -> usize {
+        self.total - self.connecting - self.closing
+    }
+
     /// Connections in use by clients (or held back for a cancel).
     fn busy(&self) -> usize {
         self.total - self.idle.len() - self.connecting - self.closing
@@ -162,6 +207,8 @@ impl Pool {
                 being_canceled: 0,
                 waiters: VecDeque::new(),
                 last_error: None,
+                backoff: None,
+                retry_armed: false,
                 closed: false,
                 paused: false,
                 retired_before: None,
@@ -248,11 +295,12 @@ impl Pool {
                 self.metrics.wait.observe(0.0);
                 return Ok(conn);
             }
-            // A login failed permanently a moment ago: fail fast instead of hammering.
+            // A login failed permanently and the backoff has not run out: fail fast instead
+            // of hammering.
             let now = Instant::now();
             st.clock = now;
-            if let Some((at, e)) = &st.last_error {
-                if e.is_permanent() && now.duration_since(*at) < st.settings.login_retry {
+            if let (Some((_, e)), Some(b)) = (&st.last_error, &st.backoff) {
+                if e.is_permanent() && now < b.until {
                     let (code, msg) = e.client_error();
                     return Err(PoolError::Login(code, msg));
                 }
@@ -263,12 +311,31 @@ impl Pool {
             (rx, st.settings.query_wait_timeout)
         };
         let started = Instant::now();
-        let waited = tokio::time::timeout(wait, &mut rx).await;
+        let give_up = started + wait;
+        // Every UNAVAILABLE_GRACE the wait looks up: if logins are failing and the pool has
+        // no server at all, the client is told why now rather than at query_wait_timeout.
+        let mut deadline = (started + UNAVAILABLE_GRACE).min(give_up);
+        let waited = loop {
+            match tokio::time::timeout_at(deadline.into(), &mut rx).await {
+                Ok(delivery) => break Ok(delivery),
+                Err(_) if deadline >= give_up => break Err(None),
+                Err(_) => {
+                    let st = self.lock();
+                    if let (Some(b), Some((_, e)), 0) = (st.backoff, &st.last_error, st.live()) {
+                        break Err(Some(PoolError::Unavailable {
+                            last_error: e.to_string(),
+                            retry_in: b.until.saturating_duration_since(Instant::now()),
+                        }));
+                    }
+                    deadline = (deadline + UNAVAILABLE_GRACE).min(give_up);
+                }
+            }
+        };
         self.metrics.wait.observe(started.elapsed().as_secs_f64());
         match waited {
             Ok(Ok(delivery)) => delivery,
             Ok(Err(_)) => Err(PoolError::Closed),
-            Err(_) => {
+            Err(why) => {
                 // Close the channel first: a connection sent in the meantime is still ours.
                 rx.close();
                 if let Ok(delivery) = rx.try_recv() {
@@ -277,10 +344,10 @@ impl Pool {
                 self.metrics.checkout_timeouts.inc();
                 let mut st = self.lock();
                 st.waiters.retain(|w| !w.tx.is_closed());
-                Err(PoolError::Timeout {
+                Err(why.unwrap_or_else(|| PoolError::Timeout {
                     waited: wait,
                     last_error: st.last_error.as_ref().map(|(_, e)| e.to_string()),
-                })
+                }))
             }
         }
     }
@@ -421,6 +488,19 @@ impl Pool {
     /// Opens connections while clients wait and the pool has room.
     fn grow_for_waiters(self: &Arc<Self>, st: &mut State) {
         st.waiters.retain(|w| !w.tx.is_closed());
+        if let Some(b) = st.backoff {
+            // Logins are failing: none before the backoff ends, then one at a time until
+            // one succeeds, however many clients wait.
+            if st.closed || st.paused || st.waiters.is_empty() {
+                return;
+            }
+            if Instant::now() < b.until {
+                self.arm_retry(st, b.until);
+            } else if st.connecting == 0 && st.total < st.settings.pool_size {
+                self.spawn_connect(st);
+            }
+            return;
+        }
         while !st.closed
             && !st.paused
             && st.total < st.settings.pool_size
@@ -428,6 +508,21 @@ impl Pool {
         {
             self.spawn_connect(st);
         }
+    }
+
+    /// Tries again for the waiting clients once the backoff ends (one timer at a time).
+    fn arm_retry(self: &Arc<Self>, st: &mut State, at: Instant) {
+        if st.retry_armed {
+            return;
+        }
+        st.retry_armed = true;
+        let pool = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let mut st = pool.lock();
+            st.retry_armed = false;
+            pool.grow_for_waiters(&mut st);
+        });
     }
 
     fn spawn_connect(self: &Arc<Self>, st: &mut State) {
@@ -456,6 +551,7 @@ impl Pool {
             Ok((conn, params)) => {
                 let conn = Box::new(conn);
                 st.last_error = None;
+                st.backoff = None;
                 {
                     let mut w = self.welcome.lock().unwrap_or_else(|e| e.into_inner());
                     if w.is_none() {
@@ -470,24 +566,29 @@ impl Pool {
             }
             Err(e) => {
                 st.total -= 1;
+                let now = Instant::now();
+                let failures = st.backoff.map_or(0, |b| b.failures) + 1;
+                let delay = backoff_delay(st.settings.login_retry, failures);
+                st.backoff = Some(Backoff {
+                    failures,
+                    until: now + delay,
+                });
+                if failures == 1 || failures.is_power_of_two() {
+                    warn!(pool = %self.database, error = %e, failures,
+                        retry_in_ms = delay.as_millis() as u64, "server login failed; backing off");
+                }
                 if e.is_permanent() {
-                    // Retrying cannot help: tell every waiting client now.
+                    // Retrying cannot help soon: tell every waiting client now.
                     let (code, msg) = e.client_error();
                     for w in st.waiters.drain(..) {
                         let _ = w.tx.send(Err(PoolError::Login(code.clone(), msg.clone())));
                     }
                 } else if !st.waiters.is_empty() {
-                    // Transient (refused, reset, timeout): try again after server_login_retry
-                    // while clients still wait; they give up at query_wait_timeout.
-                    let pool = self.clone();
-                    let delay = st.settings.login_retry;
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let mut st = pool.lock();
-                        pool.grow_for_waiters(&mut st);
-                    });
+                    // Transient (refused, reset, timeout, too many connections): try again
+                    // when the backoff ends, while clients still wait.
+                    self.arm_retry(&mut st, now + delay);
                 }
-                st.last_error = Some((Instant::now(), e));
+                st.last_error = Some((now, e));
             }
         }
     }
@@ -526,4 +627,30 @@ async fn close(mut conn: Server) {
         conn.stream.shutdown().await
     })
     .await;
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let retry = Duration::from_millis(200);
+        for failures in 1..=12u32 {
+            let full = (retry * 2u32.pow(failures - 1)).min(MAX_LOGIN_BACKOFF);
+            for _ in 0..50 {
+                let d = backoff_delay(retry, failures);
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "failure {failures}: {d:?} of {full:?}"
+                );
+            }
+        }
+        // A retry setting above the cap is honoured as it is.
+        let long = Duration::from_secs(60);
+        assert!(backoff_delay(long, 10) <= long);
+        assert!(backoff_delay(long, 10) >= long / 2);
+        // Absurd failure counts do not overflow.
+        assert!(backoff_delay(retry, u32::MAX) <= MAX_LOGIN_BACKOFF);
+    }
 }

@@ -137,3 +137,108 @@ async fn cleartext_password_goes_only_to_a_verified_server() {
     c.simple_query("select 1").await.unwrap();
     assert!(iam.shutdown().await);
 }
+
+/// An upstream that refuses every login (53300, as a full server does) sees them spaced by
+/// the backoff, however many clients keep trying; the clients are told why after a short
+/// grace, not at query_wait_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_upstream_sees_logins_spaced_by_the_backoff() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // A server that reads each startup packet and answers FATAL 53300.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let logins = Arc::new(AtomicUsize::new(0));
+    let counted = logins.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut len = [0u8; 4];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+                if s.read_exact(&mut rest).await.is_err() {
+                    return;
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut b = bytes::BytesMut::new();
+                iampool::protocol::messages::error_response(
+                    &mut b,
+                    iampool::protocol::messages::Severity::Fatal,
+                    "53300",
+                    "sorry, too many clients already",
+                );
+                let _ = s.write_all(&b).await;
+            });
+        }
+    });
+
+    let pg = crate::support::pg::shared_cluster();
+    let db = pg.scratch_db("backoff");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.databases[0].upstream.port = port;
+    cfg.databases[0].pool_size = 10;
+    cfg.server_login_retry = Duration::from_millis(200);
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+
+    // Eight clients keep trying for four seconds.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while Instant::now() < until {
+                let e = try_connect(addr, &db)
+                    .await
+                    .expect_err("the upstream refuses");
+                let msg = e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_else(|| format!("{e:?}"));
+                errors.push((code(&e), msg));
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let attempts = logins.load(Ordering::SeqCst);
+    println!(
+        "{attempts} upstream logins for {} client attempts",
+        errors.len()
+    );
+    // 200 ms doubling, jittered down to half at most: 100+200+400+800+1600 ms already
+    // passes 3 s, so four seconds hold at most seven logins (plus the warm-up one).
+    assert!(attempts <= 8, "{attempts} logins in 4 s: not backing off");
+    assert!(attempts >= 2, "it does try again: {attempts}");
+    for (code, msg) in &errors {
+        assert_eq!(code, "08001", "message: {msg:?}");
+        assert!(
+            msg.contains("too many clients already") || msg.contains("cannot be reached"),
+            "says why: {msg}"
+        );
+    }
+    assert!(
+        errors.iter().any(|(_, m)| m.contains("cannot be reached")),
+        "clients are told the upstream cannot be reached"
+    );
+    server.abort();
+    assert!(iam.shutdown().await);
+}
