@@ -285,7 +285,11 @@ impl Connector {
                         let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
                             LoginError::Tls {
                                 host: u.host.clone(),
-                                message: e.to_string(),
+                                message: super::tls::describe_failure(
+                                    &e,
+                                    &u.host,
+                                    u.sslrootcert.as_deref(),
+                                ),
                             }
                         })?;
                         Stream::TlsClient(Box::new(tls))

@@ -124,11 +124,15 @@ pub fn upstream_client_config(
                     host: host.to_owned(),
                     source,
                 })?;
-            if sslmode == SslMode::VerifyFull {
-                webpki
-            } else {
-                Arc::new(ChainOnlyVerifier { inner: webpki })
-            }
+            let pinned = match sslrootcert {
+                Some(path) => read_root_certs(path)?,
+                None => Vec::new(),
+            };
+            Arc::new(LibpqVerifier {
+                inner: webpki,
+                pinned,
+                check_name: sslmode == SslMode::VerifyFull,
+            })
         }
     };
     let config = ClientConfig::builder_with_provider(provider)
@@ -195,14 +199,21 @@ fn read_root_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError
     Ok(certs)
 }
 
-/// `verify-ca`: the full WebPKI check, forgiving only a name mismatch. webpki checks the
-/// chain before the name, so a name error means the chain was already accepted.
+/// `verify-ca` and `verify-full` as libpq (OpenSSL) judge them: the full WebPKI check
+/// (`verify-ca` forgives only a name mismatch: webpki checks the chain before the name, so
+/// a name error means the chain was already accepted), and a server certificate that is
+/// itself in `sslrootcert` (a pinned self-signed certificate, even one marked CA:TRUE as the
+/// PostgreSQL documentation's `openssl req -x509` recipe makes it) is trusted as its own
+/// chain, still subject to its validity dates and, under `verify-full`, the host name.
 #[derive(Debug)]
-struct ChainOnlyVerifier {
+struct LibpqVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    /// The certificates of `sslrootcert`, byte for byte.
+    pinned: Vec<CertificateDer<'static>>,
+    check_name: bool,
 }
 
-impl ServerCertVerifier for ChainOnlyVerifier {
+impl ServerCertVerifier for LibpqVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -211,6 +222,15 @@ impl ServerCertVerifier for ChainOnlyVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let name_error = |e: &rustls::Error| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. }
+                )
+            )
+        };
         match self.inner.verify_server_cert(
             end_entity,
             intermediates,
@@ -218,9 +238,27 @@ impl ServerCertVerifier for ChainOnlyVerifier {
             ocsp_response,
             now,
         ) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            Err(e) if name_error(&e) && !self.check_name => Ok(ServerCertVerified::assertion()),
+            // webpki refuses a CA certificate as the server's own; it checked the dates
+            // first, so they are good. Pinned byte for byte, it is its own trust anchor.
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(other)))
+                if is_ca_used_as_end_entity(&other)
+                    && self
+                        .pinned
+                        .iter()
+                        .any(|p| p.as_ref() == end_entity.as_ref()) =>
+            {
+                if self.check_name {
+                    let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
+                        rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+                    })?;
+                    cert.verify_is_valid_for_subject_name(server_name)
+                        .map_err(|_| {
+                            rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+                        })?;
+                }
+                Ok(ServerCertVerified::assertion())
+            }
             other => other,
         }
     }
@@ -245,6 +283,60 @@ impl ServerCertVerifier for ChainOnlyVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+fn is_ca_used_as_end_entity(e: &rustls::OtherError) -> bool {
+    e.0.downcast_ref::<webpki::Error>()
+        .is_some_and(|e| matches!(e, webpki::Error::CaUsedAsEndEntity))
+}
+
+/// A failed upstream TLS handshake in words: what was wrong and what to set. `error` is
+/// what the handshake returned.
+pub fn describe_failure(error: &io::Error, host: &str, sslrootcert: Option<&Path>) -> String {
+    let roots = match sslrootcert {
+        Some(p) => format!("sslrootcert {}", p.display()),
+        None if is_rds_host(host) => "the bundled RDS CA certificates".to_owned(),
+        None => "the public CA roots".to_owned(),
+    };
+    let Some(e) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return format!("TLS handshake failed: {error}");
+    };
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => format!(
+                "the server's certificate is not signed by a CA in {roots} (unknown issuer); set \
+                 sslrootcert to the CA certificate that signs it (or to the server's own \
+                 certificate, if it is self-signed)"
+            ),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!(
+                    "the server's certificate is not valid for the name {host} (name mismatch); \
+                     connect by a name the certificate lists, or use sslmode=verify-ca to check \
+                     only who signed it"
+                )
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the server's certificate has expired; renew it on the server, or check this \
+                 machine's clock"
+                    .to_owned()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "the server's certificate is not valid yet; check this machine's clock".to_owned()
+            }
+            CertificateError::BadSignature => format!(
+                "the server's certificate has a bad signature; its chain does not verify against {roots}"
+            ),
+            CertificateError::Other(o) if is_ca_used_as_end_entity(o) => format!(
+                "the server presents a CA certificate as its own; libpq accepts that only when \
+                 the very certificate is pinned: set sslrootcert to it (not found in {roots})"
+            ),
+            other => format!("the server's certificate was refused: {other:?}"),
+        },
+        other => format!("TLS handshake failed: {other}"),
     }
 }
 
@@ -394,6 +486,89 @@ mod tests {
         upstream_client_config(mode, host, Some(root))
             .unwrap()
             .unwrap()
+    }
+
+    /// A self-signed server certificate marked CA:TRUE, as the PostgreSQL documentation's
+    /// `openssl req -new -x509` recipe makes it; returns (cert file, acceptor).
+    fn self_signed_ca_server(dir: &Path, name: &str) -> (PathBuf, tokio_rustls::TlsAcceptor) {
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join("self.pem"), dir.join("self.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let acceptor = crate::client::tls::acceptor(&cert_path, &key_path).unwrap();
+        (cert_path, acceptor)
+    }
+
+    #[tokio::test]
+    async fn pinned_self_signed_certificate_is_accepted_as_libpq_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = "db.internal.example";
+        let (pinned, acceptor) = self_signed_ca_server(dir.path(), host);
+        for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
+            handshake(config(mode, host, &pinned), host, acceptor.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?}: {e:?}"));
+        }
+        // verify-full still checks the name; verify-ca does not.
+        let other = "elsewhere.example";
+        handshake(
+            config(SslMode::VerifyCa, other, &pinned),
+            other,
+            acceptor.clone(),
+        )
+        .await
+        .unwrap();
+        let err = handshake(
+            config(SslMode::VerifyFull, other, &pinned),
+            other,
+            acceptor.clone(),
+        )
+        .await
+        .unwrap_err();
+        let words = describe_failure(&err, other, Some(&pinned));
+        assert!(words.contains("name mismatch"), "{words}");
+        // Not pinned: refused, and the message says what to set.
+        let other_ca = dir.path().join("other-ca.pem");
+        std::fs::write(&other_ca, ca("unrelated CA").pem).unwrap();
+        let err = handshake(config(SslMode::VerifyFull, host, &other_ca), host, acceptor)
+            .await
+            .unwrap_err();
+        let words = describe_failure(&err, host, Some(&other_ca));
+        assert!(words.contains("sslrootcert"), "{words}");
+    }
+
+    #[tokio::test]
+    async fn failures_are_described_in_words() {
+        let f = fixture();
+        let err = handshake(
+            config(SslMode::VerifyFull, RDS_NAME, &f.other_ca_path),
+            RDS_NAME,
+            f.acceptor.clone(),
+        )
+        .await
+        .unwrap_err();
+        let words = describe_failure(&err, RDS_NAME, Some(&f.other_ca_path));
+        assert!(
+            words.contains("unknown issuer") && words.contains("set sslrootcert"),
+            "{words}"
+        );
+        let host = "other.test.rds.amazonaws.com";
+        let err = handshake(
+            config(SslMode::VerifyFull, host, &f.ca_path),
+            host,
+            f.acceptor,
+        )
+        .await
+        .unwrap_err();
+        let words = describe_failure(&err, host, Some(&f.ca_path));
+        assert!(
+            words.contains("name mismatch") && words.contains(host),
+            "{words}"
+        );
     }
 
     #[tokio::test]
