@@ -80,13 +80,21 @@ impl IamAuthenticator {
         Ok(token)
     }
 
-    /// The server refused `token` (SQLSTATE 28P01): stop handing it out. A newer token
-    /// that replaced it meanwhile is left alone.
+    /// The server refused `token` (SQLSTATE 28P01): stop handing it out, and stop using
+    /// the credentials that signed it (they may have been revoked or rotated), so the retry
+    /// is signed with credentials fetched anew. A newer token or newer credentials that
+    /// replaced them meanwhile are left alone.
     pub fn invalidate(&self, token: &IamToken) {
         let dropped = token
             .slot
             .upgrade()
             .is_some_and(|slot| slot.invalidate(token));
+        if self.cache.credentials().invalidate(token.access_key_id()) {
+            tracing::info!(
+                access_key_id = token.access_key_id(),
+                "AWS credentials dropped after a refused login; fetching them again"
+            );
+        }
         if dropped {
             self.counters.invalidated.fetch_add(1, Ordering::Relaxed);
             tracing::info!(

@@ -152,6 +152,29 @@ async fn invalidate_drops_the_refused_token() {
     assert_eq!(s.auth.stats().invalidated, 1);
 }
 
+/// A refused token may mean revoked or rotated credentials: the retry's token is signed
+/// with credentials fetched anew, not with the cached ones that signed the refused token.
+#[tokio::test]
+async fn a_refused_token_refetches_the_credentials() {
+    let s = setup(Some(HOUR), Duration::from_secs(900), Duration::ZERO);
+    s.fake.rotate.store(true, Ordering::SeqCst);
+    let first = s.auth.token().await.unwrap();
+    let fetches = s.fake.fetches();
+    s.clock.advance(Duration::from_secs(1));
+    s.auth.invalidate(&first);
+    let retry = s.auth.token().await.unwrap();
+    assert_eq!(s.fake.fetches(), fetches + 1, "fetched again");
+    assert_ne!(
+        retry.access_key_id(),
+        first.access_key_id(),
+        "signed by the new credentials"
+    );
+    // Refusing a token of the old credentials again leaves the new ones alone.
+    s.auth.invalidate(&first);
+    assert_eq!(s.auth.token().await.unwrap(), retry);
+    assert_eq!(s.fake.fetches(), fetches + 1);
+}
+
 #[tokio::test]
 async fn invalidate_by_key() {
     let s = setup(Some(HOUR), Duration::from_secs(900), Duration::ZERO);

@@ -223,6 +223,21 @@ impl CredentialSource {
         self.inner.fetch_now().await
     }
 
+    /// A login signed with the key `access_key_id` was refused: the credentials may have
+    /// been revoked or rotated, so they are not used again; the next caller fetches anew
+    /// from the provider. Newer credentials fetched meanwhile are left alone.
+    pub fn invalidate(&self, access_key_id: &str) -> bool {
+        let mut state = self.inner.state();
+        let stale = state
+            .current
+            .as_ref()
+            .is_some_and(|c| c.creds.access_key_id() == access_key_id);
+        if stale {
+            state.current = None;
+        }
+        stale
+    }
+
     /// Access key id of the cached credentials (even if no longer usable), for cache keys
     /// and logs. Not a secret.
     pub fn identity(&self) -> Option<String> {

@@ -1086,3 +1086,51 @@ async fn trace_level_iam_login_logs_no_secret() {
         assert!(!log.contains(secret.as_str()), "the trace log shows {what}");
     }
 }
+
+/// A profile whose credentials come from `credential_process` (as `aws configure` writes it
+/// for external tools): iampool signs logins with what the process prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_process_profile_signs_logins() {
+    let rds = rds_with_app(RdsOptions::default());
+    rds.trust_static_key();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("creds.sh");
+    let calls = dir.path().join("calls");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho called >> {}\nprintf '%s' '{{\"Version\": 1, \"AccessKeyId\": \"{STATIC_ACCESS_KEY_ID}\", \"SecretAccessKey\": \"{STATIC_SECRET_ACCESS_KEY}\"}}'\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = dir.path().join("config");
+    fs::write(
+        &config,
+        format!(
+            "[profile db-tools]\nregion = {RDS_REGION}\ncredential_process = {}\n",
+            script.display()
+        ),
+    )
+    .unwrap();
+    let iampool = Iampool::start(
+        &args(&rds.upstream_url(APP, ""), &[]),
+        &[
+            ("AWS_CONFIG_FILE", config.display().to_string()),
+            ("AWS_PROFILE", "db-tools".to_string()),
+        ],
+    );
+    assert_eq!(iampool.query_ok(APP).await, APP, "{}", iampool.log());
+    assert!(
+        fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .contains("called"),
+        "the process was run"
+    );
+    assert_eq!(
+        rds.stats().signers,
+        BTreeSet::from([STATIC_ACCESS_KEY_ID.to_string()])
+    );
+    assert_secret_free(&iampool.log(), "iampool's log");
+}
