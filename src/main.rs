@@ -28,13 +28,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Token(args) => {
-            let result = runtime.block_on(iampool::iam::command::token_command(
-                &args.host,
-                args.port,
-                &args.user,
-                args.region.as_deref(),
-                args.signing_time.as_deref(),
-            ));
+            let result = runtime.block_on(iampool::iam::command::token_command(&args));
             match result {
                 Ok(token) => {
                     println!("{token}");

@@ -87,6 +87,33 @@ fn token_command() -> clap::Command {
                 .value_name("RFC3339")
                 .help("Sign as of this time instead of now, e.g. 2024-01-02T03:04:05Z"),
         )
+        .arg(
+            Arg::new("profile")
+                .long("profile")
+                .value_name("NAME")
+                .help("AWS profile whose credentials sign (default: AWS_PROFILE, else the default chain)"),
+        )
+        .arg(
+            Arg::new("assume-role-arn")
+                .long("assume-role-arn")
+                .value_name("ARN")
+                .action(ArgAction::Append)
+                .value_delimiter(',')
+                .help("Roles to assume in order (comma-separated or repeated), as the assume_role_arn setting"),
+        )
+        .arg(
+            Arg::new("external-id")
+                .long("external-id")
+                .value_name("ID")
+                .help("External id for the assumed roles"),
+        )
+        .arg(
+            Arg::new("role-session-name")
+                .long("role-session-name")
+                .value_name("NAME")
+                .default_value("iampool")
+                .help("Session name of the assumed roles"),
+        )
 }
 
 fn with_key_args(command: clap::Command) -> clap::Command {
@@ -212,6 +239,13 @@ fn token_args(matches: &ArgMatches) -> TokenArgs {
         user: text("user").unwrap_or_default(),
         region: text("region"),
         signing_time: text("signing-time"),
+        profile: text("profile"),
+        assume_role_arns: matches
+            .get_many::<String>("assume-role-arn")
+            .map(|v| v.filter(|s| !s.is_empty()).cloned().collect())
+            .unwrap_or_default(),
+        external_id: text("external-id"),
+        role_session_name: text("role-session-name").unwrap_or_else(|| "iampool".into()),
     }
 }
 
@@ -298,6 +332,39 @@ mod tests {
             ("h.rds.amazonaws.com", 5432, "u")
         );
         assert_eq!(args.region.as_deref(), Some("us-east-1"));
+        assert_eq!((args.profile, args.external_id), (None, None));
+        assert!(args.assume_role_arns.is_empty());
         assert!(parse(["iampool", "token", "--host", "h"]).is_err());
+        let input = parse([
+            "iampool",
+            "token",
+            "--host",
+            "h",
+            "--user",
+            "u",
+            "--profile",
+            "ops",
+            "--assume-role-arn",
+            "arn:aws:iam::1:role/a,arn:aws:iam::2:role/b",
+            "--assume-role-arn",
+            "arn:aws:iam::3:role/c",
+            "--external-id",
+            "x-1",
+        ])
+        .unwrap();
+        let CliCommand::Token(args) = input.command else {
+            panic!("not token")
+        };
+        assert_eq!(args.profile.as_deref(), Some("ops"));
+        assert_eq!(
+            args.assume_role_arns,
+            [
+                "arn:aws:iam::1:role/a",
+                "arn:aws:iam::2:role/b",
+                "arn:aws:iam::3:role/c"
+            ]
+        );
+        assert_eq!(args.external_id.as_deref(), Some("x-1"));
+        assert_eq!(args.role_session_name, "iampool");
     }
 }

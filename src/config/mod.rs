@@ -247,6 +247,12 @@ pub struct TokenArgs {
     pub region: Option<String>,
     /// RFC 3339, checked to parse; unset means now.
     pub signing_time: Option<String>,
+    /// AWS profile for the base credentials (unset: AWS_PROFILE or the default chain).
+    pub profile: Option<String>,
+    /// Roles assumed in order on top of the base credentials.
+    pub assume_role_arns: Vec<String>,
+    pub external_id: Option<String>,
+    pub role_session_name: String,
 }
 
 /// The result of a full load.

@@ -223,7 +223,7 @@ impl IamRegistry {
         let sdk = match state.sdk_configs.iter().find(|(r, _)| *r == config.region) {
             Some((_, sdk)) => sdk.clone(),
             None => {
-                let sdk = load_sdk_config(Some(&config.region)).await;
+                let sdk = load_sdk_config(Some(&config.region), None).await;
                 state.sdk_configs.push((config.region.clone(), sdk.clone()));
                 sdk
             }

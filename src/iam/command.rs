@@ -2,32 +2,29 @@
 
 use std::time::SystemTime;
 
-use aws_credential_types::provider::ProvideCredentials;
-
-use super::credentials::load_sdk_config;
+use super::clock::system_clock;
+use super::credentials::{load_sdk_config, CredentialSource};
 use super::signer::sign_token;
 use super::IamError;
+use crate::config::{IamConfig, TokenArgs};
 
-/// Signs one token with the default credential chain.
+/// Signs one token, with the credentials iampool itself would use: the default chain (or
+/// `--profile`), then the role chain of `--assume-role-arn`.
 ///
-/// Region: `region`, else inferred from an `*.REGION.rds.amazonaws.com` host, else the AWS
-/// configuration's (`AWS_REGION`, profile), else an error. `signing_time` (RFC 3339) makes
+/// Region: `--region`, else inferred from an `*.REGION.rds.amazonaws.com` host, else the AWS
+/// configuration's (`AWS_REGION`, profile), else an error. `--signing-time` (RFC 3339) makes
 /// the output reproducible; without it the token is signed now.
-pub async fn token_command(
-    host: &str,
-    port: u16,
-    user: &str,
-    region: Option<&str>,
-    signing_time: Option<&str>,
-) -> Result<String, IamError> {
-    let signing_time = match signing_time {
+pub async fn token_command(args: &TokenArgs) -> Result<String, IamError> {
+    let host = args.host.as_str();
+    let signing_time = match &args.signing_time {
         Some(s) => parse_rfc3339(s)?,
         None => SystemTime::now(),
     };
-    let explicit = region
-        .map(str::to_owned)
+    let explicit = args
+        .region
+        .clone()
         .or_else(|| region_from_host(host).map(str::to_owned));
-    let sdk = load_sdk_config(explicit.as_deref()).await;
+    let sdk = load_sdk_config(explicit.as_deref(), args.profile.as_deref()).await;
     let region = match explicit {
         Some(r) => r,
         None => sdk
@@ -37,14 +34,17 @@ pub async fn token_command(
                 host: host.to_owned(),
             })?,
     };
-    let provider = sdk.credentials_provider().ok_or_else(|| {
-        IamError::InvalidInput("the AWS configuration has no credentials provider".into())
-    })?;
-    let creds = provider
-        .provide_credentials()
-        .await
-        .map_err(|e| IamError::credentials("default chain", e))?;
-    sign_token(&creds, host, port, user, &region, signing_time)
+    let iam = IamConfig {
+        region: region.clone(),
+        region_inferred: false,
+        assume_role_arns: args.assume_role_arns.clone(),
+        external_id: args.external_id.clone(),
+        role_session_name: args.role_session_name.clone(),
+        token_lifetime: super::signer::TOKEN_EXPIRES,
+    };
+    let source = CredentialSource::from_sdk_config(&sdk, &iam, system_clock()).await?;
+    let creds = source.credentials().await?;
+    sign_token(&creds, host, args.port, &args.user, &region, signing_time)
 }
 
 /// `REGION` of `NAME.REGION.rds.amazonaws.com` (also `.rds.amazonaws.com.cn`); `None` otherwise.

@@ -128,7 +128,7 @@ impl CredentialSource {
     /// Loads the AWS configuration once (default chain, `config.region`) and builds the
     /// role chain on top of it.
     pub async fn load(config: &IamConfig) -> Result<Self, IamError> {
-        let sdk = load_sdk_config(Some(&config.region)).await;
+        let sdk = load_sdk_config(Some(&config.region), None).await;
         Self::from_sdk_config(&sdk, config, system_clock()).await
     }
 
@@ -382,10 +382,13 @@ impl Inner {
 }
 
 /// Loads aws-config's defaults once; the region is the one given, else the chain's own.
-pub(crate) async fn load_sdk_config(region: Option<&str>) -> SdkConfig {
+pub(crate) async fn load_sdk_config(region: Option<&str>, profile: Option<&str>) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     if let Some(region) = region {
         loader = loader.region(Region::new(region.to_owned()));
+    }
+    if let Some(profile) = profile {
+        loader = loader.profile_name(profile);
     }
     loader.load().await
 }

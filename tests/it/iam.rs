@@ -1134,3 +1134,69 @@ async fn credential_process_profile_signs_logins() {
     );
     assert_secret_free(&iampool.log(), "iampool's log");
 }
+
+/// `iampool token` signs with what iampool itself would use: `--profile` picks a profile's
+/// keys, and `--assume-role-arn` chains roles through STS; RDS accepts the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_command_takes_a_profile_and_a_role_chain() {
+    let rds = rds_with_app(RdsOptions::default());
+    rds.trust_static_key();
+    let port = rds.port().to_string();
+    let base = ["token", "--host", RDS_HOST, "--port", &port, "--user", APP];
+
+    // A named profile in the shared credentials file; no keys in the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials");
+    fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = AKIAWRONGDEFAULT0000\naws_secret_access_key = wrong\n\
+             [ops]\naws_access_key_id = {STATIC_ACCESS_KEY_ID}\naws_secret_access_key = {STATIC_SECRET_ACCESS_KEY}\n"
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+        (
+            "AWS_CONFIG_FILE",
+            dir.path().join("none").display().to_string(),
+        ),
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--profile", "ops"]);
+    let (ok, out, err) = run_iampool(&args, &env);
+    assert!(ok, "iampool token --profile: {err}");
+    let token = out.trim();
+    assert!(
+        token.contains(&format!("X-Amz-Credential={STATIC_ACCESS_KEY_ID}%2F")),
+        "signed with the profile's key: {token}"
+    );
+    let (ok, who, err) = rds.psql_direct(APP, token, "SELECT current_user");
+    assert!(ok, "RDS accepts the profile's token: {err}");
+    assert_eq!(who.trim(), APP);
+
+    // A two-hop role chain through STS.
+    let ttl = Duration::from_secs(3600);
+    let sts = FakeSts::start(ttl).await;
+    let (arn1, arn2) = (
+        "arn:aws:iam::111122223333:role/hop-one",
+        "arn:aws:iam::444455556666:role/db-connect",
+    );
+    sts.require_external_id(arn2, "ext-1");
+    rds.set_issued_keys(&keys_with_next(vec![], arn2, ttl, 1));
+    let mut env = static_env();
+    env.push(("AWS_ENDPOINT_URL_STS", sts.endpoint()));
+    let chain = format!("{arn1},{arn2}");
+    let mut args = base.to_vec();
+    args.extend(["--assume-role-arn", &chain, "--external-id", "ext-1"]);
+    let (ok, out, err) = run_iampool(&args, &env);
+    assert!(ok, "iampool token --assume-role-arn: {err}");
+    let token = out.trim();
+    assert!(
+        token.contains(&format!("X-Amz-Credential={}%2F", FakeSts::key_for(arn2))),
+        "signed with the last role's key: {token}"
+    );
+    let (ok, who, err) = rds.psql_direct(APP, token, "SELECT current_user");
+    assert!(ok, "RDS accepts the role chain's token: {err}");
+    assert_eq!(who.trim(), APP);
+}
