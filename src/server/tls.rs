@@ -169,6 +169,21 @@ fn root_store(host: &str, sslrootcert: Option<&Path>) -> Result<RootCertStore, T
     Ok(roots)
 }
 
+/// Regions whose own RDS CAs are bundled, read from the bundle's `# subject=CN=Amazon RDS
+/// <region> ...` lines.
+pub fn rds_bundle_regions() -> std::collections::BTreeSet<&'static str> {
+    RDS_CA_BUNDLE
+        .lines()
+        .filter_map(|l| l.strip_prefix("# subject=CN=Amazon RDS "))
+        .filter_map(|rest| rest.split([' ', ',']).next())
+        .filter(|r| {
+            r.split('-').count() >= 3
+                && r.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+        .collect()
+}
+
 /// The bundled RDS CA certificates, parsed.
 pub fn rds_ca_certificates() -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(RDS_CA_BUNDLE.as_bytes())
@@ -307,6 +322,21 @@ pub fn describe_failure(error: &io::Error, host: &str, sslrootcert: Option<&Path
     };
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer if sslrootcert.is_none() && is_rds_host(host) => {
+                match crate::iam::command::region_from_host(host) {
+                    Some(region) if !rds_bundle_regions().contains(region) => format!(
+                        "the server's certificate is signed by an RDS CA of {region}, which the \
+                         CAs bundled with iampool do not cover (unknown issuer); download \
+                         https://truststore.pki.rds.amazonaws.com/{region}/{region}-bundle.pem \
+                         (or your partition's RDS certificate bundle) and set sslrootcert to it"
+                    ),
+                    _ => format!(
+                        "the server's certificate is not signed by a CA in {roots} (unknown \
+                         issuer); set sslrootcert to the CA certificate that signs it (for RDS, \
+                         https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem)"
+                    ),
+                }
+            }
             CertificateError::UnknownIssuer => format!(
                 "the server's certificate is not signed by a CA in {roots} (unknown issuer); set \
                  sslrootcert to the CA certificate that signs it (or to the server's own \
@@ -701,6 +731,36 @@ mod tests {
         assert!(upstream_client_config(SslMode::Disable, "h", None)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn bundled_regions_are_listed_and_an_uncovered_one_names_its_bundle() {
+        let regions = rds_bundle_regions();
+        for r in [
+            "us-east-1",
+            "eu-west-1",
+            "ap-northeast-3",
+            "af-south-1",
+            "me-south-1",
+        ] {
+            assert!(regions.contains(r), "{r} in {regions:?}");
+        }
+        assert!(regions.len() >= 20, "{regions:?}");
+        assert!(regions.iter().all(|r| !r.contains("Root")), "{regions:?}");
+        let unknown = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        );
+        let host = "db.abc.il-central-1.rds.amazonaws.com";
+        let words = describe_failure(&unknown, host, None);
+        assert!(
+            words.contains(
+                "https://truststore.pki.rds.amazonaws.com/il-central-1/il-central-1-bundle.pem"
+            ) && words.contains("sslrootcert"),
+            "{words}"
+        );
+        let covered = describe_failure(&unknown, "db.abc.us-east-1.rds.amazonaws.com", None);
+        assert!(covered.contains("global-bundle.pem"), "{covered}");
     }
 
     #[test]
