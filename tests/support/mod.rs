@@ -1,5 +1,5 @@
 //! Test support shared by the integration tests: a real PostgreSQL, test certificates, fake
-//! AWS endpoints and a fault-injecting TCP proxy.
+//! AWS endpoints, a fault-injecting TCP proxy and a commit ledger.
 //!
 //! Each test module uses only some of these helpers, so unused ones are not dead code.
 #![allow(dead_code)]
@@ -7,5 +7,6 @@
 pub mod certs;
 pub mod fake_aws;
 pub mod fault_proxy;
+pub mod ledger;
 pub mod pg;
 pub mod rds;
