@@ -7,6 +7,7 @@ mod admin;
 mod cancel;
 mod core;
 mod drivers;
+mod faults;
 mod fidelity;
 mod frontend;
 mod harness;
