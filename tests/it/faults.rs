@@ -1331,12 +1331,12 @@ async fn iam_clock_skew_against_the_signer() {
             stats.rejected >= before + 2,
             "a login and its retry: {stats:?}"
         );
-        assert!(
-            stats.reject_reasons[before..]
-                .iter()
-                .all(|r| r.contains(reason)),
-            "skew {skew} s: {stats:?}"
-        );
+        // (A login of the previous phase's iampool may still be checked meanwhile.)
+        let matching = stats.reject_reasons[before..]
+            .iter()
+            .filter(|r| r.contains(reason))
+            .count();
+        assert!(matching >= 2, "skew {skew} s: {reason:?} twice: {stats:?}");
         if skew < 0 {
             // Clocks agree again: the same iampool recovers without a restart.
             rds.set_clock_skew(0);
