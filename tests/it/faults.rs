@@ -577,7 +577,7 @@ async fn postgres_restart_under_pgbench_loses_no_acknowledged_commit() {
 
 /// PostgreSQL down when iampool starts: iampool starts anyway; a client's login fails
 /// within query_wait_timeout with 08001 naming the connect failure; once PostgreSQL is up
-/// the same iampool serves clients.
+/// the same iampool serves clients. Down again later: logins work, queries get 08P01.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_at_start_then_up() {
     let mut pg = tokio::task::spawn_blocking(|| PgCluster::start(PgOptions::default()))
@@ -616,6 +616,32 @@ async fn postgres_down_at_start_then_up() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // Down again, after the pool has served: a new client still logs in (iampool knows the
+    // server's parameters), and its first query fails after query_wait_timeout with 08P01
+    // (PgBouncer's code for it) naming the connect failure.
+    let mut pg = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        pg
+    })
+    .await
+    .unwrap();
+    let c = tokio::time::timeout(T, connect(iam.local_addr(), &db))
+        .await
+        .expect("login hung");
+    let e = tokio::time::timeout(T, c.simple_query("select 1"))
+        .await
+        .expect("query hung while PostgreSQL is down")
+        .expect_err("no query while PostgreSQL is down");
+    let db_err = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("an ErrorResponse: {e:?}"));
+    assert_eq!(db_err.code().code(), "08P01", "{db_err:?}");
+    assert!(
+        db_err.message().contains("query_wait_timeout"),
+        "{db_err:?}"
+    );
+    assert!(db_err.message().contains("could not connect"), "{db_err:?}");
     assert!(iam.shutdown().await);
     pg.stop();
 }
