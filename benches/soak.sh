@@ -164,13 +164,14 @@ printf '%s\t%s\t%s\t%s\n' "$(now)" "$(rss_kib "$IPID")" \
   "$(awk '$1 == "Threads:" {print $2}' "/proc/$IPID/status" 2>/dev/null || echo -)" >>"$SAMPLES"
 
 # ---------------------------------------------------------------- report
-slope() { # column -> "slope per minute (first -> last)"
-  awk -F'\t' -v c="$1" 'NR > 1 && $c ~ /^[0-9]+$/ {
+slope() { # COLUMN [FROM_S]: least-squares slope per minute of samples from FROM_S on
+  awk -F'\t' -v c="$1" -v from="${2:-0}" 'NR > 1 && $1 >= from && $c ~ /^[0-9]+$/ {
       n++; x = $1 / 60; sx += x; sy += $c; sxx += x * x; sxy += x * $c
       if (n == 1) first = $c; last = $c; if ($c > max) max = $c }
     END { d = n * sxx - sx * sx; s = (d > 0) ? (n * sxy - sx * sy) / d : 0
       printf "%+.1f per minute (first %d, last %d, max %d, %d samples)", s, first, last, max, n }' "$SAMPLES"
 }
+HALF=$((DURATION / 2))
 {
   echo "# iampool soak, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
@@ -203,9 +204,11 @@ slope() { # column -> "slope per minute (first -> last)"
   echo
   echo "## The pooler over time (from /proc/$IPID)"
   echo
-  echo "- RSS (KiB): $(slope 2)"
-  echo "- open file descriptors: $(slope 3)"
-  echo "- threads: $(slope 4)"
+  echo "Whole run, then its second half (past the warm-up; a leak keeps a positive slope there):"
+  echo
+  echo "- RSS (KiB): $(slope 2); second half $(slope 2 "$HALF")"
+  echo "- open file descriptors: $(slope 3); second half $(slope 3 "$HALF")"
+  echo "- threads: $(slope 4); second half $(slope 4 "$HALF")"
   echo
   echo '| t (s) | RSS (KiB) | fds | threads |'
   echo '|---:|---:|---:|---:|'
