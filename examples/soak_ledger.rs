@@ -77,7 +77,7 @@ async fn main() {
         .batch_execute(ledger::SCHEMA)
         .await
         .expect("create the ledger tables");
-    let ledger = ledger::Ledger::start(config(&a, a.port), a.writers, 1);
+    let ledger = ledger::Ledger::start(config(&a, a.port), a.writers, 1, Duration::ZERO);
     tokio::time::sleep(Duration::from_secs(a.seconds)).await;
     let report = ledger.verify(&direct(&a).await).await;
     println!("ledger: {report}");

@@ -27,6 +27,9 @@ use crate::support::rds::{RdsOptions, RDS_REGION};
 
 /// Hang guard for one step; never an assertion about speed.
 const T: Duration = Duration::from_secs(60);
+/// Ledger writers pause this long between transactions: enough commits to catch faults in
+/// flight, without taking a core from the suites running alongside.
+const PACE: Duration = Duration::from_millis(2);
 
 /// iampool in front of the shared cluster through a fault proxy.
 struct Rig {
@@ -116,6 +119,144 @@ async fn fresh_client_works(addr: std::net::SocketAddr, db: &TestDb) {
         .expect("query hung")
         .unwrap_or_else(|e| panic!("a fresh client's query failed: {e:?}"));
     assert_eq!(v, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fault proxy itself, against a TCP echo server
+
+/// Each fault of the proxy does what it says: bytes pass, trickle one at a time, are
+/// swallowed; a stall holds them until resumed; cut gives EOF, reset gives ECONNRESET;
+/// refused, reset and black-holed new connections behave as named; counts add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_proxy_does_what_it_says() {
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let proxy = FaultProxy::start(target).await;
+    let roundtrip = |s: &'static [u8]| {
+        let addr = proxy.addr();
+        async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(s).await.unwrap();
+            let mut got = vec![0u8; s.len()];
+            tokio::time::timeout(T, c.read_exact(&mut got))
+                .await
+                .expect("echo")
+                .unwrap();
+            assert_eq!(got, s);
+            c
+        }
+    };
+    drop(roundtrip(b"plain").await);
+
+    // Trickle: every byte arrives, forwarded one at a time.
+    proxy.trickle(Dir::Up, Some(Duration::from_millis(5)));
+    let before = proxy.bytes(Dir::Up);
+    drop(roundtrip(b"one at a time").await);
+    assert_eq!(proxy.bytes(Dir::Up) - before, 13);
+    proxy.heal();
+
+    // Stall: nothing comes back until resumed.
+    let mut c = roundtrip(b"x").await;
+    proxy.stall(Dir::Down);
+    c.write_all(b"held").await.unwrap();
+    let mut got = [0u8; 4];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), c.read_exact(&mut got))
+            .await
+            .is_err(),
+        "a stalled direction delivers nothing"
+    );
+    proxy.resume(Dir::Down);
+    tokio::time::timeout(T, c.read_exact(&mut got))
+        .await
+        .expect("resumed")
+        .unwrap();
+    assert_eq!(&got, b"held");
+
+    // Swallow: written, never echoed.
+    proxy.swallow(Dir::Up, true);
+    c.write_all(b"gone").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), c.read_exact(&mut got))
+            .await
+            .is_err()
+    );
+    proxy.heal();
+
+    // Cut: EOF; reset: ECONNRESET.
+    assert_eq!(proxy.cut_all(), 1);
+    let mut rest = Vec::new();
+    assert_eq!(
+        tokio::time::timeout(T, c.read_to_end(&mut rest))
+            .await
+            .expect("closed")
+            .unwrap(),
+        0
+    );
+    let mut c = roundtrip(b"y").await;
+    assert_eq!(proxy.reset_all(), 1);
+    let e = tokio::time::timeout(T, c.read_to_end(&mut rest))
+        .await
+        .expect("reset")
+        .expect_err("a reset is an error, not EOF");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e:?}");
+
+    // New connections: refused, reset, black-holed, then forwarded again.
+    proxy.set_new(NewConns::Refuse);
+    assert!(
+        proxy
+            .wait_until(T, |p| std::net::TcpStream::connect(p.addr()).is_err())
+            .await
+    );
+    let e = TcpStream::connect(proxy.addr()).await.expect_err("refused");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e:?}");
+    proxy.set_new(NewConns::Reset);
+    let forwarded = proxy.forwarded();
+    let mut c = tokio::time::timeout(T, async {
+        loop {
+            if let Ok(c) = TcpStream::connect(proxy.addr()).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("listening again");
+    let e = tokio::time::timeout(T, c.read_to_end(&mut rest))
+        .await
+        .expect("reset")
+        .expect_err("reset");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e:?}");
+    proxy.set_new(NewConns::Blackhole);
+    let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
+    c.write_all(b"anyone?").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), c.read_exact(&mut got))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        proxy.forwarded(),
+        forwarded,
+        "reset and black-holed connections reach nobody"
+    );
+    drop(c);
+    proxy.heal();
+    drop(roundtrip(b"back").await);
+    assert!(proxy.accepted() >= 8, "{}", proxy.accepted());
+    assert!(
+        proxy.wait_until(T, |p| p.open() == 0).await,
+        "{} open",
+        proxy.open()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -456,7 +597,7 @@ async fn ledger_loses_no_acknowledged_commit_when_backends_are_killed() {
     .await;
     let direct = r.direct().await;
     direct.batch_execute(SCHEMA).await.unwrap();
-    let ledger = Ledger::start(client_config(r.addr(), &r.db), 8, 1);
+    let ledger = Ledger::start(client_config(r.addr(), &r.db), 8, 1, PACE);
     ledger.wait_for_more(50, T).await;
     for round in 0..6 {
         match round % 3 {
@@ -521,13 +662,17 @@ async fn postgres_restart_under_pgbench_loses_no_acknowledged_commit() {
     let direct = pg.connect(&db.user, &db.password, &db.name).await;
     direct.batch_execute(SCHEMA).await.unwrap();
     drop(direct);
-    let ledger = Ledger::start(client_config(iam.local_addr(), &db), 4, 1);
+    let ledger = Ledger::start(client_config(iam.local_addr(), &db), 4, 1, PACE);
     ledger.wait_for_more(30, T).await;
 
     let db2 = db.clone();
     let during = tokio::task::spawn_blocking(move || {
         run(
-            &mut pgbench_cmd(port, &db2, &["-n", "-c", "8", "-j", "2", "-T", "6"]),
+            &mut pgbench_cmd(
+                port,
+                &db2,
+                &["-n", "-c", "8", "-j", "2", "-T", "6", "-R", "400"],
+            ),
             Duration::from_secs(90),
         )
     });
@@ -553,7 +698,11 @@ async fn postgres_restart_under_pgbench_loses_no_acknowledged_commit() {
     let db2 = db.clone();
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
         run(
-            &mut pgbench_cmd(port, &db2, &["-n", "-c", "8", "-j", "2", "-T", "3"]),
+            &mut pgbench_cmd(
+                port,
+                &db2,
+                &["-n", "-c", "8", "-j", "2", "-T", "3", "-R", "400"],
+            ),
             Duration::from_secs(90),
         )
     })

@@ -128,7 +128,14 @@ fn cause(e: &tokio_postgres::Error) -> String {
 
 impl Ledger {
     /// Starts `writers` writers connecting with `connect` (NoTls); ids start at `first_id`.
-    pub fn start(connect: tokio_postgres::Config, writers: usize, first_id: i64) -> Ledger {
+    /// Each writer pauses `pace` after every transaction (zero: flat out), so tests that run
+    /// beside others need not take a core each.
+    pub fn start(
+        connect: tokio_postgres::Config,
+        writers: usize,
+        first_id: i64,
+        pace: Duration,
+    ) -> Ledger {
         let book = Arc::new(Mutex::new(Book::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let next = Arc::new(AtomicI64::new(first_id));
@@ -136,7 +143,7 @@ impl Ledger {
             .map(|w| {
                 let (connect, book, stop, next) =
                     (connect.clone(), book.clone(), stop.clone(), next.clone());
-                tokio::spawn(writer(w as i32, connect, book, stop, next))
+                tokio::spawn(writer(w as i32, connect, book, stop, next, pace))
             })
             .collect();
         Ledger { book, stop, tasks }
@@ -225,6 +232,7 @@ async fn writer(
     book: Arc<Mutex<Book>>,
     stop: Arc<AtomicBool>,
     next: Arc<AtomicI64>,
+    pace: Duration,
 ) {
     let mut backoff = Duration::from_millis(20);
     while !stop.load(Ordering::SeqCst) {
@@ -262,26 +270,33 @@ async fn writer(
         while !stop.load(Ordering::SeqCst) && !client.is_closed() {
             let id = next.fetch_add(1, Ordering::SeqCst);
             let outcome = transaction(&client, w, id).await;
-            let mut b = book.lock().unwrap();
-            let failed = match outcome {
-                Outcome::Acked => {
-                    b.acked.insert(id);
-                    None
+            let failed = {
+                let mut b = book.lock().unwrap();
+                let failed = match outcome {
+                    Outcome::Acked => {
+                        b.acked.insert(id);
+                        None
+                    }
+                    Outcome::InDoubt(c) => {
+                        b.in_doubt.insert(id);
+                        Some(format!("commit:{c}"))
+                    }
+                    Outcome::NotCommitted(c) => {
+                        b.not_committed.insert(id);
+                        Some(c)
+                    }
+                };
+                if let Some(c) = &failed {
+                    *b.causes.entry(c.clone()).or_default() += 1;
                 }
-                Outcome::InDoubt(c) => {
-                    b.in_doubt.insert(id);
-                    Some(format!("commit:{c}"))
-                }
-                Outcome::NotCommitted(c) => {
-                    b.not_committed.insert(id);
-                    Some(c)
-                }
+                failed.is_some()
             };
-            if let Some(c) = failed {
-                *b.causes.entry(c).or_default() += 1;
-                drop(b);
+            if failed {
                 // The session may be unusable or mid-transaction: start over.
                 break;
+            }
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
             }
         }
     }
