@@ -270,7 +270,11 @@ impl Session {
                     server.exchange.reset();
                     self.pool.discard(server);
                     let _ = self.flush_to_client().await;
-                    if !self.scan.server_fatal {
+                    // The server may have died in the middle of a message (a DataRow, a
+                    // CopyData), part of which the client already has: bytes sent after it
+                    // would be read as the rest of that message, so then the connection
+                    // only closes, and the client sees the truncation.
+                    if !self.scan.server_fatal && self.scan.s.scan.at_boundary() {
                         self.send_fatal(
                             sqlstate::CONNECTION_FAILURE,
                             "server closed the connection unexpectedly",

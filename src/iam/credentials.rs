@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::sts::AssumeRoleProvider;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
 
@@ -206,21 +207,36 @@ impl CredentialSource {
             }
             state.attempts
         };
-        let _flight = self.inner.fetch.lock().await;
-        {
-            let now = self.inner.clock.now();
-            let state = self.inner.state();
-            if let Some(c) = state.current.as_ref().filter(|c| c.usable(now)) {
-                self.inner.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok((c.creds.clone(), c.usable_until()));
-            }
-            if state.attempts != seen {
-                if let Some(e) = &state.last_error {
-                    return Err(e.clone());
+        // The fetch runs in a task of its own, which holds the single flight: a caller that
+        // gives up (a login bounded by server_connect_timeout) does not cancel it, so a
+        // source slower than that timeout still fills the cache for the next caller.
+        let inner = Arc::clone(&self.inner);
+        let fetch = async move {
+            let _flight = inner.fetch.lock().await;
+            {
+                let now = inner.clock.now();
+                let state = inner.state();
+                if let Some(c) = state.current.as_ref().filter(|c| c.usable(now)) {
+                    inner.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok((c.creds.clone(), c.usable_until()));
+                }
+                if state.attempts != seen {
+                    if let Some(e) = &state.last_error {
+                        return Err(e.clone());
+                    }
                 }
             }
+            inner.fetch_now().await
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime.spawn(fetch).await.unwrap_or_else(|e| {
+                Err(IamError::credentials(
+                    &self.inner.chain,
+                    CredentialsError::unhandled(format!("the credential fetch failed: {e}")),
+                ))
+            }),
+            Err(_) => fetch.await,
         }
-        self.inner.fetch_now().await
     }
 
     /// A login signed with the key `access_key_id` was refused: the credentials may have

@@ -22,14 +22,14 @@ use crate::support::rds::{
 };
 
 /// Hang guard for single steps (a login, a query); never an assertion about speed.
-const T: Duration = Duration::from_secs(60);
-const APP: &str = "app";
+pub(crate) const T: Duration = Duration::from_secs(60);
+pub(crate) const APP: &str = "app";
 
 // ---------------------------------------------------------------------------------------------
 // iampool as a subprocess
 
 /// A running iampool binary; killed (and its log shown, if the test failed) on drop.
-struct Iampool {
+pub(crate) struct Iampool {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
@@ -38,7 +38,7 @@ struct Iampool {
 impl Iampool {
     /// Starts `iampool ARGS --listen 127.0.0.1:<free port>` with only `env` (plus PATH, a temp
     /// HOME, and IMDS disabled unless `env` points at an IMDS) and waits until it listens.
-    fn start(args: &[String], env: &[(&str, String)]) -> Iampool {
+    pub(crate) fn start(args: &[String], env: &[(&str, String)]) -> Iampool {
         let dir = tempfile::Builder::new()
             .prefix("iampool-proc-")
             .tempdir_in("/tmp")
@@ -67,7 +67,7 @@ impl Iampool {
         panic!("iampool did not start: every port tried was in use");
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("iampool.log")).unwrap_or_default()
     }
 
@@ -75,7 +75,10 @@ impl Iampool {
         format!("postgres://{APP}@127.0.0.1:{}/{db}", self.port)
     }
 
-    async fn try_client(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    pub(crate) async fn try_client(
+        &self,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, conn) = tokio_postgres::Config::new()
             .host("127.0.0.1")
             .port(self.port)
@@ -91,7 +94,7 @@ impl Iampool {
     }
 
     /// Connects and runs `SELECT current_user`; the first error (login or query) otherwise.
-    async fn try_query(&self, db: &str) -> Result<String, tokio_postgres::Error> {
+    pub(crate) async fn try_query(&self, db: &str) -> Result<String, tokio_postgres::Error> {
         let work = async {
             let c = self.try_client(db).await?;
             // The simple protocol: this suite is about sign-in, not prepared statements.
@@ -109,7 +112,7 @@ impl Iampool {
             .unwrap_or_else(|_| panic!("a login or query through iampool hung\n{}", self.log()))
     }
 
-    async fn query_ok(&self, db: &str) -> String {
+    pub(crate) async fn query_ok(&self, db: &str) -> String {
         match self.try_query(db).await {
             Ok(user) => user,
             Err(e) => panic!(
@@ -182,7 +185,7 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-fn static_env() -> Vec<(&'static str, String)> {
+pub(crate) fn static_env() -> Vec<(&'static str, String)> {
     vec![
         ("AWS_ACCESS_KEY_ID", STATIC_ACCESS_KEY_ID.to_string()),
         (
@@ -193,7 +196,7 @@ fn static_env() -> Vec<(&'static str, String)> {
 }
 
 /// `--upstream URL --auth-type trust` plus `extra` flags.
-fn args(url: &str, extra: &[&str]) -> Vec<String> {
+pub(crate) fn args(url: &str, extra: &[&str]) -> Vec<String> {
     let mut a = vec![
         "--upstream".to_string(),
         url.to_string(),
@@ -205,7 +208,7 @@ fn args(url: &str, extra: &[&str]) -> Vec<String> {
 }
 
 /// An RDS-like server with IAM user `app` (and its database `app`).
-fn rds_with_app(opts: RdsOptions) -> RdsPg {
+pub(crate) fn rds_with_app(opts: RdsOptions) -> RdsPg {
     let rds = RdsPg::start(opts);
     rds.create_iam_user(APP);
     rds
@@ -299,7 +302,12 @@ async fn pgbench_through(
 /// later than the one they will really get (issued later, so expiring later), so the
 /// verifier knows keys the moment they are handed out without trusting any key for longer
 /// than its real life.
-fn keys_with_next(issued: Vec<IssuedKey>, seed: &str, ttl: Duration, ahead: u64) -> Vec<IssuedKey> {
+pub(crate) fn keys_with_next(
+    issued: Vec<IssuedKey>,
+    seed: &str,
+    ttl: Duration,
+    ahead: u64,
+) -> Vec<IssuedKey> {
     let n = issued.len() as u64;
     let secs = (SystemTime::now() + ttl)
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -311,7 +319,7 @@ fn keys_with_next(issued: Vec<IssuedKey>, seed: &str, ttl: Duration, ahead: u64)
     merge_issued(&[keys])
 }
 
-fn assert_secret_free(text: &str, what: &str) {
+pub(crate) fn assert_secret_free(text: &str, what: &str) {
     for needle in [
         "X-Amz-Signature",
         "X-Amz-Credential",
@@ -325,7 +333,7 @@ fn assert_secret_free(text: &str, what: &str) {
     }
 }
 
-fn db_error(e: &tokio_postgres::Error) -> (String, String) {
+pub(crate) fn db_error(e: &tokio_postgres::Error) -> (String, String) {
     match e.as_db_error() {
         Some(db) => (db.code().code().to_string(), db.message().to_string()),
         None => (String::new(), e.to_string()),

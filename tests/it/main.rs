@@ -8,6 +8,7 @@ mod cancel;
 mod client_auth;
 mod core;
 mod drivers;
+mod faults;
 mod fidelity;
 mod frontend;
 mod harness;

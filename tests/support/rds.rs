@@ -102,6 +102,8 @@ pub struct RdsPg {
     pam_file: PathBuf,
     service: String,
     opts: RdsOptions,
+    /// Seconds the verifier's clock is ahead of the real one (negative: behind).
+    skew_seconds: i64,
 }
 
 impl RdsPg {
@@ -157,6 +159,7 @@ impl RdsPg {
             pam_file,
             service,
             opts,
+            skew_seconds: 0,
         };
         rds.write_pam_file();
         rds
@@ -167,7 +170,8 @@ impl RdsPg {
         let text = format!(
             "# iampool test: RDS-like IAM token check (removed when the test ends)\n\
              auth required pam_exec.so expose_authtok quiet {python} {wrapper} {tokens} \
-             --keys {keys} --region {region} --host {host} --port {port} --log {log}\n\
+             --keys {keys} --region {region} --host {host} --port {port} --log {log} \
+             --skew-seconds {skew}\n\
              account required pam_permit.so\n",
             python = python3().display(),
             wrapper = dir.join("wrapper.py").display(),
@@ -177,8 +181,16 @@ impl RdsPg {
             host = self.opts.verifier_host,
             port = self.pg.port(),
             log = dir.join("verifier.log").display(),
+            skew = self.skew_seconds,
         );
         write_file(&self.pam_file, &text, 0o644);
+    }
+
+    /// Checks tokens as if the server's clock were `seconds` ahead of the real one
+    /// (negative: behind), i.e. skewed against iampool's signer. Applies to the next login.
+    pub fn set_clock_skew(&mut self, seconds: i64) {
+        self.skew_seconds = seconds;
+        self.write_pam_file();
     }
 
     pub fn cluster(&self) -> &PgCluster {

@@ -6,6 +6,7 @@ newline-terminated), the database user in PAM_USER. Written independently of iam
 Rust signer: the SigV4 math below is done here from the specification, stdlib only.
 
     rds_iam_verifier.py --keys KEYS.json --region R --host H --port P [--log FILE] [--now T]
+                        [--skew-seconds S]
     rds_iam_verifier.py --self-test [--vectors rds-iam-tokens.json]
 
 KEYS.json maps access key id -> {"secret": "...", "expires": "ISO 8601" (optional)}; a key
@@ -168,6 +169,8 @@ def log_line(path, user, ok, reason):
 def run(args):
     user = os.environ.get("PAM_USER", "")
     now = parse_time(args.now) if args.now else dt.datetime.now(dt.timezone.utc)
+    # A server clock off by S seconds (positive: ahead of the signer's).
+    now += dt.timedelta(seconds=args.skew_seconds)
     try:
         with open(args.keys, encoding="utf-8") as f:
             keys = json.load(f)
@@ -237,6 +240,8 @@ def main(argv):
     ap.add_argument("--port", type=int)
     ap.add_argument("--log")
     ap.add_argument("--now", help="RFC 3339 time to check against (tests)")
+    ap.add_argument("--skew-seconds", type=int, default=0,
+                    help="check as if this server's clock were off by this much (tests)")
     ap.add_argument("--self-test", action="store_true")
     ap.add_argument("--vectors", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "data", "rds-iam-tokens.json"))
