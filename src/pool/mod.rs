@@ -119,8 +119,10 @@ struct Backoff {
     until: Instant,
 }
 
-/// The longest wait between failed logins (at least server_login_retry).
-pub const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest wait between failed logins (at least server_login_retry): a login every 10 s
+/// is calm for the upstream (and RDS's IAM authentication limit), and the pool finds a
+/// recovered upstream within 10 s.
+pub const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(10);
 /// While logins fail and the pool has no server, a client waits this long for one before it
 /// is told why (at most query_wait_timeout).
 pub const UNAVAILABLE_GRACE: Duration = Duration::from_secs(3);
@@ -138,6 +140,15 @@ fn backoff_delay(retry: Duration, failures: u32) -> Duration {
 }
 
 impl State {
+    /// Logins keep failing (two in a row at least, none running now) and the pool has no
+    /// server: waiting clients are told rather than kept waiting. One failure alone is not
+    /// enough, as its retry may be about to succeed.
+    fn unreachable(&self) -> Option<(Backoff, &LoginError)> {
+        let b = self.backoff?;
+        let (_, e) = self.last_error.as_ref()?;
+        (b.failures >= 2 && self.connecting == 0 && self.live() == 0).then_some((b, e))
+    }
+
     /// Server connections that exist and are signed in (idle or in use).
     fn live(&self) -> usize {
         self.total - self.connecting - self.closing
@@ -321,7 +332,7 @@ impl Pool {
                 Err(_) if deadline >= give_up => break Err(None),
                 Err(_) => {
                     let st = self.lock();
-                    if let (Some(b), Some((_, e)), 0) = (st.backoff, &st.last_error, st.live()) {
+                    if let Some((b, e)) = st.unreachable() {
                         break Err(Some(PoolError::Unavailable {
                             last_error: e.to_string(),
                             retry_in: b.until.saturating_duration_since(Instant::now()),
