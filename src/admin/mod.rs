@@ -6,7 +6,8 @@
 //! adding the console never takes a database away from its clients.
 
 mod clients;
-mod command;
+#[doc(hidden)] // pub for the fuzz targets
+pub mod command;
 mod execute;
 mod reply;
 mod session;
