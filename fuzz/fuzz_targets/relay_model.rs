@@ -207,14 +207,19 @@ impl Pg {
     }
 
     fn query(&mut self, sql: &[u8], out: &mut Vec<u8>) {
-        self.statements.remove(&b""[..]);
-        self.portal = false;
         let sql = String::from_utf8(sql.to_vec()).expect("generated SQL is UTF-8");
         let words: Vec<&str> = sql.split_ascii_whitespace().collect();
         let first = words
             .first()
             .map(|w| w.to_ascii_lowercase())
             .unwrap_or_default();
+        // A simple Query drops the unnamed statement and portal. Not DEALLOCATE here: iampool
+        // answers one of the client's own names itself, so the server keeps them (a known
+        // difference, see fuzz/README.md).
+        if first != "deallocate" {
+            self.statements.remove(&b""[..]);
+            self.portal = false;
+        }
         let done = |out: &mut Vec<u8>, tag: &str| {
             let mut b = tag.as_bytes().to_vec();
             b.push(0);
