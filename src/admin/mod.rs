@@ -5,7 +5,8 @@
 //! everything and `stats_users` only SHOW. A configured database of the same name wins, so
 //! adding the console never takes a database away from its clients.
 
-mod command;
+#[doc(hidden)] // pub for the fuzz targets
+pub mod command;
 mod execute;
 mod reply;
 mod session;

@@ -407,7 +407,8 @@ async fn welcome_client(
 
 /// Parses the `options` startup parameter: `-c name=value` and `--name=value`, with `\`
 /// escaping a space, as PostgreSQL does.
-fn parse_options(options: &str) -> Vec<(String, String)> {
+#[doc(hidden)] // pub for the fuzz targets
+pub fn parse_options(options: &str) -> Vec<(String, String)> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut chars = options.chars();

@@ -389,12 +389,13 @@ impl Tracker {
                 QueryAction::ForwardDeallocate
             }
             (Some(n), None) => {
-                let unquoted = n
+                // The name as PostgreSQL reads it: folded to lower case unless quoted.
+                let name = n
                     .strip_prefix('"')
                     .and_then(|n| n.strip_suffix('"'))
                     .map(str::to_owned)
                     .unwrap_or_else(|| n.to_ascii_lowercase());
-                if self.forget(unquoted.as_bytes()) || self.forget(n.as_bytes()) {
+                if self.forget(name.as_bytes()) {
                     QueryAction::Answer("DEALLOCATE")
                 } else {
                     QueryAction::ForwardDeallocate
@@ -467,5 +468,25 @@ mod tests {
         );
         assert_eq!(t.on_query(b"DISCARD ALL\0"), QueryAction::Discard);
         assert_eq!(t.on_query(b"select 1\0"), QueryAction::Forward);
+    }
+
+    /// Found by the relay_model fuzz target: `DEALLOCATE S1` names `s1` in PostgreSQL, so
+    /// it must not drop a statement the client called `S1` (the server says `s1` does not
+    /// exist); only `DEALLOCATE "S1"` does.
+    #[test]
+    fn deallocate_folds_an_unquoted_name_as_postgresql_does() {
+        let mut t = Tracker::new(10, Default::default());
+        let mut body = b"S1\0select 1\0".to_vec();
+        body.extend_from_slice(&[0, 0]);
+        let (name, def) = define(&body).unwrap();
+        t.statements.insert(name, Arc::new(def));
+        assert_eq!(
+            t.on_query(b"DEALLOCATE S1\0"),
+            QueryAction::ForwardDeallocate
+        );
+        assert_eq!(
+            t.on_query(b"DEALLOCATE \"S1\"\0"),
+            QueryAction::Answer("DEALLOCATE")
+        );
     }
 }

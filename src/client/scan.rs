@@ -254,6 +254,8 @@ impl Scan {
                 Ok(Step::Continue(n)) => {
                     self.s.scan.consume_body(n);
                     self.s.ready += n;
+                    // Answers due after a message that arrived in pieces go once it is whole.
+                    self.emit_made(srv.x);
                     continue;
                 }
                 Ok(Step::Message { header, complete }) => {
@@ -323,9 +325,13 @@ impl Scan {
         Ok(())
     }
 
-    /// Writes the made-up answers that are due (after everything scanned so far).
+    /// Writes the made-up answers that are due (after everything scanned so far). Never
+    /// inside a server message that is only partly here: they wait for its end.
     #[inline]
     fn emit_made(&mut self, x: &mut Exchange) {
+        if !self.s.scan.at_boundary() {
+            return;
+        }
         while let Some(made) = x.take_made() {
             write_made(self.s.staged(), made, x.status());
         }
@@ -621,6 +627,37 @@ mod tests {
         );
         send(&mut c, &mut srv, &msg(b'Q', b"LISTEN x\0"));
         assert_eq!(c.take_session_state(), 1);
+    }
+
+    /// Found by the relay_model fuzz target: a ParseComplete made up after a Describe was
+    /// written as soon as the Describe's RowDescription began, inside its body.
+    #[test]
+    fn made_up_answers_wait_for_a_partial_message_to_end() {
+        let known = Arc::default();
+        let mut srv = Srv::default();
+        let mut c = session(&known);
+        let req = [parse("s1", "select 1"), parse("s2", "select 2"), sync()].concat();
+        send(&mut c, &mut srv, &req);
+        assert_eq!(answer(&mut c, &mut srv, b"11Z"), b"11Z");
+
+        // s3 has s2's text: the server has it, so its ParseComplete is made up after the
+        // Describe's answers.
+        let mut describe = b"S".to_vec();
+        describe.extend_from_slice(b"s1\0");
+        let req = [msg(b'D', &describe), parse("s3", "select 2"), sync()].concat();
+        assert_eq!(tags(&send(&mut c, &mut srv, &req)), b"DS");
+        let row_description = msg(b'T', &[7u8; 40]);
+        let server = [msg(b't', &[0, 0]), row_description.clone(), msg(b'Z', b"I")].concat();
+        let mut to_client = Vec::new();
+        for part in server.chunks(9) {
+            c.s.buf.extend_from_slice(part);
+            c.server(&mut srv.side()).unwrap();
+            to_client.extend(take(&mut c.s));
+        }
+        assert_eq!(tags(&to_client), b"tT1Z");
+        assert!(to_client
+            .windows(row_description.len())
+            .any(|w| w == row_description));
     }
 
     /// However the bytes are split, what is forwarded is exactly what was sent, and the
