@@ -33,7 +33,18 @@ fn check_url(text: &str) {
         Ok(_) => {}
         Err(problem) => {
             if let Some(p) = secret {
-                assert!(!problem.message.contains(p) && !problem.fix.contains(p));
+                // The same URL with another password: if the text still shows `p`, it is
+                // the message's own wording ("write host:5432"), not the password.
+                let other = text.replacen(p, "Zq8Zq8Zq8", 1);
+                let wording = url::parse(&other)
+                    .err()
+                    .is_some_and(|e| e.message.contains(p) || e.fix.contains(p));
+                if !wording {
+                    assert!(
+                        !problem.message.contains(p) && !problem.fix.contains(p),
+                        "password in {problem:?}"
+                    );
+                }
             }
         }
     }
