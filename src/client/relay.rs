@@ -45,6 +45,9 @@ use crate::stream::Stream;
 /// before the backend's query is cancelled (a COMMIT sent just before leaving completes).
 const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
+/// Servers tried for one request when each is lost while its parameters are applied.
+const LINK_ATTEMPTS: u32 = 3;
+
 /// Why the linked phase stopped.
 #[derive(Debug)]
 enum Wake {
@@ -232,15 +235,30 @@ impl Session {
 
             // The client has a request: link a server, then look at what it sent (names are
             // rewritten against the statements this particular server has).
-            self.cancel.set_waiting(true);
-            let checkout = self.pool.checkout().await;
-            self.cancel.set_waiting(false);
-            let server = match checkout {
-                Ok(s) => s,
-                Err(e) => return self.pool_error(e).await,
-            };
-            if let Err(end) = self.link(server).await {
-                return end;
+            // A server lost while its parameters are brought in line has seen nothing of the
+            // client's request, so another one is tried (a few times, then the client is told).
+            let mut lost = 0;
+            loop {
+                self.cancel.set_waiting(true);
+                let checkout = self.pool.checkout().await;
+                self.cancel.set_waiting(false);
+                let server = match checkout {
+                    Ok(s) => s,
+                    Err(e) => return self.pool_error(e).await,
+                };
+                match self.link(server).await {
+                    Ok(()) => break,
+                    Err(None) if lost + 1 < LINK_ATTEMPTS => lost += 1,
+                    Err(None) => {
+                        self.send_fatal(
+                            sqlstate::CONNECTION_FAILURE,
+                            "server connection failed while applying session parameters",
+                        )
+                        .await;
+                        return End::ServerGone;
+                    }
+                    Err(Some(end)) => return end,
+                }
             }
             if let Some(w) = self.scan_client() {
                 match w {
@@ -349,7 +367,9 @@ impl Session {
     }
 
     /// Links a server: brings its session parameters in line with the client's first.
-    async fn link(&mut self, mut server: Server) -> Result<(), End> {
+    /// `Err(None)`: the server was lost meanwhile (and discarded); nothing of the client's
+    /// request has reached it.
+    async fn link(&mut self, mut server: Server) -> Result<(), Option<End>> {
         let mut reports = BytesMut::new();
         match server
             .sync_params(&mut self.scan.params, &mut reports)
@@ -365,17 +385,12 @@ impl Session {
                 // The client asked for a value the server rejects: as PostgreSQL would at startup.
                 self.pool.discard(server);
                 self.send_fatal(&code, &message).await;
-                return Err(End::ProtocolError);
+                return Err(Some(End::ProtocolError));
             }
             Err(e) => {
                 debug!(backend_pid = server.backend_pid, error = %e, "applying session parameters failed");
                 self.pool.discard(server);
-                self.send_fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "server connection failed while applying session parameters",
-                )
-                .await;
-                return Err(End::ServerGone);
+                return Err(None);
             }
         }
         self.cancel.link(CancelTarget {

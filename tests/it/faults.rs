@@ -1547,3 +1547,44 @@ async fn iam_clock_skew_against_the_signer() {
         }
     }
 }
+
+/// A server that dies just as iampool brings its session parameters in line with the next
+/// client's has seen nothing of that client's request: the client gets another server, not
+/// an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lost_while_parameters_are_applied_is_replaced() {
+    let r = rig("fault_sync", |c| c.databases[0].pool_size = 1).await;
+    let with_name = |name: &str| {
+        let mut c = pooler::client_config(r.addr(), &r.db);
+        c.application_name(name);
+        c
+    };
+    let connect_as = |name: &str| {
+        let cfg = with_name(name);
+        async move {
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("login");
+            tokio::spawn(conn);
+            client
+        }
+    };
+    let a = connect_as("sync_a").await;
+    assert_eq!(one_int(&a, "select 1").await.unwrap(), 1);
+    let b = connect_as("sync_b").await;
+    // The pool's one server last served sync_a: b's request makes iampool set
+    // application_name first, and that write is what the server dies on.
+    r.proxy.reset_next_upstream_write();
+    let name: String = tokio::time::timeout(
+        T,
+        b.query_one("select current_setting('application_name')", &[]),
+    )
+    .await
+    .expect("bounded")
+    .expect("b is served by another server")
+    .get(0);
+    assert_eq!(name, "sync_b");
+    assert!(
+        !r.proxy.reset_pending(),
+        "the fault fired (a server was lost during the parameter sync)"
+    );
+    assert!(r.iam.shutdown().await);
+}

@@ -98,6 +98,8 @@ struct Shared {
     open: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    /// The next connection to send bytes upstream is reset instead (one shot).
+    reset_next_up: std::sync::atomic::AtomicBool,
 }
 
 /// The proxy; it stops (and closes every connection) when dropped.
@@ -127,6 +129,7 @@ impl FaultProxy {
             open: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            reset_next_up: std::sync::atomic::AtomicBool::new(false),
         });
         let acceptor = tokio::spawn(accept_loop(listener, addr, shared.clone()));
         FaultProxy {
@@ -199,6 +202,17 @@ impl FaultProxy {
     /// Closes both sides of every open connection (FIN); returns how many were open.
     pub fn cut_all(&self) -> u64 {
         self.kill(Kill::Cut)
+    }
+
+    /// The next open connection whose client side sends anything is reset (RST) instead of
+    /// forwarding it, once: a server that dies just as it is asked something.
+    pub fn reset_next_upstream_write(&self) {
+        self.shared.reset_next_up.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a [`FaultProxy::reset_next_upstream_write`] has yet to fire.
+    pub fn reset_pending(&self) -> bool {
+        self.shared.reset_next_up.load(Ordering::SeqCst)
     }
 
     /// Aborts both sides of every open connection (RST); returns how many were open.
@@ -427,6 +441,14 @@ where
             Ok(n) => n,
             Err(_) => return true,
         };
+        if up
+            && shared
+                .reset_next_up
+                .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            return true;
+        }
         let f = faults.borrow().dir(up).clone();
         if f.swallow {
             continue;
