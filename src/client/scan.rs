@@ -497,6 +497,15 @@ mod tests {
 
     use std::sync::Arc;
 
+    /// A client session that prepared `s1` as `sql` on another server, which answered.
+    fn prepared_elsewhere(known: &Arc<KnownStatements>, sql: &str) -> Scan {
+        let mut first = Srv::default();
+        let mut c = session(known);
+        send(&mut c, &mut first, &[parse("s1", sql), sync()].concat());
+        answer(&mut c, &mut first, b"1Z");
+        c
+    }
+
     #[test]
     fn named_parse_is_renamed_and_shared_between_clients() {
         let known = Arc::default();
@@ -530,14 +539,7 @@ mod tests {
     #[test]
     fn bind_on_a_fresh_server_injects_the_parse_and_hides_its_answer() {
         let known = Arc::default();
-        let mut first = Srv::default();
-        let mut c = session(&known);
-        send(
-            &mut c,
-            &mut first,
-            &[parse("s1", "select 1"), sync()].concat(),
-        );
-        answer(&mut c, &mut first, b"1Z");
+        let mut c = prepared_elsewhere(&known, "select 1");
 
         let mut fresh = Srv::default();
         let req = [bind("s1"), msg(b'E', &[0, 0, 0, 0, 0]), sync()].concat();
@@ -728,6 +730,30 @@ mod tests {
         msg(b'B', &b)
     }
 
+    /// A long Query is passed on as it arrives: the scanner never waits for all of it, so
+    /// a client that stalls halfway makes iampool hold no more than a read's worth.
+    #[test]
+    fn a_long_query_streams_in_pieces() {
+        let mut srv = Srv::default();
+        let mut scan = Scan::new(
+            BytesMut::new(),
+            Tracker::new(200, Default::default()),
+            SessionParams::default(),
+            64 << 20,
+            true,
+        );
+        let text = format!("select '{}'\0", "x".repeat(1 << 20));
+        let q = msg(b'Q', text.as_bytes());
+        let (sent, held) = stream_in(&mut scan, &mut srv, &q);
+        assert_eq!(sent.len(), q.len());
+        assert!(held <= 2 * INSPECT_PREFIX + 16 * 1024, "held {held} bytes");
+        assert_eq!(
+            srv.x.disposition(),
+            Disposition::Busy,
+            "the Query is owed its answer"
+        );
+    }
+
     #[test]
     fn a_long_bind_of_a_renamed_statement_streams_with_its_new_name() {
         let known = Arc::default();
@@ -758,14 +784,7 @@ mod tests {
     #[test]
     fn a_long_bind_on_a_fresh_server_streams_after_the_injected_parse() {
         let known = Arc::default();
-        let mut first = Srv::default();
-        let mut a = session(&known);
-        send(
-            &mut a,
-            &mut first,
-            &[parse("s1", "select $1"), sync()].concat(),
-        );
-        answer(&mut a, &mut first, b"1Z");
+        let mut a = prepared_elsewhere(&known, "select $1");
 
         // The same client on a server that lacks the statement: Parse, then the Bind.
         let mut fresh = Srv::default();
@@ -803,56 +822,5 @@ mod tests {
         );
         assert_eq!(tags(&sent), b"P");
         assert!(sent.windows(8).any(|w| w == b"iampool_"));
-    }
-}
-
-#[cfg(test)]
-mod streaming_tests {
-    use bytes::{Buf, BytesMut};
-
-    use super::*;
-    use crate::protocol::exchange::Disposition;
-
-    /// A long Query is passed on as it arrives: the scanner never waits for all of it, so
-    /// a client that stalls halfway makes iampool hold no more than a read's worth.
-    #[test]
-    fn a_long_query_streams_in_pieces() {
-        let mut x = Exchange::default();
-        let mut statements = ServerStatements::default();
-        let mut params = SessionParams::default();
-        let mut scan = Scan::new(
-            BytesMut::new(),
-            Tracker::new(200, Default::default()),
-            SessionParams::default(),
-            64 << 20,
-            true,
-        );
-        let text = format!("select '{}'\0", "x".repeat(1 << 20));
-        let mut q = vec![b'Q'];
-        q.extend_from_slice(&((text.len() + 4) as i32).to_be_bytes());
-        q.extend_from_slice(text.as_bytes());
-        let mut forwarded = 0;
-        let mut held = 0;
-        for part in q.chunks(16 * 1024) {
-            scan.c.buf.extend_from_slice(part);
-            let mut srv = ServerSide {
-                x: &mut x,
-                statements: &mut statements,
-                params: &mut params,
-            };
-            scan.client(&mut srv).unwrap();
-            held = held.max(scan.c.buf.len());
-            forwarded += scan.c.ready;
-            let ready = scan.c.ready;
-            scan.c.buf.advance(ready);
-            scan.c.ready = 0;
-        }
-        assert_eq!(forwarded, q.len());
-        assert!(held <= 2 * INSPECT_PREFIX + 16 * 1024, "held {held} bytes");
-        assert_eq!(
-            x.disposition(),
-            Disposition::Busy,
-            "the Query is owed its answer"
-        );
     }
 }
