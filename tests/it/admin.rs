@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::pooler::{self, code, connect, run, start};
+use crate::pooler::{self, code, connect, message, run, start};
 use crate::support::pg::{shared_cluster, unique_name, PgCluster, TestDb};
 
 /// Hang guard for single steps; never an assertion about speed.
@@ -99,12 +99,6 @@ fn num(row: &Row, col: &str) -> i64 {
     get(row, col)
         .parse()
         .unwrap_or_else(|_| panic!("{col} not a number in {row:?}"))
-}
-
-fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.message().to_owned())
-        .unwrap_or_default()
 }
 
 fn pool_row(rows: &[Row], db: &str) -> Row {

@@ -12,7 +12,7 @@ use iampool::stream::{read_message, Stream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::pooler::{self, code, connect, start, try_connect};
+use crate::pooler::{self, code, connect, message, start, try_connect};
 use crate::support::pg::{shared_cluster, TestDb};
 
 const T: Duration = Duration::from_secs(30);
@@ -167,10 +167,7 @@ async fn failed_logins_are_delayed_and_limited_per_address() {
     // The limit is reached: even the right password is refused, without a password check.
     let e = try_connect(addr, &db).await.unwrap_err();
     assert_eq!(code(&e), "53300", "{e:?}");
-    let msg = e
-        .as_db_error()
-        .map(|d| d.message().to_owned())
-        .unwrap_or_default();
+    let msg = message(&e);
     assert!(
         msg.contains("auth_failure_limit"),
         "names the setting: {msg}"

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::types::Type;
 
-use crate::pooler::{self, code, connect, run, start, try_connect};
+use crate::pooler::{self, code, connect, message, run, start, try_connect};
 use crate::support::pg::{shared_cluster, PgCluster, PgOptions};
 
 const T: Duration = Duration::from_secs(60);
@@ -604,10 +604,7 @@ async fn session_mode_keeps_one_server_per_client() {
     // The pool is full: a third client waits and then gets a clear error.
     let c = connect(addr, &db).await;
     let err = c.simple_query("select 1").await.unwrap_err();
-    let msg = err
-        .as_db_error()
-        .map(|d| d.message().to_owned())
-        .unwrap_or_default();
+    let msg = message(&err);
     assert!(msg.contains("query_wait_timeout"), "{err:?}");
     // When A leaves, its server is reset and reused.
     drop(a);

@@ -132,6 +132,13 @@ pub fn code(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_owned()).unwrap_or_default()
 }
 
+/// The message of a tokio-postgres error from the server, or "" if it has none.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default()
+}
+
 /// Runs a command with a hard bound on its run time; returns (status ok, stdout, stderr).
 pub fn run(cmd: &mut std::process::Command, limit: Duration) -> (bool, String, String) {
     use std::io::Read;

@@ -2,7 +2,7 @@
 
 use iampool::config::Secret;
 
-use crate::pooler::{self, code, connect, start, try_connect};
+use crate::pooler::{self, code, connect, message, start, try_connect};
 use crate::support::pg::{PgCluster, PgOptions, TestDb};
 
 /// A cluster whose pg_hba asks `md5user` for md5 and `plainuser` for a cleartext password.
@@ -50,10 +50,7 @@ async fn md5_and_cleartext_upstreams() {
     // Cleartext over a connection without TLS is refused by default: the client is told why.
     let iam = start(pooler::config(&pg, &plain)).await;
     let err = try_connect(iam.local_addr(), &plain).await.unwrap_err();
-    let msg = err
-        .as_db_error()
-        .map(|e| e.message().to_owned())
-        .unwrap_or_default();
+    let msg = message(&err);
     assert_eq!(code(&err), "08001", "{err:?}");
     assert!(msg.contains("cleartext password"), "{msg}");
     assert!(!msg.contains("plain-secret"));
@@ -111,10 +108,7 @@ async fn cleartext_password_goes_only_to_a_verified_server() {
     // Encrypted but not verified: whoever answers would get the password.
     let iam = start(config(SslMode::Require)).await;
     let err = try_connect(iam.local_addr(), &plain).await.unwrap_err();
-    let msg = err
-        .as_db_error()
-        .map(|e| e.message().to_owned())
-        .unwrap_or_default();
+    let msg = message(&err);
     assert_eq!(code(&err), "08001", "{err:?}");
     assert!(msg.contains("not verified"), "{msg}");
     assert!(msg.contains("verify-full"), "names the fix: {msg}");
