@@ -57,6 +57,8 @@ pub struct Shared {
     metrics: Arc<Metrics>,
     /// Draining: /readyz is false and no new client is accepted.
     draining: std::sync::atomic::AtomicBool,
+    /// SIGTERM arrived and `min_sigterm_delay` runs: still serving, but /readyz is false.
+    terminating: std::sync::atomic::AtomicBool,
     config: RwLock<Arc<Config>>,
     /// The configuration iampool started with: what restart-only settings still are.
     started: Arc<Config>,
@@ -110,6 +112,12 @@ impl Shared {
     /// True once a shutdown began: /readyz says no and no new client is accepted.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// SIGTERM with a `min_sigterm_delay`: readiness fails from now on, so Kubernetes stops
+    /// sending new work, while clients are still accepted and served until the drain.
+    pub fn begin_terminating(&self) {
+        self.terminating.store(true, Ordering::Release);
     }
 
     /// Starts a graceful shutdown (admin SHUTDOWN; `main` then drains and exits).
@@ -421,6 +429,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         config_source: std::sync::OnceLock::new(),
+        terminating: std::sync::atomic::AtomicBool::new(false),
         log_reloader: std::sync::OnceLock::new(),
         metrics: metrics.clone(),
         draining: std::sync::atomic::AtomicBool::new(false),
@@ -469,15 +478,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         listeners.push(tokio::spawn(accept_unix(l, shared)));
     }
 
-    // Warm every pool once: checks the upstream (and IAM) now rather than at the first
-    // client, and fills the welcome parameters.
+    // Warm every pool: checks the upstream (and IAM) now rather than at the first client,
+    // and fills the welcome parameters. Until a login succeeds the startup probe fails, so
+    // it keeps trying (the pool spaces the logins) while nothing else would.
     for pool in shared.pools() {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            if let Err(e) = pool.welcome_params().await {
-                warn!(pool = %pool.database, error = %e, "first upstream login failed");
-            }
-        });
+        tokio::spawn(warm(pool.clone(), shared.shutdown_signal()));
+    }
+    if !config.reload_check_interval.is_zero() {
+        tokio::spawn(watch_files(
+            Arc::downgrade(&shared),
+            config.reload_check_interval,
+        ));
     }
 
     let mut metrics_addr = None;
@@ -490,7 +501,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             })?;
         metrics_addr = l.local_addr().ok();
         let health: Arc<dyn Health> = Arc::new(AppHealth(shared.clone()));
-        tokio::spawn(crate::metrics::http::serve(l, metrics.clone(), health));
+        let routes = crate::metrics::http::Routes {
+            quitquitquit: config.quitquitquit,
+        };
+        tokio::spawn(crate::metrics::http::serve(
+            l,
+            metrics.clone(),
+            health,
+            routes,
+        ));
     }
 
     Ok(Running {
@@ -507,18 +526,91 @@ struct AppHealth(Arc<Shared>);
 impl Health for AppHealth {
     fn ready(&self) -> bool {
         !self.0.is_draining()
+            && !self.0.terminating.load(Ordering::Acquire)
             && self.0.pools().all(|p| {
                 let st = p.status();
                 st.warmed && (st.last_login_ok || st.idle + st.active > 0)
             })
     }
 
+    /// Every pool has logged in once: iampool can serve. A native sidecar's application
+    /// starts only after this, so its first query does not wait for iampool's first login.
     fn started(&self) -> bool {
-        self.0.pools().all(|p| {
-            let st = p.status();
-            st.warmed || !st.last_login_ok
-        })
+        self.0.pools().all(|p| p.status().warmed)
     }
+
+    fn quit(&self) {
+        info!("POST /quitquitquit: draining");
+        self.0.request_shutdown();
+    }
+}
+
+/// Logs in to `pool` until that succeeds once (or shutdown). The first failure is a warning,
+/// later ones are repeated only now and then; the pool's own login backoff spaces attempts.
+async fn warm(pool: Arc<Pool>, mut shutdown: watch::Receiver<bool>) {
+    const RETRY: Duration = Duration::from_secs(1);
+    for attempt in 1u64.. {
+        let failure = tokio::select! {
+            result = pool.welcome_params() => match result {
+                Ok(_) => return,
+                Err(e) => e,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        if attempt == 1 || attempt.is_power_of_two() {
+            warn!(pool = %pool.database, attempt, error = %failure, "upstream login failed; not started yet, trying again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Every `reload_check_interval`, the files the configuration came from (`watched_files`)
+/// are read; when one changed (a rotated Kubernetes Secret is a new file behind the same
+/// path), the configuration is reloaded as on SIGHUP.
+async fn watch_files(shared: std::sync::Weak<Shared>, interval: Duration) {
+    let mut seen: Option<Vec<Option<[u8; 32]>>> = None;
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let config = shared.config();
+        let now: Vec<Option<[u8; 32]>> = config
+            .watched_files
+            .iter()
+            .map(|p| fingerprint(p))
+            .collect();
+        let before = seen.replace(now.clone());
+        let changed: Vec<_> = match before {
+            Some(before) if before.len() == now.len() => config
+                .watched_files
+                .iter()
+                .zip(before.iter().zip(&now))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(path, _)| path.display().to_string())
+                .collect(),
+            // First look, or a reload changed the list: remember and compare next time.
+            _ => Vec::new(),
+        };
+        if !changed.is_empty() {
+            info!(files = %changed.join(", "), "configuration files changed: reloading");
+            if let Err(e) = shared.reload() {
+                warn!(error = %e, "reload after a file change failed; keeping the current configuration");
+            }
+        }
+        drop(shared);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// A file's contents as a SHA-256, or None when it cannot be read right now.
+fn fingerprint(path: &std::path::Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| sha2::Sha256::digest(bytes).into())
 }
 
 async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>) {

@@ -9,6 +9,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod iam;
+pub mod inject;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

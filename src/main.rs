@@ -40,6 +40,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Inject(args) => inject(&args),
         Command::Run => {
             let config = loaded.config.expect("run has a configuration");
             let log_reloader = init_logging(&config.log_level, config.log_format);
@@ -51,6 +52,43 @@ fn main() -> ExitCode {
                 loaded.config.ok_or_else(|| "no configuration".to_owned())
             });
             runtime.block_on(run(config, source, log_reloader))
+        }
+    }
+}
+
+/// `iampool inject`: the injected YAML on stdout, notes and errors on stderr.
+fn inject(args: &iampool::config::InjectArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut input = String::new();
+    let read = if args.file == "-" {
+        std::io::stdin().read_to_string(&mut input).map(drop)
+    } else {
+        std::fs::read_to_string(&args.file).map(|text| input = text)
+    };
+    if let Err(e) = read {
+        eprintln!("iampool inject: cannot read {}: {e}", args.file);
+        return ExitCode::from(2);
+    }
+    match iampool::inject::inject(&input, &args.options) {
+        Ok(injected) => {
+            for note in &injected.notes {
+                eprintln!("iampool inject: {note}");
+            }
+            let mut stdout = std::io::stdout().lock();
+            match stdout
+                .write_all(injected.output.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("iampool inject: cannot write the output: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("iampool inject: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -130,7 +168,24 @@ async fn run(config: Config, source: ConfigSource, log_reloader: LogReloader) ->
     let mut shutdown = running.shared().shutdown_signal();
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: draining"); break }
+            _ = term.recv() => {
+                let delay = running.shared().config().min_sigterm_delay;
+                if delay.is_zero() {
+                    info!("SIGTERM: draining");
+                    break;
+                }
+                // Kubernetes removes the pod from Services and the application finishes its
+                // work meanwhile: keep serving, but say not ready.
+                info!(?delay, "SIGTERM: still serving for min_sigterm_delay, then draining");
+                running.shared().begin_terminating();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => info!("min_sigterm_delay over: draining"),
+                    _ = term.recv() => info!("second SIGTERM: draining now"),
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT: draining now"),
+                    _ = shutdown.changed() => info!("SHUTDOWN: draining now"),
+                }
+                break;
+            }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: draining"); break }
             // Admin SHUTDOWN.
             _ = shutdown.changed() => { info!("SHUTDOWN: draining"); break }

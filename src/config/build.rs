@@ -148,6 +148,9 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let auth_file = r.get(g, "auth_file", value::path);
     let (client_tls, client_tls_cert_file, client_tls_key_file) = client_tls(r, g);
     let shutdown_timeout = r.req(g, "shutdown_timeout", value::duration);
+    let min_sigterm_delay = r.req(g, "min_sigterm_delay", value::duration);
+    let reload_check_interval = r.req(g, "reload_check_interval", value::duration);
+    let quitquitquit = r.req(g, "quitquitquit", value::boolean);
     let log_level = r.req(g, "log_level", value::log_filter);
     let log_format = r.req(g, "log_format", value::named::<LogFormat>);
     let metrics_listen = r.get(g, "metrics_listen", value::addr);
@@ -184,18 +187,27 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         max_message_size: max_message_size?,
         server_reset_query: server_reset_query?,
         auth_type: auth_type?,
-        auth_file: auth_file?,
+        auth_file: auth_file.as_ref().map_err(|_| Reported)?.clone(),
         users: users?,
         client_tls: client_tls?,
         client_tls_cert_file: client_tls_cert_file?,
         client_tls_key_file: client_tls_key_file?,
         shutdown_timeout: shutdown_timeout?,
+        min_sigterm_delay: min_sigterm_delay?,
+        reload_check_interval: reload_check_interval?,
+        quitquitquit: quitquitquit?,
         log_level: log_level?,
         log_format: log_format?,
         metrics_listen: metrics_listen?,
         admin_users: admin_users?,
         stats_users: stats_users?,
         databases: databases?,
+        watched_files: inputs
+            .watched
+            .iter()
+            .cloned()
+            .chain(auth_file.ok().flatten())
+            .collect(),
     })
 }
 

@@ -6,7 +6,7 @@
 use clap::{Arg, ArgAction, ArgMatches};
 
 use super::keys::{DefaultValue, Key, Kind, KEYS};
-use super::TokenArgs;
+use super::{InjectArgs, TokenArgs};
 
 /// What the command line asked for, before any value is parsed.
 pub(crate) struct CliInput {
@@ -21,6 +21,7 @@ pub(crate) enum CliCommand {
     Run,
     CheckConfig,
     Token(TokenArgs),
+    Inject(InjectArgs),
 }
 
 const PRECEDENCE: &str = "\
@@ -46,7 +47,8 @@ pub fn command() -> clap::Command {
         .about("PostgreSQL connection pooler sidecar that signs in to RDS and Aurora with IAM")
         .after_help(PRECEDENCE)
         .subcommand(check)
-        .subcommand(token_command());
+        .subcommand(token_command())
+        .subcommand(inject_command());
     with_key_args(root)
 }
 
@@ -114,6 +116,91 @@ fn token_command() -> clap::Command {
                 .default_value("iampool")
                 .help("Session name of the assumed roles"),
         )
+}
+
+fn inject_command() -> clap::Command {
+    let defaults = crate::inject::Options::default();
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let text = |id: &'static str, value: &'static str, help: &'static str| {
+        Arg::new(id).long(id).value_name(value).help(help)
+    };
+    clap::Command::new("inject")
+        .about("Add an iampool sidecar to Kubernetes workloads (YAML from a file or stdin, to stdout)")
+        .after_help(
+            "Example: iampool inject deploy.yaml | kubectl apply -f -\n\
+             Each Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob and Pod gets iampool as \
+             a native sidecar (an init container with restartPolicy: Always, Kubernetes 1.29+); the \
+             application's DATABASE_URL moves to the sidecar and is replaced by \
+             postgres://user@127.0.0.1:6432/dbname. Other documents, and workloads that already have \
+             the sidecar, are written back unchanged.",
+        )
+        .arg(
+            Arg::new("file")
+                .value_name("FILE")
+                .default_value("-")
+                .help("Kubernetes YAML (several documents and Lists allowed); - for stdin"),
+        )
+        .arg(text("upstream", "URL", "The database (default: the application's DATABASE_URL); a URL without a password signs in with IAM"))
+        .arg(text("env-var", "NAME", "The application's variable with the database URL").default_value("DATABASE_URL"))
+        .arg(
+            text("container", "NAME", "Point only this container at the sidecar (repeatable; default: every container that sets the variable)")
+                .action(ArgAction::Append),
+        )
+        .arg(text("image", "IMAGE", "The iampool image").default_value(leak(defaults.image)))
+        .arg(text("region", "REGION", "AWS region for IAM (default: inferred from an RDS host name)"))
+        .arg(
+            text("pool-size", "N", "Server connections per pod (pods x pool size must fit the database's max_connections)")
+                .default_value("10")
+                .value_parser(clap::value_parser!(u32).range(1..)),
+        )
+        .arg(
+            text("port", "PORT", "Port the sidecar listens on, on 127.0.0.1")
+                .default_value("6432")
+                .value_parser(clap::value_parser!(u16).range(1..)),
+        )
+        .arg(
+            text("http-port", "PORT", "Port of the sidecar's probes and metrics")
+                .default_value("9090")
+                .value_parser(clap::value_parser!(u16).range(1..)),
+        )
+        .arg(text("service-account", "NAME", "Set the pod's serviceAccountName (for IRSA: one annotated eks.amazonaws.com/role-arn)"))
+        .arg(text("cpu-request", "CPU", "The sidecar's CPU request").default_value(leak(defaults.cpu_request)))
+        .arg(text("memory-request", "SIZE", "The sidecar's memory request").default_value(leak(defaults.memory_request)))
+        .arg(text("memory-limit", "SIZE", "The sidecar's memory limit").default_value(leak(defaults.memory_limit)))
+}
+
+fn inject_args(matches: &ArgMatches) -> InjectArgs {
+    let text = |id: &str| matches.get_one::<String>(id).cloned();
+    let defaults = crate::inject::Options::default();
+    InjectArgs {
+        file: text("file").unwrap_or_else(|| "-".into()),
+        options: crate::inject::Options {
+            upstream: text("upstream"),
+            env_var: text("env-var").unwrap_or(defaults.env_var),
+            containers: matches
+                .get_many::<String>("container")
+                .map(|v| v.cloned().collect())
+                .unwrap_or_default(),
+            image: text("image").unwrap_or(defaults.image),
+            region: text("region"),
+            pool_size: matches
+                .get_one::<u32>("pool-size")
+                .copied()
+                .unwrap_or(defaults.pool_size),
+            port: matches
+                .get_one::<u16>("port")
+                .copied()
+                .unwrap_or(defaults.port),
+            http_port: matches
+                .get_one::<u16>("http-port")
+                .copied()
+                .unwrap_or(defaults.http_port),
+            service_account: text("service-account"),
+            cpu_request: text("cpu-request").unwrap_or(defaults.cpu_request),
+            memory_request: text("memory-request").unwrap_or(defaults.memory_request),
+            memory_limit: text("memory-limit").unwrap_or(defaults.memory_limit),
+        },
+    }
 }
 
 fn with_key_args(command: clap::Command) -> clap::Command {
@@ -204,6 +291,7 @@ where
             }
         }
         Some(("token", sub)) => input.command = CliCommand::Token(token_args(sub)),
+        Some(("inject", sub)) => input.command = CliCommand::Inject(inject_args(sub)),
         _ => {}
     }
     Ok(input)

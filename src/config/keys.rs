@@ -256,6 +256,15 @@ pub static KEYS: &[Key] = &[
         .restart()
         .help("On shutdown, wait this long for clients to finish before closing them")
         .example("10s"),
+    Key::new("min_sigterm_delay", "min-sigterm-delay", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .help("After SIGTERM, keep accepting clients this long (readiness fails meanwhile, so a Service or the app stops sending new work), then drain; 0 drains at once")
+        .example("10s"),
+    Key::new("reload_check_interval", "reload-check-interval", Kind::Duration, TIMEOUTS)
+        .default("10s")
+        .restart()
+        .help("How often the config file, auth_file and every IAMPOOL_<KEY>_FILE are checked for changes (a rotated Kubernetes Secret); a change reloads as SIGHUP does; 0 disables")
+        .example("30s"),
     Key::new("auth_failure_delay", "auth-failure-delay", Kind::Duration, CLIENTS)
         .default("500ms")
         .help("A failed client login gets its error this much later, as PostgreSQL's auth_delay, so passwords cannot be guessed at speed; 0 disables")
@@ -298,6 +307,11 @@ pub static KEYS: &[Key] = &[
         .restart()
         .help("host:port serving Prometheus metrics (unset: no metrics listener)")
         .example("127.0.0.1:9187"),
+    Key::new("quitquitquit", "quitquitquit", Kind::Bool, LOGGING)
+        .default("false")
+        .restart()
+        .help("Serve POST /quitquitquit on metrics_listen: it starts a graceful shutdown, so a Job's main container can end an iampool sidecar where native sidecars are not available")
+        .example("true"),
     Key::new("admin_users", "admin-users", Kind::Names, LOGGING)
         .default("")
         .help("Users allowed to run admin commands (comma-separated; an array in the file)")

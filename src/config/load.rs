@@ -57,6 +57,9 @@ pub(crate) struct Inputs {
     pub databases: Vec<TableDatabase>,
     pub users: Vec<TableUser>,
     pub errors: Vec<ConfigError>,
+    /// Files whose contents are part of the configuration (the TOML file, `IAMPOOL_<KEY>_FILE`
+    /// sources): a change to one is a reason to reload.
+    pub watched: Vec<PathBuf>,
 }
 
 pub(crate) fn load<I, T>(
@@ -81,6 +84,13 @@ where
             check_signing_time(args.signing_time.as_deref())?;
             return Ok(Loaded {
                 command: Command::Token(args.clone()),
+                config: None,
+                sources: BTreeMap::new(),
+            });
+        }
+        CliCommand::Inject(ref args) => {
+            return Ok(Loaded {
+                command: Command::Inject(args.clone()),
                 config: None,
                 sources: BTreeMap::new(),
             });
@@ -149,7 +159,7 @@ fn clap_error(error: &clap::Error) -> ConfigError {
 /// Flags, env and file merged: flag > env > file.
 pub(crate) fn gather(cli: &CliInput, env: impl IntoIterator<Item = (String, String)>) -> Inputs {
     let mut inputs = Inputs::default();
-    let (env_layer, env_config) = environment(env, &mut inputs.errors);
+    let (env_layer, env_config) = environment(env, &mut inputs.errors, &mut inputs.watched);
 
     let config_path = match (&cli.config, env_config) {
         (Some(path), _) => Some((path.clone(), Origin::Flag("--config".into()))),
@@ -158,6 +168,7 @@ pub(crate) fn gather(cli: &CliInput, env: impl IntoIterator<Item = (String, Stri
     };
     if let Some((path, origin)) = config_path {
         read_file(Path::new(&path), &origin, &mut inputs);
+        inputs.watched.push(PathBuf::from(path));
     }
     inputs.globals.settings.extend(env_layer);
     for (key, value) in &cli.values {
@@ -178,15 +189,18 @@ fn global_setting(name: &'static str, raw: Raw, origin: Origin) -> Setting {
     }
 }
 
-/// `IAMPOOL_<KEY>` settings and `IAMPOOL_CONFIG`; any other `IAMPOOL_*` variable is an error,
-/// except the service links Kubernetes injects for a Service named `iampool`.
-/// Empty variables count as unset.
+/// `IAMPOOL_<KEY>` settings, `IAMPOOL_<KEY>_FILE` (the value is that file's contents, for
+/// secrets mounted from a Kubernetes Secret) and `IAMPOOL_CONFIG`; any other `IAMPOOL_*`
+/// variable is an error, except the service links Kubernetes injects for a Service named
+/// `iampool`. Empty variables count as unset.
 fn environment(
     env: impl IntoIterator<Item = (String, String)>,
     errors: &mut Vec<ConfigError>,
+    watched: &mut Vec<PathBuf>,
 ) -> (BTreeMap<&'static str, Setting>, Option<String>) {
     let mut layer = BTreeMap::new();
     let mut config = None;
+    let mut from_files = Vec::new();
     for (var, value) in env {
         let Some(suffix) = var.strip_prefix("IAMPOOL_") else {
             continue;
@@ -206,6 +220,7 @@ fn environment(
                     global_setting(key.name, Raw::Text(value), Origin::Env(var)),
                 );
             }
+            None if file_key(&name).is_some() => from_files.push((var, value)),
             None => {
                 let candidates = KEYS.iter().filter(|k| k.is_global()).map(|k| k.name);
                 let fix = match super::error::did_you_mean(&name, candidates) {
@@ -223,7 +238,50 @@ fn environment(
             }
         }
     }
+    for (var, path) in from_files {
+        let key = file_key(&var["IAMPOOL_".len()..].to_ascii_lowercase()).expect("checked above");
+        watched.push(PathBuf::from(&path));
+        if let Some(direct) = layer.get(key.name) {
+            errors.push(ConfigError {
+                key: key.name.into(),
+                source: var.clone(),
+                message: format!("both {var} and {} are set", direct.origin),
+                fix: format!("keep one of them: {var} names a file holding the value"),
+            });
+            continue;
+        }
+        match read_value_file(Path::new(&path)) {
+            Ok(value) => {
+                layer.insert(
+                    key.name,
+                    global_setting(key.name, Raw::Text(value), Origin::Env(var)),
+                );
+            }
+            Err(e) => errors.push(ConfigError {
+                key: key.name.into(),
+                source: var.clone(),
+                message: format!("cannot read {path}: {e}"),
+                fix: format!(
+                    "mount the file there (e.g. from a Kubernetes Secret), or set {} instead",
+                    key.env_var()
+                ),
+            }),
+        }
+    }
     (layer, config)
+}
+
+/// The key `IAMPOOL_<KEY>_FILE` sets, for a lower-cased suffix `<key>_file` that is not itself
+/// a key (`auth_file` is one; `auth_file_file` would name a file holding its path).
+fn file_key(name: &str) -> Option<&'static keys::Key> {
+    let stem = name.strip_suffix("_file")?;
+    keys::key(stem).filter(|key| key.is_global())
+}
+
+/// A value kept in a file: its contents without the line ends that editors and `echo` add.
+fn read_value_file(path: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// `SERVICE_HOST`, `SERVICE_PORT[_NAME]`, `PORT=tcp://...`, `PORT_6432_TCP[_PROTO|_PORT|_ADDR]`:

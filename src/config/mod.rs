@@ -211,12 +211,21 @@ pub struct Config {
     pub client_tls_cert_file: Option<PathBuf>,
     pub client_tls_key_file: Option<PathBuf>,
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, keep serving (not ready) this long before draining.
+    pub min_sigterm_delay: Duration,
+    /// How often watched files are checked for changes; zero: never.
+    pub reload_check_interval: Duration,
+    /// Serve `POST /quitquitquit` on the metrics listener.
+    pub quitquitquit: bool,
     pub log_level: String,
     pub log_format: LogFormat,
     pub metrics_listen: Option<SocketAddr>,
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
     pub databases: Vec<Database>,
+    /// Files this configuration was read from (the TOML file, `auth_file`, each
+    /// `IAMPOOL_<KEY>_FILE`): checked every `reload_check_interval`, a change reloads.
+    pub watched_files: Vec<PathBuf>,
 }
 
 impl Config {
@@ -234,6 +243,16 @@ pub enum Command {
     CheckConfig,
     /// Print an IAM token; no configuration is loaded.
     Token(TokenArgs),
+    /// Add the sidecar to Kubernetes YAML; no configuration is loaded.
+    Inject(InjectArgs),
+}
+
+/// Arguments of `iampool inject`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectArgs {
+    /// A path, or `-` for stdin.
+    pub file: String,
+    pub options: crate::inject::Options,
 }
 
 /// Arguments of `iampool token`.

@@ -267,6 +267,11 @@ pub fn format(
     url
 }
 
+/// A user, password or database name as it is written inside a URL (`%XX` escapes).
+pub fn encode(component: &str) -> String {
+    utf8_percent_encode(component, NAME).to_string()
+}
+
 /// The region of an `*.REGION.rds.amazonaws.com` (or `.com.cn`) host.
 pub fn infer_region(host: &str) -> Option<String> {
     let host = host.trim_end_matches('.').to_ascii_lowercase();

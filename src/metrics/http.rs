@@ -1,7 +1,9 @@
-//! The metrics and health listener: `/metrics`, `/healthz`, `/readyz`, `/startup`.
+//! The metrics and health listener: `/metrics`; the Kubernetes probes `/startup`,
+//! `/liveness` and `/readiness` (also as `/healthz`, `/livez`, `/readyz`); and, when enabled,
+//! `POST /quitquitquit`.
 //!
-//! A deliberately small HTTP/1.1 server (one request per connection, GET only): it must
-//! keep answering while iampool drains, and it must not pull a web framework into a sidecar.
+//! A deliberately small HTTP/1.1 server (one request per connection): it must keep answering
+//! while iampool drains, and it must not pull a web framework into a sidecar.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +18,25 @@ use super::Metrics;
 pub trait Health: Send + Sync + 'static {
     /// Can serve clients now (listening, upstream reachable or pool warm, not draining).
     fn ready(&self) -> bool;
-    /// Start-up finished (listeners bound, first logins attempted).
+    /// Start-up finished: listeners bound and every pool has logged in once.
     fn started(&self) -> bool;
+    /// Begin a graceful shutdown (`POST /quitquitquit`).
+    fn quit(&self);
 }
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<dyn Health>) {
+/// Which optional endpoints are served.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Routes {
+    /// `POST /quitquitquit` shuts iampool down (setting `quitquitquit`).
+    pub quitquitquit: bool,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<dyn Health>,
+    routes: Routes,
+) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics and health listening");
     }
@@ -31,10 +47,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<dyn
         };
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
-            if let Err(e) =
-                tokio::time::timeout(Duration::from_secs(10), handle(stream, &metrics, &*health))
-                    .await
-            {
+            let request = handle(stream, &metrics, &*health, routes);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), request).await {
                 debug!(error = %e, "metrics request timed out");
             }
         });
@@ -45,6 +59,7 @@ async fn handle(
     mut stream: TcpStream,
     metrics: &Metrics,
     health: &dyn Health,
+    routes: Routes,
 ) -> std::io::Result<()> {
     // Read the request head (bounded).
     let mut buf = Vec::with_capacity(1024);
@@ -64,6 +79,14 @@ async fn handle(
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    if path == "/quitquitquit" && routes.quitquitquit {
+        if method != "POST" {
+            return respond(&mut stream, 405, "text/plain", "only POST\n").await;
+        }
+        respond(&mut stream, 200, "text/plain", "shutting down\n").await?;
+        health.quit();
+        return Ok(());
+    }
     if method != "GET" && method != "HEAD" {
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
@@ -78,8 +101,10 @@ async fn handle(
             )
             .await
         }
-        "/healthz" | "/livez" => respond(&mut stream, 200, "text/plain", "ok\n").await,
-        "/readyz" => {
+        "/liveness" | "/healthz" | "/livez" => {
+            respond(&mut stream, 200, "text/plain", "ok\n").await
+        }
+        "/readiness" | "/readyz" => {
             if health.ready() {
                 respond(&mut stream, 200, "text/plain", "ready\n").await
             } else {
