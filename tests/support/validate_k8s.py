@@ -8,6 +8,7 @@ and installed by scripts/setup.sh into target/driver-venv:
     target/driver-venv/bin/python tests/support/validate_k8s.py config/kubernetes/*.yaml
     target/driver-venv/bin/python tests/support/validate_k8s.py -k 1.29 config/kubernetes/*.yaml
 
+Beyond the schemas, restartPolicy values are checked (the schemas take any string there).
 Prints one line per document and one per error (file, document index, kind/name, path,
 message); exits 1 if any document has an error, 2 on a usage error.
 """
@@ -23,7 +24,7 @@ import kubernetes_validate
 import referencing
 import yaml
 from kubernetes_validate.utils import all_versions
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 # The OpenAPI schema types these as plain strings; the API server rejects anything else.
 RESTART_POLICIES = {"Always", "OnFailure", "Never"}
@@ -34,7 +35,10 @@ def pick_version(wanted):
     bundled = sorted(set(all_versions()), key=Version)
     if wanted is None:
         return bundled[-1]
-    minor = Version(wanted.lstrip("v")).release[:2]
+    try:
+        minor = Version(wanted.lstrip("v")).release[:2]
+    except InvalidVersion:
+        minor = None
     for v in bundled:
         if Version(v).release[:2] == minor:
             return v
