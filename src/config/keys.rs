@@ -310,7 +310,7 @@ pub static KEYS: &[Key] = &[
     Key::new("quitquitquit", "quitquitquit", Kind::Bool, LOGGING)
         .default("false")
         .restart()
-        .help("Serve POST /quitquitquit on metrics_listen: it starts a graceful shutdown, so a Job's main container can end an iampool sidecar where native sidecars are not available")
+        .help("Serve POST /quitquitquit on metrics_listen, to callers on 127.0.0.1 or ::1 only: it starts a graceful shutdown, so a Job's main container can end an iampool sidecar where native sidecars are not available")
         .example("true"),
     Key::new("admin_users", "admin-users", Kind::Names, LOGGING)
         .default("")

@@ -27,7 +27,8 @@ pub trait Health: Send + Sync + 'static {
 /// Which optional endpoints are served.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Routes {
-    /// `POST /quitquitquit` shuts iampool down (setting `quitquitquit`).
+    /// `POST /quitquitquit` shuts iampool down (setting `quitquitquit`); only from loopback
+    /// addresses, so a pod's neighbours on the network cannot stop it.
     pub quitquitquit: bool,
 }
 
@@ -41,12 +42,16 @@ pub async fn serve(
         info!(%addr, "metrics and health listening");
     }
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
+            // Only the pod's own containers may end it, whatever address metrics listen on.
+            let routes = Routes {
+                quitquitquit: routes.quitquitquit && peer.ip().is_loopback(),
+            };
             let request = handle(stream, &metrics, &*health, routes);
             if let Err(e) = tokio::time::timeout(Duration::from_secs(10), request).await {
                 debug!(error = %e, "metrics request timed out");
@@ -79,7 +84,10 @@ async fn handle(
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    if path == "/quitquitquit" && routes.quitquitquit {
+    if path == "/quitquitquit" {
+        if !routes.quitquitquit {
+            return respond(&mut stream, 404, "text/plain", "not found\n").await;
+        }
         if method != "POST" {
             return respond(&mut stream, 405, "text/plain", "only POST\n").await;
         }

@@ -292,6 +292,20 @@ impl Iampool {
         env: &[(&str, String)],
         flags_for_ports: bool,
     ) -> Iampool {
+        let env = |_, _| {
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        };
+        Iampool::launch(args, env, flags_for_ports).await
+    }
+
+    /// As `start`, with an environment that may name the ports (listen, metrics).
+    async fn launch(
+        args: impl Fn(u16, u16) -> Vec<String>,
+        env: impl Fn(u16, u16) -> Vec<(String, String)>,
+        flags_for_ports: bool,
+    ) -> Iampool {
         for _ in 0..5 {
             let (port, mport) = (free_port(), free_port());
             let dir = temp_dir("iampool-obs-");
@@ -301,7 +315,7 @@ impl Iampool {
                 .env("HOME", dir.path())
                 .env("LC_ALL", "C")
                 .env("AWS_EC2_METADATA_DISABLED", "true");
-            for (k, v) in env {
+            for (k, v) in env(port, mport) {
                 cmd.env(k, v);
             }
             cmd.args(args(port, mport));
@@ -996,4 +1010,257 @@ async fn sighup_applies_pool_size_and_flags_listen_for_restart() {
         .simple_query("SELECT 1")
         .await
         .expect("first client still connected");
+}
+
+// ---------------------------------------------------------------------------------------------
+// e. Kubernetes: probes, the SIGTERM delay, /quitquitquit, configuration from the environment
+
+/// `POST path` over HTTP/1.0; (status, body).
+async fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((status, text))
+    };
+    tokio::time::timeout(Duration::from_secs(20), work)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("HTTP request timed out")))
+}
+
+/// SIGTERM with min_sigterm_delay: /readiness turns 503 while iampool still serves (a new
+/// client gets in and works, /liveness stays 200); a second SIGTERM ends the delay early and
+/// starts the drain, in which the transaction that was open all along still commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_delay_keeps_serving_while_not_ready_then_drains() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("obs_delay");
+    create_table(pg, &db);
+    let mut iampool = iampool_for(
+        pg,
+        &db,
+        &["--min-sigterm-delay", "1h", "--shutdown-timeout", "120s"],
+    )
+    .await;
+    iampool
+        .daemon
+        .wait_http(iampool.metrics, "/readiness", 200)
+        .await;
+    let open = through(&iampool, &db).await;
+    open.batch_execute("BEGIN; INSERT INTO drained VALUES (1)")
+        .await
+        .expect("BEGIN; INSERT");
+
+    iampool.daemon.signal(libc::SIGTERM);
+    iampool
+        .daemon
+        .wait_http(iampool.metrics, "/readiness", 503)
+        .await;
+    assert_eq!(
+        http_get(iampool.metrics, "/liveness")
+            .await
+            .expect("/liveness")
+            .0,
+        200
+    );
+    let late = through(&iampool, &db).await;
+    late.batch_execute("INSERT INTO drained VALUES (2)")
+        .await
+        .expect("a client that came during the delay is served");
+    drop(late);
+    assert_eq!(iampool.daemon.exited(), None, "serving through the delay");
+
+    iampool.daemon.signal(libc::SIGTERM);
+    iampool
+        .daemon
+        .wait_log_line(&["second SIGTERM: draining now"])
+        .await;
+    let deadline = Instant::now() + T;
+    while try_connect(iampool.addr(), &db).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting while draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    open.batch_execute("COMMIT")
+        .await
+        .expect("COMMIT while draining");
+    drop(open);
+    let status = iampool.daemon.wait_exit(T).await;
+    assert!(status.success(), "exit {status}:\n{}", iampool.daemon.log());
+    let n: i64 = direct(pg, &db)
+        .await
+        .query_one("SELECT count(*) FROM drained", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "both rows committed");
+}
+
+/// A short min_sigterm_delay ends by itself: with no client left, iampool then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_delay_ends_by_itself() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("obs_delay2");
+    let mut iampool = iampool_for(pg, &db, &["--min-sigterm-delay", "200ms"]).await;
+    iampool.daemon.signal(libc::SIGTERM);
+    let status = iampool.daemon.wait_exit(T).await;
+    assert!(status.success(), "exit {status}:\n{}", iampool.daemon.log());
+    let log = iampool.daemon.log();
+    assert!(log.contains("min_sigterm_delay over: draining"), "{log}");
+}
+
+/// /quitquitquit: 404 unless enabled; enabled, GET is 405 and POST (from 127.0.0.1) starts
+/// the drain, and iampool exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quitquitquit_ends_iampool_only_when_enabled() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("obs_quit");
+    let off = iampool_for(pg, &db, &[]).await;
+    let (status, _) = http_post(off.metrics, "/quitquitquit").await.unwrap();
+    assert_eq!(status, 404, "off by default");
+
+    let mut on = iampool_for(pg, &db, &["--quitquitquit", "true"]).await;
+    assert_eq!(http_get(on.metrics, "/quitquitquit").await.unwrap().0, 405);
+    assert_eq!(on.daemon.exited(), None, "GET does not stop it");
+    let (status, body) = http_post(on.metrics, "/quitquitquit").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let status = on.daemon.wait_exit(T).await;
+    assert!(status.success(), "exit {status}:\n{}", on.daemon.log());
+    assert!(on.daemon.log().contains("POST /quitquitquit: draining"));
+    assert_eq!(off.daemon.log().matches("draining").count(), 0);
+}
+
+/// /startup stays 503 while the upstream refuses connections (so a native sidecar's
+/// application does not start yet) and /liveness is 200 meanwhile; once the upstream takes
+/// connections, iampool's own retries log in and /startup turns 200 with no client asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_probe_waits_for_the_first_upstream_login() {
+    use crate::support::fault_proxy::{FaultProxy, NewConns};
+    let pg = shared_cluster();
+    let db = pg.scratch_db("obs_startup");
+    let proxy = FaultProxy::start(pg.addr()).await;
+    proxy.set_new(NewConns::Refuse);
+    let url = upstream_url(pg, &db.user, &db.password, &db.name)
+        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port()));
+    let mut iampool = Iampool::start(
+        |_, _| {
+            vec![
+                "--upstream".into(),
+                url.clone(),
+                "--server-login-retry".into(),
+                "100ms".into(),
+            ]
+        },
+        &[],
+        true,
+    )
+    .await;
+    iampool
+        .daemon
+        .wait_log_line(&["upstream login failed; not started yet"])
+        .await;
+    assert_eq!(http_get(iampool.metrics, "/startup").await.unwrap().0, 503);
+    assert_eq!(http_get(iampool.metrics, "/liveness").await.unwrap().0, 200);
+    assert_eq!(
+        http_get(iampool.metrics, "/readiness").await.unwrap().0,
+        503
+    );
+    proxy.set_new(NewConns::Forward);
+    iampool
+        .daemon
+        .wait_http(iampool.metrics, "/startup", 200)
+        .await;
+    iampool
+        .daemon
+        .wait_http(iampool.metrics, "/readiness", 200)
+        .await;
+}
+
+/// Writes `contents` to `path` the way the kubelet updates a Secret volume: a new file
+/// renamed over the old one.
+fn replace_file(path: &Path, contents: &str) {
+    let next = path.with_extension("next");
+    fs::write(&next, contents).expect("write");
+    fs::rename(&next, path).expect("rename");
+}
+
+/// iampool with nothing but IAMPOOL_* variables (the upstream URL, password included, from
+/// IAMPOOL_UPSTREAM_FILE as a mounted Secret would give it) serves pgbench; rotating the
+/// password (ALTER ROLE, then the file) is picked up without a signal: the old password no
+/// longer logs in, the new one does, and new server logins use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_only_configuration_serves_pgbench_and_follows_a_rotated_secret() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("obs_env");
+    pgbench_init(pg, &db);
+    let secrets = temp_dir("iampool-secret-");
+    let url_file = secrets.path().join("upstream");
+    fs::write(
+        &url_file,
+        format!("{}\n", upstream_url(pg, &db.user, &db.password, &db.name)),
+    )
+    .unwrap();
+    let file = url_file.display().to_string();
+    let iampool = Iampool::launch(
+        |_, _| Vec::new(),
+        |port, mport| {
+            [
+                ("IAMPOOL_UPSTREAM_FILE", file.clone()),
+                ("IAMPOOL_LISTEN", format!("127.0.0.1:{port}")),
+                ("IAMPOOL_METRICS_LISTEN", format!("127.0.0.1:{mport}")),
+                ("IAMPOOL_POOL_SIZE", "3".into()),
+                ("IAMPOOL_RELOAD_CHECK_INTERVAL", "100ms".into()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+        },
+        false,
+    )
+    .await;
+    let (processed, failed, _) =
+        crate::pgbench::pgbench(iampool.port, &db, &["-c", "8", "-T", "3", "-n"]);
+    assert!(
+        processed > 0 && failed == 0,
+        "{processed} processed, {failed} failed"
+    );
+
+    let rotated = format!("{}-rotated", db.password);
+    pg.psql(&format!(
+        "ALTER ROLE {} PASSWORD {}",
+        crate::support::pg::quote_ident(&db.user),
+        crate::support::pg::quote_literal(&rotated)
+    ));
+    replace_file(&url_file, &upstream_url(pg, &db.user, &rotated, &db.name));
+    iampool
+        .daemon
+        .wait_log_line(&["configuration files changed: reloading", "upstream"])
+        .await;
+    iampool
+        .daemon
+        .wait_log_line(&["configuration reloaded"])
+        .await;
+    // Server logins from now on need the new password: close every server iampool has.
+    pg.psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {}",
+        crate::support::pg::quote_literal(&db.name)
+    ));
+    let new_db = TestDb {
+        password: rotated,
+        ..db.clone()
+    };
+    let client = through(&iampool, &new_db).await;
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1, "the new password logs in, and so does iampool");
+    let old = try_connect(iampool.addr(), &db).await;
+    assert!(old.is_err(), "the old password no longer logs in");
+    let log = iampool.daemon.log();
+    assert!(!log.contains(&db.password), "a password in the log:\n{log}");
 }
