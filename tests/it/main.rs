@@ -13,6 +13,7 @@ mod fidelity;
 mod frontend;
 mod harness;
 mod iam;
+mod inject;
 mod observability;
 mod pgbench;
 mod pooler;

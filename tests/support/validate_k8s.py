@@ -104,6 +104,14 @@ def document_errors(schemas, doc):
     api_version, kind = doc.get("apiVersion"), doc.get("kind")
     if not isinstance(api_version, str) or not isinstance(kind, str):
         return [("", "apiVersion and kind must both be set")]
+    if api_version == "v1" and kind == "List":
+        # kubectl's client-side list has no schema of its own: each item must pass.
+        items = doc.get("items")
+        if not isinstance(items, list):
+            return [("items", "a List needs a list of items")]
+        return sorted((f"items.{i}.{path}".rstrip("."), message)
+                      for i, item in enumerate(items)
+                      for path, message in document_errors(schemas, item))
     validator = schemas.validator(api_version, kind)
     if validator is None:
         return [("", f"no schema for {api_version} {kind} in this Kubernetes release")]
