@@ -37,7 +37,7 @@ fi
 
 log() { printf 'run-local: %s\n' "$*" >&2; }
 
-scripts/setup.sh
+scripts/setup.sh --run
 cargo build --release --locked
 BIN=target/release/iampool
 
@@ -235,12 +235,17 @@ cat <<EOF
   DATABASE_URL=postgres://$APP_USER$CLIENT_PW@$LISTEN/$APP_DB
   psql 'postgres://$APP_USER$CLIENT_PW@$LISTEN/$APP_DB' -c 'select 1'
 
+  iampool listens on $LISTEN (elsewhere: IAMPOOL_LISTEN=127.0.0.1:7432 $0);
+  PostgreSQL took the free port $PORT. Ctrl-C drains and stops both (a second Ctrl-C: at once).
+
 EOF
 
-# In the background so the traps below run at once: a TERM to this script, or Ctrl-C (which
-# reaches only this script, since background jobs ignore SIGINT), is passed to iampool as TERM.
-# iampool's exit then ends the script, and the EXIT trap stops PostgreSQL and removes $WORK.
-env "${IAMPOOL_ENV[@]}" "$BIN" --upstream "$UPSTREAM" "${LISTEN_ARGS[@]}" "${EXTRA_ARGS[@]}" &
+# In the background so the traps below run at once, and in its own session (setsid) so a
+# terminal's Ctrl-C reaches only this script, which passes it on as one TERM: iampool drains.
+# (Otherwise tokio's SIGINT handler sees the group's SIGINT as well, takes the forwarded TERM
+# for a second signal and exits at once.) A second Ctrl-C is a second TERM: exit at once.
+# iampool's exit ends the script, and the EXIT trap stops PostgreSQL and removes $WORK.
+env "${IAMPOOL_ENV[@]}" setsid "$BIN" --upstream "$UPSTREAM" "${LISTEN_ARGS[@]}" "${EXTRA_ARGS[@]}" &
 IAMPOOL_PID=$!
 trap 'kill -TERM "$IAMPOOL_PID" 2>/dev/null || true' INT TERM
 wait "$IAMPOOL_PID" && rc=0 || rc=$?

@@ -5,20 +5,30 @@
 # pgbouncer (benchmark baseline), python3, libpam-modules (pam_exec for the IAM-checking
 # PostgreSQL), openssl, prometheus (promtool and the scrape test; its service is not started),
 # procps (pgrep) and util-linux (setpriv, runuser). Creates OS user `postgres` if missing.
+#
+#   scripts/setup.sh --run   only what scripts/run-local.sh needs (PostgreSQL, psql, openssl,
+#                            python3 and pam_exec for the IAM check, setpriv): no pgbouncer,
+#                            prometheus or driver test tools.
 set -euo pipefail
+
+RUN_ONLY=0
+[[ ${1:-} == --run ]] && RUN_ONLY=1
 
 PACKAGES=(
   postgresql-15
   postgresql-client-15
-  pgbouncer
   python3
   libpam-modules
   openssl
-  prometheus
-  procps
   util-linux
   ca-certificates
 )
+TOOLS=(/usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/postgres psql openssl python3
+  setpriv)
+if [[ $RUN_ONLY -eq 0 ]]; then
+  PACKAGES+=(pgbouncer prometheus procps)
+  TOOLS+=(/usr/sbin/pgbouncer promtool pgrep)
+fi
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -97,8 +107,7 @@ if ! id -u postgres >/dev/null 2>&1; then
     --shell /bin/bash postgres
 fi
 
-for tool in /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/postgres psql \
-  /usr/sbin/pgbouncer promtool openssl python3 pgrep setpriv; do
+for tool in "${TOOLS[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || { log "still missing after install: $tool"; exit 1; }
 done
 log "done"
@@ -160,4 +169,4 @@ driver_prerequisites() {
   fi
   log "driver test prerequisites present"
 }
-driver_prerequisites
+[[ $RUN_ONLY -eq 1 ]] || driver_prerequisites
