@@ -833,6 +833,16 @@ fn create_table(pg: &PgCluster, db: &TestDb) {
     );
 }
 
+/// Rows in `create_table`'s table, read directly from PostgreSQL.
+async fn drained_rows(pg: &PgCluster, db: &TestDb) -> i64 {
+    direct(pg, db)
+        .await
+        .query_one("SELECT count(*) FROM drained", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A transaction in flight survives SIGTERM: /readyz turns 503 while /metrics still answers,
 /// no new client gets in, COMMIT succeeds on the same connection, the row is there, and the
 /// process exits 0 once the client is gone.
@@ -883,13 +893,7 @@ async fn sigterm_drains_a_transaction_in_flight_then_exits_zero() {
     let status = iampool.daemon.wait_exit(T).await;
     assert!(status.success(), "exit {status}:\n{}", iampool.daemon.log());
 
-    let check = direct(pg, &db).await;
-    let n: i64 = check
-        .query_one("SELECT count(*) FROM drained WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 1, "the committed row is there");
+    assert_eq!(drained_rows(pg, &db).await, 1, "the committed row is there");
 }
 
 /// A second SIGTERM during the drain exits at once, without waiting for the open transaction
@@ -916,13 +920,11 @@ async fn second_sigterm_exits_at_once() {
     assert_eq!(status.code(), Some(1), "{}", iampool.daemon.log());
     assert!(iampool.daemon.log().contains("second signal"));
     assert!(client.batch_execute("COMMIT").await.is_err());
-    let n: i64 = direct(pg, &db)
-        .await
-        .query_one("SELECT count(*) FROM drained", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0, "the uncommitted row is gone");
+    assert_eq!(
+        drained_rows(pg, &db).await,
+        0,
+        "the uncommitted row is gone"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1094,13 +1096,7 @@ async fn sigterm_delay_keeps_serving_while_not_ready_then_drains() {
     drop(open);
     let status = iampool.daemon.wait_exit(T).await;
     assert!(status.success(), "exit {status}:\n{}", iampool.daemon.log());
-    let n: i64 = direct(pg, &db)
-        .await
-        .query_one("SELECT count(*) FROM drained", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 2, "both rows committed");
+    assert_eq!(drained_rows(pg, &db).await, 2, "both rows committed");
 }
 
 /// A short min_sigterm_delay ends by itself: with no client left, iampool then exits 0.
