@@ -720,8 +720,7 @@ fn kubernetes_service_links_are_not_unknown_keys() {
 #[test]
 fn key_file_variables_read_the_value_from_a_file() {
     let url = file("postgres://app:s3cret@db.internal/app?sslmode=disable\n");
-    let config =
-        Config::from_args(&[], &[("IAMPOOL_UPSTREAM_FILE", path(&url))]).expect("loads");
+    let config = Config::from_args(&[], &[("IAMPOOL_UPSTREAM_FILE", path(&url))]).expect("loads");
     let upstream = &config.databases[0].upstream;
     assert_eq!(
         upstream.password.as_ref().map(Secret::expose),
@@ -753,18 +752,31 @@ fn key_file_variables_name_the_problem() {
     );
     assert_eq!(both.len(), 1, "{both:#?}");
     assert_eq!(both[0].source, "IAMPOOL_UPSTREAM_FILE");
-    assert_eq!(both[0].message, "both IAMPOOL_UPSTREAM_FILE and IAMPOOL_UPSTREAM are set");
+    assert_eq!(
+        both[0].message,
+        "both IAMPOOL_UPSTREAM_FILE and IAMPOOL_UPSTREAM are set"
+    );
 
-    let missing = errors(&[], &[("IAMPOOL_UPSTREAM_FILE", "/nonexistent/iampool/upstream")]);
+    let missing = errors(
+        &[],
+        &[("IAMPOOL_UPSTREAM_FILE", "/nonexistent/iampool/upstream")],
+    );
     let e = missing
         .iter()
         .find(|e| e.source == "IAMPOOL_UPSTREAM_FILE")
         .unwrap_or_else(|| panic!("{missing:#?}"));
-    assert!(e.message.starts_with("cannot read /nonexistent/iampool/upstream"), "{e}");
+    assert!(
+        e.message
+            .starts_with("cannot read /nonexistent/iampool/upstream"),
+        "{e}"
+    );
     assert!(e.fix.contains("or set IAMPOOL_UPSTREAM instead"), "{e}");
 
     // A typo in front of _FILE is still an unknown variable, with a suggestion.
-    let typo = errors(&["--upstream", "postgres://u@h/d"], &[("IAMPOOL_UPSTRAEM_FILE", "x")]);
+    let typo = errors(
+        &["--upstream", "postgres://u@h/d"],
+        &[("IAMPOOL_UPSTRAEM_FILE", "x")],
+    );
     assert_eq!(typo.len(), 1, "{typo:#?}");
     assert_eq!(typo[0].message, "unknown environment variable");
 }
