@@ -7,7 +7,9 @@ use super::keys::{self, Key, KEYS};
 use super::load::{Inputs, Layer, Setting, TableDatabase};
 use super::url::{self, UpstreamUrl};
 use super::value::{self, Named, Raw};
-use super::{Database, IamConfig, PoolMode, Secret, SslMode, Upstream, UpstreamAuth};
+use super::{
+    Database, IamConfig, PoolMode, Secret, SslMode, TargetSessionAttrs, Upstream, UpstreamAuth,
+};
 
 /// An upstream URL's user and password, offered as a client user.
 pub(crate) struct UrlUser {
@@ -349,6 +351,11 @@ fn upstream(
             value::count_in(raw, key, 1, 1000).map(|n| n as u32)
         });
     let reauth_interval = r.req(layer, "reauth_interval", value::optional_duration);
+    let target_session_attrs = r.req(
+        layer,
+        "target_session_attrs",
+        value::named::<TargetSessionAttrs>,
+    );
 
     let is_iam = is_iam?;
     if let (true, Some((_, origin))) = (is_iam, &password) {
@@ -414,6 +421,7 @@ fn upstream(
         insecure_unverified_tls,
         max_new_connections_per_second: max_new_connections_per_second?,
         reauth_interval: reauth_interval?,
+        target_session_attrs: target_session_attrs?,
     })
 }
 

@@ -4,7 +4,7 @@
 //! table, so the documentation cannot drift from what the loader accepts.
 
 use super::value::Named;
-use super::{AuthType, ClientTls, LogFormat, PoolMode, SslMode};
+use super::{AuthType, ClientTls, LogFormat, PoolMode, SslMode, TargetSessionAttrs};
 
 /// Where a key may be set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,6 +328,11 @@ pub static KEYS: &[Key] = &[
         .per_database()
         .help("TLS to the upstream, as libpq's sslmode; auth=iam needs verify-ca or verify-full (the token goes only to a server iampool has verified)")
         .example("verify-full"),
+    Key::new("target_session_attrs", "target-session-attrs", Kind::Choice(TargetSessionAttrs::NAMES), UPSTREAM)
+        .default("any")
+        .per_database()
+        .help("Which servers a pool accepts, as libpq's target_session_attrs: read-write or primary for a writer, read-only or standby for a reader. Checked at every login (a server of the wrong kind is closed and the login retried, so a stale DNS answer during a failover does not get a writer pool a reader), and followed after: a server that turns hot standby leaves a read-write pool")
+        .example("read-write"),
     Key::new("sslrootcert", "sslrootcert", Kind::File, UPSTREAM)
         .per_database()
         .help("PEM CA bundle that verifies the upstream certificate (unset: the built-in roots)")

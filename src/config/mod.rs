@@ -98,6 +98,22 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// libpq's target_session_attrs: which servers a pool accepts, checked at every login.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetSessionAttrs {
+    Any,
+    /// Not in hot standby and not read-only by default: a writer.
+    ReadWrite,
+    /// In hot standby, or read-only by default.
+    ReadOnly,
+    /// Not in recovery.
+    Primary,
+    /// In recovery (a streaming standby or an Aurora reader).
+    Standby,
+    /// A standby if one answers, else any (with one host: any).
+    PreferStandby,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -150,6 +166,8 @@ pub struct Upstream {
     pub max_new_connections_per_second: u32,
     /// Optional bound on how long a pooled session lives after its login (IAM re-authentication).
     pub reauth_interval: Option<Duration>,
+    /// Which servers are accepted (writer, reader, ...), checked at login and followed after.
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 /// One client-facing database (= one pool).

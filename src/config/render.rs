@@ -131,6 +131,7 @@ fn database_values(d: &Database) -> Vec<(&'static str, Shown)> {
                 "min_pool_size" => integer(d.min_pool_size),
                 "sslmode" => string(u.sslmode.name()),
                 "sslrootcert" => path(&u.sslrootcert),
+                "target_session_attrs" => string(u.target_session_attrs.name()),
                 "max_new_connections_per_second" => integer(u.max_new_connections_per_second),
                 "reauth_interval" => optional_duration(u.reauth_interval),
                 "allow_cleartext_password" => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::error::Problem;
 use super::keys::{Key, Kind};
-use super::{AuthType, ClientTls, LogFormat, PoolMode, SslMode};
+use super::{AuthType, ClientTls, LogFormat, PoolMode, SslMode, TargetSessionAttrs};
 
 /// A value before parsing: text from env, a flag or a URL, or a value from the TOML file.
 #[derive(Clone, Debug)]
@@ -417,6 +417,14 @@ named!(PoolMode { Transaction => "transaction", Session => "session" });
 named!(AuthType { ScramSha256 => "scram-sha-256", Md5 => "md5", Trust => "trust" });
 named!(ClientTls { Disable => "disable", Allow => "allow", Require => "require" });
 named!(LogFormat { Text => "text", Json => "json" });
+named!(TargetSessionAttrs {
+    Any => "any",
+    ReadWrite => "read-write",
+    ReadOnly => "read-only",
+    Primary => "primary",
+    Standby => "standby",
+    PreferStandby => "prefer-standby",
+});
 named!(SslMode {
     Disable => "disable",
     Allow => "allow",

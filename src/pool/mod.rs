@@ -380,6 +380,18 @@ impl Pool {
             });
             return;
         }
+        if self.changed_role(&conn) {
+            // A promotion or demotion: every connection opened before now is to a server
+            // of the wrong kind or is about to go, so all are replaced (each new login checks).
+            warn!(
+                pool = %self.database, backend_pid = conn.backend_pid,
+                target_session_attrs = crate::config::Named::name(self.connector.upstream.target_session_attrs),
+                "server changed role (promoted or demoted); replacing every connection"
+            );
+            self.retire_all();
+            self.discard(conn);
+            return;
+        }
         let mut st = self.lock();
         let now = st.clock;
         let retired = st.retired_before.is_some_and(|t| conn.created_at <= t);
@@ -389,6 +401,14 @@ impl Pool {
         }
         conn.idle_since = now;
         self.deliver(&mut st, conn);
+    }
+
+    /// Whether a server reports a role (since its login) that this pool does not take.
+    fn changed_role(&self, conn: &ServerConn) -> bool {
+        let target = self.connector.upstream.target_session_attrs;
+        crate::server::role::must_check(target)
+            && crate::server::role::ServerRole::reported(&conn.params)
+                .is_some_and(|role| !role.accepted_by(target))
     }
 
     /// Closes a connection that is not clean, or that the caller otherwise will not return.

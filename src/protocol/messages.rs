@@ -223,6 +223,11 @@ impl<'a> BodyReader<'a> {
         Ok(v)
     }
 
+    pub fn i16(&mut self) -> Result<i16, DecodeError> {
+        let v = self.bytes(2)?;
+        Ok(i16::from_be_bytes([v[0], v[1]]))
+    }
+
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
         let (&b, rest) = self.buf.split_first().ok_or(DecodeError::Truncated)?;
         self.buf = rest;

@@ -16,7 +16,8 @@ use super::auth::{authenticate, LoginSecret, Password};
 use super::conn::ServerConn;
 use super::login_limit::LoginLimiter;
 use super::params::SessionParams;
-use crate::config::{Secret, SslMode, Upstream, UpstreamAuth};
+use super::role::ServerRole;
+use crate::config::{Named, Secret, SslMode, Upstream, UpstreamAuth};
 use crate::protocol::framing::SSL_REQUEST;
 use crate::protocol::messages::{self, backend, parse_error_fields, ErrorFields};
 use crate::stream::{read_message, Stream};
@@ -58,6 +59,14 @@ pub enum LoginError {
     Config(String),
     #[error("IAM token: {0}")]
     Iam(String),
+    /// The server is not what the pool's target_session_attrs asks for (a stale DNS answer
+    /// during a failover, a reader behind a writer endpoint).
+    #[error("{addr} is {found}, but target_session_attrs is {wanted}")]
+    Role {
+        addr: String,
+        found: &'static str,
+        wanted: &'static str,
+    },
 }
 
 impl LoginError {
@@ -100,6 +109,7 @@ impl LoginError {
             LoginError::Io(_) => "io",
             LoginError::Config(_) => "config",
             LoginError::Iam(_) => "iam",
+            LoginError::Role { .. } => "role",
         }
     }
 }
@@ -362,6 +372,24 @@ impl Connector {
         }
         let (backend_pid, backend_secret) =
             key.ok_or_else(|| LoginError::Protocol("no BackendKeyData".into()))?;
+        let target = u.target_session_attrs;
+        if super::role::must_check(target) {
+            let role = match ServerRole::reported(&session) {
+                Some(role) => role,
+                None => super::role::query(&mut stream, &mut buf)
+                    .await
+                    .map_err(LoginError::Protocol)?,
+            };
+            if !role.accepted_by(target) {
+                let _ = stream.write_all(&[b'X', 0, 0, 0, 4]).await;
+                let _ = stream.shutdown().await;
+                return Err(LoginError::Role {
+                    addr: format!("{}:{} ({peer})", u.host, u.port),
+                    found: role.describe(),
+                    wanted: target.name(),
+                });
+            }
+        }
         let now = Instant::now();
         let jitter = if self.lifetime_jitter.is_zero() {
             Duration::ZERO

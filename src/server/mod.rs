@@ -6,6 +6,7 @@ pub mod conn;
 pub mod connect;
 pub mod login_limit;
 pub mod params;
+pub mod role;
 pub mod session;
 pub mod tls;
 

@@ -27,6 +27,10 @@ pub struct SessionParams {
     /// a reset query other than `DISCARD ALL`); the names are still the only ones iampool
     /// may have set, but the next sync sets or resets each of them again.
     extra_unknown: bool,
+    /// What a server reports about itself (PostgreSQL 14+): not carried across servers, but
+    /// the role its pool checks (`server::role`).
+    in_hot_standby: Option<bool>,
+    default_transaction_read_only: Option<bool>,
 }
 
 /// What [`SessionParams::sync_sql`] asks a server to do.
@@ -45,6 +49,11 @@ fn tracked_index(name: &str) -> Option<usize> {
 impl SessionParams {
     /// Records a reported value. Returns true if `name` is tracked and the value changed.
     pub fn set_reported(&mut self, name: &str, value: &str) -> bool {
+        if name.eq_ignore_ascii_case("in_hot_standby") {
+            self.in_hot_standby = Some(value == "on");
+        } else if name.eq_ignore_ascii_case("default_transaction_read_only") {
+            self.default_transaction_read_only = Some(value == "on");
+        }
         match tracked_index(name) {
             Some(i) if self.reported[i].as_deref() != Some(value) => {
                 self.reported[i] = Some(value.to_owned());
@@ -52,6 +61,11 @@ impl SessionParams {
             }
             _ => false,
         }
+    }
+
+    /// The reported `in_hot_standby` and `default_transaction_read_only`, if reported.
+    pub fn role_reports(&self) -> (Option<bool>, Option<bool>) {
+        (self.in_hot_standby, self.default_transaction_read_only)
     }
 
     pub fn reported(&self, name: &str) -> Option<&str> {

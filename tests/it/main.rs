@@ -19,4 +19,5 @@ mod pgbench;
 mod pooler;
 mod prepared;
 mod signer;
+mod topology;
 mod upstream_auth;

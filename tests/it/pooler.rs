@@ -70,6 +70,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
                 insecure_unverified_tls: false,
                 max_new_connections_per_second: 200,
                 reauth_interval: None,
+                target_session_attrs: iampool::config::TargetSessionAttrs::Any,
             },
             pool_mode: PoolMode::Transaction,
             pool_size: 10,

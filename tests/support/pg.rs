@@ -169,6 +169,68 @@ impl PgCluster {
         panic!("PostgreSQL did not start: every port tried was in use");
     }
 
+    /// A streaming hot standby of `primary` (pg_basebackup -R), started. The primary must let
+    /// the superuser replicate over its socket: `local replication postgres trust` in `hba`.
+    pub fn start_standby(primary: &PgCluster) -> PgCluster {
+        let root = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in(temp_base())
+            .expect("create temp dir for PostgreSQL");
+        let data = root.path().join("data");
+        let mut cluster = PgCluster {
+            opts: primary.opts.clone(),
+            bin: primary.bin.clone(),
+            owner: primary.owner,
+            port: 0,
+            root,
+            data,
+            running: None,
+        };
+        cluster.chown(cluster.root.path());
+        let out = cluster
+            .as_owner(&cluster.bin.join("pg_basebackup"))
+            .arg("-D")
+            .arg(&cluster.data)
+            .arg("-h")
+            .arg(primary.socket_dir())
+            .args(["-p", &primary.port.to_string(), "-U", "postgres"])
+            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
+            .output()
+            .expect("spawn pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for _ in 0..5 {
+            cluster.port = pick_port();
+            cluster.write_conf();
+            match cluster.launch() {
+                Ok(()) => return cluster,
+                Err(LaunchError::PortInUse) => continue,
+                Err(LaunchError::Failed(why)) => panic!("the standby did not start: {why}"),
+            }
+        }
+        panic!("the standby did not start: every port tried was in use");
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary (waits until it is).
+    pub fn promote(&self) {
+        let out = self
+            .as_owner(&self.bin.join("pg_ctl"))
+            .args(["promote", "-w", "-t", "30", "-D"])
+            .arg(&self.data)
+            .output()
+            .expect("spawn pg_ctl promote");
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(20)
+        );
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -542,7 +604,9 @@ impl PgCluster {
                     "postgres exited ({status}):\n{log}"
                 )));
             }
-            if log.contains("database system is ready to accept connections")
+            // A hot standby says "ready to accept read-only connections".
+            if (log.contains("database system is ready to accept connections")
+                || log.contains("database system is ready to accept read-only connections"))
                 && TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).is_ok()
             {
                 return Ok(());
