@@ -169,13 +169,19 @@ fn root_store(host: &str, sslrootcert: Option<&Path>) -> Result<RootCertStore, T
     Ok(roots)
 }
 
-/// Regions whose own RDS CAs are bundled, read from the bundle's `# subject=CN=Amazon RDS
-/// <region> ...` lines.
+/// Regions whose own RDS CAs are bundled, read from the bundle's `# subject=...` lines:
+/// the word after `CN=Amazon RDS `, which may stand first (`CN=Amazon RDS us-east-1 2019
+/// CA,...`) or after `L=Seattle,` (`L=Seattle,CN=Amazon RDS ap-south-2 Root CA RSA2048 G1,...`).
 pub fn rds_bundle_regions() -> std::collections::BTreeSet<&'static str> {
     RDS_CA_BUNDLE
         .lines()
-        .filter_map(|l| l.strip_prefix("# subject=CN=Amazon RDS "))
-        .filter_map(|rest| rest.split([' ', ',']).next())
+        .filter_map(|l| l.strip_prefix("# subject="))
+        .filter_map(|subject| {
+            subject
+                .split_once("CN=Amazon RDS ")
+                .filter(|(before, _)| before.is_empty() || before.ends_with(','))
+        })
+        .filter_map(|(_, rest)| rest.split([' ', ',']).next())
         .filter(|r| {
             r.split('-').count() >= 3
                 && r.bytes()
@@ -722,6 +728,14 @@ mod tests {
             "ap-northeast-3",
             "af-south-1",
             "me-south-1",
+            // Their only current CAs are G1 roots, whose subject starts with L=Seattle.
+            "ap-east-1",
+            "ap-south-2",
+            "ap-southeast-3",
+            "ap-southeast-4",
+            "eu-central-2",
+            "eu-south-2",
+            "me-central-1",
         ] {
             assert!(regions.contains(r), "{r} in {regions:?}");
         }
@@ -739,8 +753,13 @@ mod tests {
             ) && words.contains("sslrootcert"),
             "{words}"
         );
-        let covered = describe_failure(&unknown, "db.abc.us-east-1.rds.amazonaws.com", None);
-        assert!(covered.contains("global-bundle.pem"), "{covered}");
+        for host in [
+            "db.abc.us-east-1.rds.amazonaws.com",
+            "db.abc.ap-southeast-4.rds.amazonaws.com",
+        ] {
+            let covered = describe_failure(&unknown, host, None);
+            assert!(covered.contains("global-bundle.pem"), "{covered}");
+        }
     }
 
     #[test]
