@@ -303,21 +303,31 @@ impl CredentialSource {
         };
         let inner = Arc::clone(&self.inner);
         runtime.spawn(async move {
-            {
-                let _flight = inner.fetch.lock().await;
-                let now = inner.clock.now();
-                let still_due = {
-                    let state = inner.state();
-                    let due = state.current.as_ref().is_none_or(|c| c.refresh_due(now));
-                    due && state.next_attempt.is_none_or(|t| now >= t)
-                };
-                if still_due {
-                    // The outcome is recorded (and logged) by fetch_now.
-                    let _ = inner.fetch_now().await;
-                }
+            // Cleared however the task ends, a panic in the provider included (aws-config
+            // panics on an IMDS token that is not UTF-8): left set, no background refresh
+            // would ever start again. Declared first, so dropped after the single flight.
+            let _running = ClearOnDrop(&inner.background);
+            let _flight = inner.fetch.lock().await;
+            let now = inner.clock.now();
+            let still_due = {
+                let state = inner.state();
+                let due = state.current.as_ref().is_none_or(|c| c.refresh_due(now));
+                due && state.next_attempt.is_none_or(|t| now >= t)
+            };
+            if still_due {
+                // The outcome is recorded (and logged) by fetch_now.
+                let _ = inner.fetch_now().await;
             }
-            inner.background.store(false, Ordering::Release);
         });
+    }
+}
+
+/// Stores `false` when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

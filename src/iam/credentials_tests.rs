@@ -96,6 +96,33 @@ async fn refreshes_ahead_in_the_background() {
     );
 }
 
+/// The `aws_responses` fuzz target found aws-config panicking inside
+/// `provide_credentials` (an IMDS token that is not UTF-8). A background refresh that
+/// panicked used to leave its "running" flag set, so none was ever started again.
+#[tokio::test]
+async fn a_refresh_that_panics_does_not_stop_later_refreshes() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (src, fake, clock) = source(Some(HOUR), Duration::ZERO);
+    src.credentials().await.unwrap();
+    fake.panic.store(true, SeqCst);
+    clock.advance(Duration::from_secs(46 * 60));
+    assert_eq!(
+        src.credentials().await.unwrap().access_key_id(),
+        "AKIDTEST0"
+    );
+    assert!(eventually(|| fake.fetches() == 2).await);
+    tokio::task::yield_now().await;
+    fake.panic.store(false, SeqCst);
+    fake.rotate.store(true, SeqCst);
+    // Still due: the next caller starts another refresh, which succeeds.
+    assert_eq!(
+        src.credentials().await.unwrap().access_key_id(),
+        "AKIDTEST0"
+    );
+    assert!(eventually(|| src.identity().as_deref() == Some("AKIDTEST2")).await);
+    assert_eq!(fake.fetches(), 3);
+}
+
 #[tokio::test]
 async fn keeps_serving_valid_credentials_while_refresh_fails() {
     let (src, fake, clock) = source(Some(HOUR), Duration::ZERO);

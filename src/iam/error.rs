@@ -1,6 +1,7 @@
 //! The IAM layer's error: what failed, in words safe to log (never a token or a secret).
 
 use std::error::Error as StdError;
+use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -12,7 +13,12 @@ use aws_credential_types::provider::error::CredentialsError;
 /// access key id, times) and never contains a token, a secret key or a session token.
 /// The type is `Clone` so that one failed fetch can be handed to every caller that was
 /// waiting on it (single-flight).
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// `Debug` is written by hand, without `source`: the SDK error's own `Debug` shows the raw
+/// HTTP response, body included, and a 200 answer that failed to parse (an STS `Expiration`
+/// that is not a date) carries the secret key and session token there. `detail` already
+/// holds the text of every cause.
+#[derive(Clone, thiserror::Error)]
 pub enum IamError {
     /// The credential source (default chain, and the role chain if any) failed.
     #[error("AWS credentials unavailable from {chain}: {detail}")]
@@ -42,6 +48,31 @@ pub enum IamError {
     /// aws-sigv4 refused to sign.
     #[error("signing the RDS IAM token failed: {0}")]
     Signing(String),
+}
+
+impl fmt::Debug for IamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IamError::Credentials { chain, detail, .. } => f
+                .debug_struct("Credentials")
+                .field("chain", chain)
+                .field("detail", detail)
+                .finish_non_exhaustive(),
+            IamError::CredentialsExpired {
+                chain,
+                access_key_id,
+                expires,
+            } => f
+                .debug_struct("CredentialsExpired")
+                .field("chain", chain)
+                .field("access_key_id", access_key_id)
+                .field("expires", expires)
+                .finish(),
+            IamError::NoRegion { host } => f.debug_struct("NoRegion").field("host", host).finish(),
+            IamError::InvalidInput(s) => f.debug_tuple("InvalidInput").field(s).finish(),
+            IamError::Signing(s) => f.debug_tuple("Signing").field(s).finish(),
+        }
+    }
 }
 
 impl IamError {
@@ -111,6 +142,35 @@ mod tests {
         assert!(text.contains("default chain"), "{text}");
         assert!(text.contains("connect refused"), "{text}");
         assert!(e.is_transient());
+    }
+
+    /// Found by the `aws_responses` fuzz target: an STS answer with status 200 whose
+    /// `Expiration` is not a date fails as a service error that keeps the raw response, and
+    /// the SDK error's `Debug` prints its body, secret key and session token included.
+    #[test]
+    fn debug_leaves_out_the_raw_response() {
+        use aws_smithy_runtime_api::client::result::SdkError;
+        use aws_smithy_runtime_api::http::{Response, StatusCode};
+        let body = "<AssumeRoleResponse><AssumeRoleResult><Credentials>\
+            <AccessKeyId>ASIAHOPEXAMPLE000001</AccessKeyId>\
+            <SecretAccessKey>hopSecret/K7MDENG+bPxRfiCYEXAMPLEKEY0001</SecretAccessKey>\
+            <SessionToken>FwoGZXIvYXdzEStsSessionTokenExample</SessionToken>\
+            <Expiration>tomorrow</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>";
+        let raw = Response::new(StatusCode::try_from(200).unwrap(), body.to_owned());
+        let parse = std::io::Error::other("error parsing XML: expected (timestamp)");
+        let e = IamError::credentials(
+            "default chain -> assume role arn:aws:iam::1:role/db",
+            CredentialsError::provider_error(SdkError::service_error(parse, raw)),
+        );
+        // The SDK error itself shows the body; iampool's error must not.
+        let sdk = format!("{:?}", e.source().unwrap());
+        assert!(sdk.contains("hopSecret/K7MDENG"), "{sdk}");
+        for text in [e.to_string(), format!("{e:?}"), format!("{e:#?}")] {
+            assert!(!text.contains("hopSecret/K7MDENG"), "{text}");
+            assert!(!text.contains("FwoGZXIvYXdzEStsSessionToken"), "{text}");
+            assert!(text.contains("expected (timestamp)"), "{text}");
+            assert!(text.contains("role/db"), "{text}");
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub(crate) struct FakeProvider {
     clock: Arc<ManualClock>,
     pub(crate) fetches: AtomicU64,
     pub(crate) fail: AtomicBool,
+    /// Each fetch panics when set (as aws-config's IMDS provider can).
+    pub(crate) panic: AtomicBool,
     /// Each fetch makes new keys (rotation) when set; otherwise the same key id every time.
     pub(crate) rotate: AtomicBool,
     ttl: Mutex<Option<Duration>>,
@@ -31,6 +33,7 @@ impl FakeProvider {
             clock,
             fetches: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            panic: AtomicBool::new(false),
             rotate: AtomicBool::new(false),
             ttl: Mutex::new(ttl),
             delay,
@@ -49,6 +52,9 @@ impl FakeProvider {
         let n = self.fetches.fetch_add(1, Ordering::SeqCst);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
+        }
+        if self.panic.load(Ordering::SeqCst) {
+            panic!("fake credential provider panicked");
         }
         if self.fail.load(Ordering::SeqCst) {
             return Err(CredentialsError::provider_error(std::io::Error::new(
