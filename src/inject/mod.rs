@@ -355,6 +355,12 @@ fn inject_pod(spec: &mut Mapping, options: &Options) -> Result<Option<Vec<String
     )?;
     check_ports_free(spec, options)?;
     let mut notes = split.notes;
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        notes.push(format!(
+            "uses hostNetwork: iampool's ports {} and {} are the node's, so two such pods on one node collide; pick free ones with --port and --http-port",
+            options.port, options.http_port
+        ));
+    }
 
     let Some(Value::Sequence(containers)) = spec.get_mut("containers") else {
         unreachable!("checked above")

@@ -218,3 +218,16 @@ fn outputs_and_example_manifests_are_valid_kubernetes() {
     assert!(!ok, "a misspelt field passed:\n{out}");
     assert!(out.contains("periodSecond"), "{out}");
 }
+
+/// A hostNetwork pod is injected with a warning: the sidecar's ports are the node's.
+#[test]
+fn host_network_pods_are_warned_about_their_ports() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: true\n  containers:\n    - name: a\n      image: a\n      env: [{name: DATABASE_URL, value: \"postgres://u@db.us-east-1.rds.amazonaws.com/d\"}]\n";
+    let (ok, out, err) = inject_stdin(&["--port", "7432"], pod);
+    assert!(ok, "{err}");
+    assert!(out.contains("127.0.0.1:7432"), "{out}");
+    assert!(
+        err.contains("uses hostNetwork: iampool's ports 7432 and 9090 are the node's"),
+        "{err}"
+    );
+}
