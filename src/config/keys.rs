@@ -330,6 +330,7 @@ pub static KEYS: &[Key] = &[
         .example("verify-full"),
     Key::new("target_session_attrs", "target-session-attrs", Kind::Choice(TargetSessionAttrs::NAMES), UPSTREAM)
         .default("any")
+        .restart()
         .per_database()
         .help("Which servers a pool accepts, as libpq's target_session_attrs: read-write or primary for a writer, read-only or standby for a reader. Checked at every login (a server of the wrong kind is closed and the login retried, so a stale DNS answer during a failover does not get a writer pool a reader), and followed after: a server that turns hot standby leaves a read-write pool")
         .example("read-write"),
