@@ -142,11 +142,15 @@ fn backoff_delay(retry: Duration, failures: u32) -> Duration {
 impl State {
     /// Logins keep failing (two in a row at least, none running now) and the pool has no
     /// server: waiting clients are told rather than kept waiting. One failure alone is not
-    /// enough, as its retry may be about to succeed.
+    /// enough, as its retry may be about to succeed. A server of the wrong role is not a
+    /// reason either: the endpoint answers, and during a failover the new writer is seconds
+    /// away, so clients wait for it (up to query_wait_timeout).
     fn unreachable(&self) -> Option<(Backoff, &LoginError)> {
         let b = self.backoff?;
         let (_, e) = self.last_error.as_ref()?;
-        (b.failures >= 2 && self.connecting == 0 && self.live() == 0).then_some((b, e))
+        let failing_over = matches!(e, LoginError::Role { .. });
+        (b.failures >= 2 && self.connecting == 0 && self.live() == 0 && !failing_over)
+            .then_some((b, e))
     }
 
     /// Server connections that exist and are signed in (idle or in use).

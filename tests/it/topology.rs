@@ -42,6 +42,8 @@ async fn iampool_via(
     upstream.port = proxy.port();
     upstream.target_session_attrs = target;
     config.query_wait_timeout = Duration::from_secs(20);
+    // A new client waits for the welcome (the first login) within its login timeout.
+    config.client_login_timeout = Duration::from_secs(40);
     start(config).await
 }
 
@@ -73,26 +75,31 @@ async fn a_writer_pool_refuses_a_standby_and_takes_the_primary() {
     let running = iampool_via(&primary, &db, &proxy, TargetSessionAttrs::ReadWrite).await;
     let addr = running.local_addr();
 
+    // The first client waits for a writer (as during a failover) instead of failing; when
+    // the wait runs out it is told why.
     let refused = try_connect(addr, &db)
         .await
         .expect_err("a standby is no writer");
     assert_eq!(code(&refused), "08001", "{refused:?}");
     let why = message(&refused);
+    assert!(why.contains("within query_wait_timeout"), "{why}");
     assert!(
         why.contains("is a hot standby, but target_session_attrs is read-write"),
         "{why}"
     );
     settle_backends(&standby, &db, 0).await;
 
+    // A client waiting while the endpoint moves to the primary gets in, with no error.
+    let waiting = tokio::spawn({
+        let db = db.clone();
+        async move { try_connect(addr, &db).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.set_target(primary.addr());
-    let deadline = Instant::now() + T;
-    let client = loop {
-        match try_connect(addr, &db).await {
-            Ok(c) => break c,
-            Err(e) => assert!(Instant::now() < deadline, "no writer yet: {e:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let client = waiting
+        .await
+        .unwrap()
+        .expect("the waiting client gets the writer");
     client
         .batch_execute("INSERT INTO t VALUES (1)")
         .await
