@@ -558,7 +558,7 @@ async fn warm(pool: Arc<Pool>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         if attempt == 1 || attempt.is_power_of_two() {
-            warn!(pool = %pool.database, attempt, error = %failure, "upstream login failed; not started yet, trying again");
+            warn!(pool = %pool.database, attempt, error = %failure, "not started yet: no upstream login has succeeded; trying again");
         }
         tokio::select! {
             _ = tokio::time::sleep(RETRY) => {}

@@ -1160,7 +1160,7 @@ async fn startup_probe_waits_for_the_first_upstream_login() {
     .await;
     iampool
         .daemon
-        .wait_log_line(&["upstream login failed; not started yet"])
+        .wait_log_line(&["not started yet: no upstream login has succeeded"])
         .await;
     assert_eq!(http_get(iampool.metrics, "/startup").await.unwrap().0, 503);
     assert_eq!(http_get(iampool.metrics, "/liveness").await.unwrap().0, 200);
