@@ -119,8 +119,9 @@ fn token_command() -> clap::Command {
 }
 
 fn inject_command() -> clap::Command {
-    let defaults = crate::inject::Options::default();
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    use crate::inject::{
+        DEFAULT_CPU_REQUEST, DEFAULT_IMAGE, DEFAULT_MEMORY_LIMIT, DEFAULT_MEMORY_REQUEST,
+    };
     let text = |id: &'static str, value: &'static str, help: &'static str| {
         Arg::new(id).long(id).value_name(value).help(help)
     };
@@ -146,7 +147,7 @@ fn inject_command() -> clap::Command {
             text("container", "NAME", "Point only this container at the sidecar (repeatable; default: every container that sets the variable)")
                 .action(ArgAction::Append),
         )
-        .arg(text("image", "IMAGE", "The iampool image").default_value(leak(defaults.image)))
+        .arg(text("image", "IMAGE", "The iampool image").default_value(DEFAULT_IMAGE))
         .arg(text("region", "REGION", "AWS region for IAM (default: inferred from an RDS host name)"))
         .arg(
             text("pool-size", "N", "Server connections per pod (pods x pool size must fit the database's max_connections)")
@@ -164,9 +165,9 @@ fn inject_command() -> clap::Command {
                 .value_parser(clap::value_parser!(u16).range(1..)),
         )
         .arg(text("service-account", "NAME", "Set the pod's serviceAccountName (for IRSA: one annotated eks.amazonaws.com/role-arn)"))
-        .arg(text("cpu-request", "CPU", "The sidecar's CPU request").default_value(leak(defaults.cpu_request)))
-        .arg(text("memory-request", "SIZE", "The sidecar's memory request").default_value(leak(defaults.memory_request)))
-        .arg(text("memory-limit", "SIZE", "The sidecar's memory limit").default_value(leak(defaults.memory_limit)))
+        .arg(text("cpu-request", "CPU", "The sidecar's CPU request").default_value(DEFAULT_CPU_REQUEST))
+        .arg(text("memory-request", "SIZE", "The sidecar's memory request").default_value(DEFAULT_MEMORY_REQUEST))
+        .arg(text("memory-limit", "SIZE", "The sidecar's memory limit").default_value(DEFAULT_MEMORY_LIMIT))
 }
 
 fn inject_args(matches: &ArgMatches) -> InjectArgs {

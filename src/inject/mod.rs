@@ -46,23 +46,25 @@ impl Default for Options {
             upstream: None,
             env_var: "DATABASE_URL".into(),
             containers: Vec::new(),
-            image: default_image(),
+            image: DEFAULT_IMAGE.into(),
             region: None,
             pool_size: 10,
             port: 6432,
             http_port: 9090,
             service_account: None,
-            cpu_request: "50m".into(),
-            memory_request: "32Mi".into(),
-            memory_limit: "256Mi".into(),
+            cpu_request: DEFAULT_CPU_REQUEST.into(),
+            memory_request: DEFAULT_MEMORY_REQUEST.into(),
+            memory_limit: DEFAULT_MEMORY_LIMIT.into(),
         }
     }
 }
 
 /// The image built from this version's Dockerfile.
-pub fn default_image() -> String {
-    format!("ghcr.io/iampool/iampool:{}", env!("CARGO_PKG_VERSION"))
-}
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/iampool/iampool:", env!("CARGO_PKG_VERSION"));
+/// The sidecar's resources unless flags say otherwise.
+pub const DEFAULT_CPU_REQUEST: &str = "50m";
+pub const DEFAULT_MEMORY_REQUEST: &str = "32Mi";
+pub const DEFAULT_MEMORY_LIMIT: &str = "256Mi";
 
 /// The name of the sidecar container; finding it means "already injected".
 pub const SIDECAR: &str = "iampool";
