@@ -49,19 +49,10 @@ async fn iampool_via(
 
 /// Server connections of `db.user` on `pg` (iampool's), waited for to reach `want`.
 async fn settle_backends(pg: &PgCluster, db: &TestDb, want: i64) {
-    let deadline = Instant::now() + T;
-    loop {
-        let n = pg.backend_count(&db.name, &db.user);
-        if n == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} backends of {} stay, want {want}",
-            db.user
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let n = pg
+        .wait_for_backends(&db.name, &db.user, T, |n| n == want)
+        .await;
+    assert_eq!(n, want, "backends of {} that stay", db.user);
 }
 
 /// A read-write pool whose endpoint points at the standby (a DNS answer that lags behind a
@@ -131,14 +122,10 @@ async fn a_reader_pool_takes_the_standby_and_follows_its_promotion() {
         "{refused:?}"
     );
     proxy.set_target(standby.addr());
-    let deadline = Instant::now() + T;
-    let reader = loop {
-        match try_connect(addr, &db).await {
-            Ok(c) => break c,
-            Err(e) => assert!(Instant::now() < deadline, "no reader yet: {e:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // The client waits for the pool's next login, which finds the standby.
+    let reader = try_connect(addr, &db)
+        .await
+        .expect("the reader pool takes the standby");
     let deadline = Instant::now() + T;
     loop {
         // The row replicates soon after the standby starts.

@@ -137,14 +137,21 @@ enum LaunchError {
 impl PgCluster {
     /// initdb, configure and start a new cluster; panics (with the server log) if it cannot.
     pub fn start(opts: PgOptions) -> PgCluster {
-        let bin = pg_bindir();
-        let owner = server_owner();
+        let cluster = PgCluster::unstarted(opts, pg_bindir(), server_owner());
+        cluster.initdb();
+        cluster.write_hba();
+        cluster.install_files();
+        cluster.launch_on_a_free_port("PostgreSQL")
+    }
+
+    /// A cluster directory of our own, owned by the server user, with nothing in it yet.
+    fn unstarted(opts: PgOptions, bin: PathBuf, owner: Option<Owner>) -> PgCluster {
         let root = tempfile::Builder::new()
             .prefix(DIR_PREFIX)
             .tempdir_in(temp_base())
             .expect("create temp dir for PostgreSQL");
         let data = root.path().join("data");
-        let mut cluster = PgCluster {
+        let cluster = PgCluster {
             opts,
             bin,
             owner,
@@ -154,39 +161,28 @@ impl PgCluster {
             running: None,
         };
         cluster.chown(cluster.root.path());
-        cluster.initdb();
-        cluster.write_hba();
-        cluster.install_files();
+        cluster
+    }
+
+    /// Writes our settings for a free port and starts; another port if that one was taken.
+    fn launch_on_a_free_port(mut self, what: &str) -> PgCluster {
         for _ in 0..5 {
-            cluster.port = pick_port();
-            cluster.write_conf();
-            match cluster.launch() {
-                Ok(()) => return cluster,
+            self.port = pick_port();
+            self.write_conf();
+            match self.launch() {
+                Ok(()) => return self,
                 Err(LaunchError::PortInUse) => continue,
-                Err(LaunchError::Failed(why)) => panic!("PostgreSQL did not start: {why}"),
+                Err(LaunchError::Failed(why)) => panic!("{what} did not start: {why}"),
             }
         }
-        panic!("PostgreSQL did not start: every port tried was in use");
+        panic!("{what} did not start: every port tried was in use");
     }
 
     /// A streaming hot standby of `primary` (pg_basebackup -R), started. The primary must let
     /// the superuser replicate over its socket: `local replication postgres trust` in `hba`.
     pub fn start_standby(primary: &PgCluster) -> PgCluster {
-        let root = tempfile::Builder::new()
-            .prefix(DIR_PREFIX)
-            .tempdir_in(temp_base())
-            .expect("create temp dir for PostgreSQL");
-        let data = root.path().join("data");
-        let mut cluster = PgCluster {
-            opts: primary.opts.clone(),
-            bin: primary.bin.clone(),
-            owner: primary.owner,
-            port: 0,
-            root,
-            data,
-            running: None,
-        };
-        cluster.chown(cluster.root.path());
+        let cluster =
+            PgCluster::unstarted(primary.opts.clone(), primary.bin.clone(), primary.owner);
         let out = cluster
             .as_owner(&cluster.bin.join("pg_basebackup"))
             .arg("-D")
@@ -203,16 +199,7 @@ impl PgCluster {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        for _ in 0..5 {
-            cluster.port = pick_port();
-            cluster.write_conf();
-            match cluster.launch() {
-                Ok(()) => return cluster,
-                Err(LaunchError::PortInUse) => continue,
-                Err(LaunchError::Failed(why)) => panic!("the standby did not start: {why}"),
-            }
-        }
-        panic!("the standby did not start: every port tried was in use");
+        cluster.launch_on_a_free_port("the standby")
     }
 
     /// `pg_ctl promote`: a standby becomes a primary (waits until it is).
