@@ -248,13 +248,29 @@ pub fn format(
     dbname: &str,
     params: &[(&str, String)],
 ) -> String {
+    format_with("postgres", host, port, user, None, dbname, params)
+}
+
+/// `SCHEME://user[:password]@host:port/dbname?params`, each part percent-encoded.
+pub fn format_with(
+    scheme: &str,
+    host: &str,
+    port: u16,
+    user: &str,
+    password: Option<&str>,
+    dbname: &str,
+    params: &[(&str, String)],
+) -> String {
     let host = if host.contains(':') {
         format!("[{host}]")
     } else {
         host.to_string()
     };
+    let password = password
+        .map(|p| format!(":{}", utf8_percent_encode(p, NAME)))
+        .unwrap_or_default();
     let mut url = format!(
-        "postgres://{}@{host}:{port}/{}",
+        "{scheme}://{}{password}@{host}:{port}/{}",
         utf8_percent_encode(user, NAME),
         utf8_percent_encode(dbname, NAME)
     );
@@ -265,11 +281,6 @@ pub fn format(
         url.extend(utf8_percent_encode(value, NAME));
     }
     url
-}
-
-/// A user, password or database name as it is written inside a URL (`%XX` escapes).
-pub fn encode(component: &str) -> String {
-    utf8_percent_encode(component, NAME).to_string()
 }
 
 /// The region of an `*.REGION.rds.amazonaws.com` (or `.com.cn`) host.

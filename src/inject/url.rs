@@ -1,7 +1,7 @@
 //! An application's database URL split in two: the upstream iampool signs in to, and the
 //! local URL the application uses instead.
 
-use crate::config::url::{self as pgurl, encode};
+use crate::config::url as pgurl;
 
 /// Parameters that belong to the application's own connection (libpq reads them on the
 /// client side): they stay on the local URL.
@@ -107,29 +107,23 @@ pub(super) fn split(app_url: &str, want: &Want<'_>) -> Result<Split, String> {
         ));
     }
 
-    let host = if url.host.contains(':') {
-        format!("[{}]", url.host)
-    } else {
-        url.host.clone()
-    };
-    let password = url
-        .password
-        .as_ref()
-        .map(|p| format!(":{}", encode(p.expose())))
-        .unwrap_or_default();
-    let upstream = format!(
-        "postgres://{}{password}@{host}:{}/{}{}",
-        encode(&url.user),
+    let upstream = pgurl::format_with(
+        "postgres",
+        &url.host,
         url.port,
-        encode(&url.dbname),
-        query(&upstream_params)
+        &url.user,
+        url.password.as_ref().map(|p| p.expose()),
+        &url.dbname,
+        &pairs(&upstream_params),
     );
-    let local = format!(
-        "{scheme}://{}@127.0.0.1:{}/{}{}",
-        encode(&url.user),
+    let local = pgurl::format_with(
+        scheme,
+        "127.0.0.1",
         want.port,
-        encode(&url.dbname),
-        query(&local_params)
+        &url.user,
+        None,
+        &url.dbname,
+        &pairs(&local_params),
     );
     Ok(Split {
         upstream,
@@ -138,13 +132,10 @@ pub(super) fn split(app_url: &str, want: &Want<'_>) -> Result<Split, String> {
     })
 }
 
-fn query(params: &[(String, String)]) -> String {
+fn pairs(params: &[(String, String)]) -> Vec<(&str, String)> {
     params
         .iter()
-        .enumerate()
-        .map(|(i, (name, value))| {
-            format!("{}{name}={}", if i == 0 { '?' } else { '&' }, encode(value))
-        })
+        .map(|(n, v)| (n.as_str(), v.clone()))
         .collect()
 }
 
