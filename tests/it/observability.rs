@@ -38,9 +38,20 @@ const RATE_INTERVAL: &str = "30s";
 
 /// `GET path` over HTTP/1.0 (so no chunked bodies); (status, body).
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path).await
+}
+
+/// `METHOD path` over HTTP/1.0 with an empty body; (status, body).
+async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
@@ -1017,27 +1028,6 @@ async fn sighup_applies_pool_size_and_flags_listen_for_restart() {
 // ---------------------------------------------------------------------------------------------
 // e. Kubernetes: probes, the SIGTERM delay, /quitquitquit, configuration from the environment
 
-/// `POST path` over HTTP/1.0; (status, body).
-async fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((status, text))
-    };
-    tokio::time::timeout(Duration::from_secs(20), work)
-        .await
-        .unwrap_or_else(|_| Err(std::io::Error::other("HTTP request timed out")))
-}
-
 /// SIGTERM with min_sigterm_delay: /readiness turns 503 while iampool still serves (a new
 /// client gets in and works, /liveness stays 200); a second SIGTERM ends the delay early and
 /// starts the drain, in which the transaction that was open all along still commits.
@@ -1119,13 +1109,17 @@ async fn quitquitquit_ends_iampool_only_when_enabled() {
     let pg = shared_cluster();
     let db = pg.scratch_db("obs_quit");
     let off = iampool_for(pg, &db, &[]).await;
-    let (status, _) = http_post(off.metrics, "/quitquitquit").await.unwrap();
+    let (status, _) = http_request(off.metrics, "POST", "/quitquitquit")
+        .await
+        .unwrap();
     assert_eq!(status, 404, "off by default");
 
     let mut on = iampool_for(pg, &db, &["--quitquitquit", "true"]).await;
     assert_eq!(http_get(on.metrics, "/quitquitquit").await.unwrap().0, 405);
     assert_eq!(on.daemon.exited(), None, "GET does not stop it");
-    let (status, body) = http_post(on.metrics, "/quitquitquit").await.unwrap();
+    let (status, body) = http_request(on.metrics, "POST", "/quitquitquit")
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     let status = on.daemon.wait_exit(T).await;
     assert!(status.success(), "exit {status}:\n{}", on.daemon.log());
