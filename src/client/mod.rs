@@ -6,6 +6,7 @@ pub mod console;
 pub mod guard;
 pub mod half;
 pub mod handshake;
+pub mod orphan;
 pub mod prepared;
 pub mod registry;
 pub mod relay;

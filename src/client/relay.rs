@@ -28,6 +28,7 @@ use tracing::debug;
 
 use super::cancel::{CancelSlot, CancelTarget};
 use super::half::HIGH_WATER;
+use super::orphan::{Loss, Next, Orphan};
 use super::prepared::{names_statement, Tracker};
 use super::scan::{Scan, ServerSide, Stop};
 use crate::config::PoolMode;
@@ -101,6 +102,8 @@ pub struct Session {
     /// Resolves once iampool starts shutting down; polled only until it does.
     shutdown_signal: Pin<Box<dyn Future<Output = ()> + Send>>,
     shutdown_seen: bool,
+    /// Transaction mode: what the client is still owed after its server was lost.
+    orphan: Option<Orphan>,
 }
 
 pub struct SessionArgs {
@@ -167,6 +170,7 @@ impl Session {
             },
             shutdown: a.shutdown,
             shutdown_seen: false,
+            orphan: None,
         }
     }
 
@@ -188,44 +192,20 @@ impl Session {
                 debug!(error = %e, "client write failed");
                 return End::ClientGone;
             }
-            // Wait until the client has sent at least one message header.
-            loop {
-                match Header::parse(&self.scan.c.buf, self.scan.max_message) {
-                    Err(e) => return self.fatal_protocol(&e.to_string()).await,
-                    Ok(Some(h)) if h.tag == frontend::TERMINATE => return End::ClientGone,
-                    Ok(Some(_)) => break,
-                    Ok(None) => {}
-                }
-                if self.client_done {
-                    return End::ClientGone;
-                }
-                if self.shutdown_seen {
-                    return self.shut_down().await;
-                }
-                if self.scan.c.buf.is_empty() {
-                    // Between requests: hold no buffer while waiting for the next one.
-                    self.scan.c.release_buffers();
-                    self.scan.s.release_buffers();
-                    tokio::select! {
-                        r = self.client.readable() => if r.is_err() {
-                            return End::ClientGone;
-                        },
-                        _ = self.shutdown_signal.as_mut() => {
-                            self.shutdown_seen = true;
-                            return self.shut_down().await;
+            if let Some(end) = self.wait_for_request().await {
+                return end;
+            }
+            if let Some(orphan) = self.orphan.as_mut() {
+                let out = super::prepared::Staging::staged(&mut self.scan.s);
+                match orphan.answer(&mut self.scan.c.buf, self.scan.max_message, out) {
+                    Err(m) => return self.fatal_protocol(&m).await,
+                    Ok(Next::Answered) => {
+                        if orphan.done() {
+                            self.orphan = None;
                         }
+                        continue;
                     }
-                }
-                self.scan.c.reserve();
-                tokio::select! {
-                    r = self.client.read_buf(&mut self.scan.c.buf) => match r {
-                        Ok(0) | Err(_) => return End::ClientGone,
-                        Ok(_) => {}
-                    },
-                    _ = self.shutdown_signal.as_mut() => {
-                        self.shutdown_seen = true;
-                        return self.shut_down().await;
-                    }
+                    Ok(Next::NeedServer) => {}
                 }
             }
 
@@ -284,10 +264,44 @@ impl Session {
                 Wake::ServerGone(err) => {
                     let mut server = self.unlink();
                     debug!(backend_pid = server.backend_pid, error = ?err, "server connection lost while linked");
+                    let x = &server.exchange;
+                    let loss = Loss {
+                        owed: x.readies_owed(),
+                        unsynced: x.unsynced(),
+                        in_block: match self.scan.block_change {
+                            Some(open) => open,
+                            None => x.status() != TxStatus::Idle,
+                        },
+                    };
+                    let in_copy = x.in_copy();
+                    let fatal = self.scan.held_fatal.take();
                     // Nothing is owed by a server that is gone: nothing to cancel.
                     server.exchange.reset();
-                    self.pool.discard(server);
+                    self.pool.lost(server, fatal.as_ref());
                     let _ = self.flush_to_client().await;
+                    // Transaction mode: the client keeps its connection if both directions
+                    // are between messages (what it sent in full went to the lost server).
+                    if self.mode == PoolMode::Transaction
+                        && !in_copy
+                        && self.scan.s.scan.at_boundary()
+                        && self.scan.c.scan.at_boundary()
+                    {
+                        self.scan.c.discard_ready();
+                        self.scan.server_fatal = false;
+                        let reason = match (&fatal, &err) {
+                            (Some(f), _) => format!("{} [{}]", f.message, f.code),
+                            (None, Some(e)) => e.to_string(),
+                            (None, None) => "the server closed the connection".to_owned(),
+                        };
+                        let out = super::prepared::Staging::staged(&mut self.scan.s);
+                        self.orphan = Orphan::on_loss(out, loss, &reason);
+                        continue;
+                    }
+                    if let Some(f) = fatal {
+                        // Held back for an ERROR that cannot be sent now: the FATAL after all.
+                        self.send_fatal(&f.code, &f.message).await;
+                        return End::ServerGone;
+                    }
                     // The server may have died in the middle of a message (a DataRow, a
                     // CopyData), part of which the client already has: bytes sent after it
                     // would be read as the rest of that message, so then the connection
@@ -326,9 +340,59 @@ impl Session {
         }
     }
 
+    /// Unlinked: waits until the client has sent at least a message header (the whole
+    /// message when an orphaned client's next message is to be answered here). `Some` when
+    /// the session ends instead.
+    async fn wait_for_request(&mut self) -> Option<End> {
+        let whole = self.orphan.as_ref().is_some_and(Orphan::wants_whole);
+        loop {
+            match Header::parse(&self.scan.c.buf, self.scan.max_message) {
+                Err(e) => return Some(self.fatal_protocol(&e.to_string()).await),
+                Ok(Some(h)) if h.tag == frontend::TERMINATE => return Some(End::ClientGone),
+                Ok(Some(h)) if !whole || self.scan.c.buf.len() >= h.frame_len() => return None,
+                Ok(Some(_)) => {}
+                Ok(None) => {}
+            }
+            if self.client_done {
+                return Some(End::ClientGone);
+            }
+            if self.shutdown_seen {
+                return Some(self.shut_down().await);
+            }
+            if self.scan.c.buf.is_empty() {
+                // Between requests: hold no buffer while waiting for the next one.
+                self.scan.c.release_buffers();
+                self.scan.s.release_buffers();
+                tokio::select! {
+                    r = self.client.readable() => if r.is_err() {
+                        return Some(End::ClientGone);
+                    },
+                    _ = self.shutdown_signal.as_mut() => {
+                        self.shutdown_seen = true;
+                        return Some(self.shut_down().await);
+                    }
+                }
+            }
+            self.scan.c.reserve();
+            tokio::select! {
+                r = self.client.read_buf(&mut self.scan.c.buf) => match r {
+                    Ok(0) | Err(_) => return Some(End::ClientGone),
+                    Ok(_) => {}
+                },
+                _ = self.shutdown_signal.as_mut() => {
+                    self.shutdown_seen = true;
+                    return Some(self.shut_down().await);
+                }
+            }
+        }
+    }
+
     /// A server at rest leaves the client: back to the pool if provably clean, else closed.
     fn release(&mut self, server: Server) {
+        let read_only_error = std::mem::take(&mut self.scan.read_only_error);
         match server.exchange.disposition() {
+            // A write refused as read-only: the pool asks the server what it is first.
+            Disposition::Clean if read_only_error => self.pool.checkin_after_read_only(server),
             Disposition::Clean => self.pool.checkin(server),
             d => {
                 // A taint (DISCARD ALL, a COPY that ended oddly, an answer nobody asked for):
@@ -393,6 +457,17 @@ impl Session {
                 return Err(None);
             }
         }
+        // An orphaned client inside its lost transaction: this server answers the client's
+        // next requests from inside a failed block, as the lost one would have.
+        let failed_block = self.orphan.as_ref().is_some_and(|o| o.aborted);
+        if failed_block {
+            if let Err(e) = server.enter_failed_block().await {
+                debug!(backend_pid = server.backend_pid, error = %e, "opening a failed block failed");
+                self.pool.discard(server);
+                return Err(None);
+            }
+            self.orphan = None;
+        }
         self.cancel.link(CancelTarget {
             addr: server.cancel_addr,
             pid: server.backend_pid,
@@ -400,7 +475,13 @@ impl Session {
             gate: server.cancels.clone(),
         });
         self.scan.server_fatal = false;
-        server.exchange.reset();
+        self.scan.block_change = None;
+        self.scan.read_only_error = false;
+        if failed_block {
+            server.exchange.enter_failed_block();
+        } else {
+            server.exchange.reset();
+        }
         tracing::trace!(backend_pid = server.backend_pid, "server linked");
         self.pool.linked.fetch_add(1, Ordering::Relaxed);
         self.linked_at = Instant::now();

@@ -16,7 +16,7 @@ use super::prepared::{
 use crate::protocol::exchange::{Answer, ClientMsg, Exchange, Made};
 use crate::protocol::framing::{Header, Step, HEADER_LEN};
 use crate::protocol::messages::{
-    backend, frontend, parse_error_fields, parse_parameter_status, TxStatus,
+    backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, ErrorFields, TxStatus,
 };
 use crate::protocol::session_state;
 use crate::protocol::statements::ServerStatements;
@@ -98,6 +98,15 @@ pub struct Scan {
     pub session_state: u8,
     /// The linked server sent a FATAL error: it is about to close.
     pub server_fatal: bool,
+    /// Transaction mode: that FATAL error, held back from the client, which keeps its
+    /// connection (the relay tells it with an ERROR instead).
+    pub held_fatal: Option<ErrorFields>,
+    /// The server said a statement could not write because it is read-only (25006): a
+    /// writer pool's sign that this server may have been demoted.
+    pub read_only_error: bool,
+    /// A transaction block was opened (`Some(true)`) or closed by a statement that completed
+    /// since the last ReadyForQuery: the client's state if the server is lost before it.
+    pub block_change: Option<bool>,
     /// A request started (the first client message since the server was last at rest).
     pub request_started: bool,
     /// ReadyForQuery messages seen since the caller last took them.
@@ -122,6 +131,9 @@ impl Scan {
             transaction_mode,
             session_state: 0,
             server_fatal: false,
+            held_fatal: None,
+            read_only_error: false,
+            block_change: None,
             request_started: false,
             readies: 0,
         }
@@ -279,6 +291,7 @@ impl Scan {
             self.traffic.messages_out += 1;
             self.traffic.bytes_out += len as u64;
             let mut status = None;
+            let mut hold = false;
             match header.tag {
                 backend::READY_FOR_QUERY => {
                     let Some(s) = body.first().copied().and_then(TxStatus::from_byte) else {
@@ -287,6 +300,7 @@ impl Scan {
                     status = Some(s);
                     self.traffic.queries += 1;
                     self.readies += 1;
+                    self.block_change = None;
                 }
                 backend::PARAMETER_STATUS => {
                     if let Ok((n, v)) = parse_parameter_status(body) {
@@ -295,9 +309,24 @@ impl Scan {
                     }
                 }
                 // A client's RESET / DISCARD ALL changes what iampool set on this server.
-                backend::COMMAND_COMPLETE => srv.params.on_command_complete(body),
-                backend::ERROR_RESPONSE if parse_error_fields(body).is_fatal() => {
-                    self.server_fatal = true;
+                backend::COMMAND_COMPLETE => {
+                    srv.params.on_command_complete(body);
+                    if let Some(open) = block_command(body) {
+                        self.block_change = Some(open);
+                    }
+                }
+                backend::ERROR_RESPONSE => {
+                    let fields = parse_error_fields(body);
+                    if fields.code == sqlstate::READ_ONLY_SQL_TRANSACTION {
+                        self.read_only_error = true;
+                    }
+                    if fields.is_fatal() {
+                        self.server_fatal = true;
+                        if self.transaction_mode {
+                            self.held_fatal = Some(fields);
+                            hold = true;
+                        }
+                    }
                 }
                 backend::PARSE_COMPLETE => {
                     if let Some(global) = srv.x.completed_parse() {
@@ -313,8 +342,9 @@ impl Scan {
                 .on_server(header.tag, status, &mut |global: Bytes, client| {
                     tracker.undo(statements, &global, client)
                 });
-            if answer == Answer::Hide {
-                // The answer to an injected message: complete (5 bytes) and never forwarded.
+            if answer == Answer::Hide || hold {
+                // The answer to an injected message (complete, 5 bytes), or a FATAL held
+                // back (complete: errors are inspected whole): never forwarded.
                 self.s.drop_message(len);
             } else {
                 let avail = self.s.buf.len() - pos;
@@ -395,6 +425,17 @@ fn on_sql(
             None
         }
         QueryAction::Answer(command) => Some(command),
+    }
+}
+
+/// Whether a CommandComplete tag opens (`BEGIN`, `START TRANSACTION`) or closes (`COMMIT`,
+/// `ROLLBACK`, `PREPARE TRANSACTION`) a transaction block.
+fn block_command(body: &[u8]) -> Option<bool> {
+    let tag = body.strip_suffix(&[0]).unwrap_or(body);
+    match tag {
+        b"BEGIN" | b"START TRANSACTION" => Some(true),
+        b"COMMIT" | b"ROLLBACK" | b"PREPARE TRANSACTION" => Some(false),
+        _ => None,
     }
 }
 

@@ -22,6 +22,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Buckets for token signing (microseconds to milliseconds).
+/// A failover takes seconds (RDS Multi-AZ: 60-120 s; Aurora: under 30 s).
+const FAILOVER_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
 const SIGN_BUCKETS: &[f64] = &[
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.05,
 ];
@@ -37,6 +39,8 @@ pub struct Metrics {
     bytes: IntCounterVec,
     messages: IntCounterVec,
     checkout_timeouts: IntCounterVec,
+    failovers: IntCounterVec,
+    failover_recovery: HistogramVec,
     login: HistogramVec,
     login_failures: IntCounterVec,
     sign: HistogramVec,
@@ -58,6 +62,8 @@ pub struct PoolMetrics {
     pub messages_in: IntCounter,
     pub messages_out: IntCounter,
     pub checkout_timeouts: IntCounter,
+    pub failovers: IntCounter,
+    pub failover_recovery: Histogram,
     pub login_ok: Histogram,
     pub login_failed: Histogram,
     login_failures: IntCounterVec,
@@ -153,6 +159,17 @@ impl Metrics {
                 "Clients that gave up waiting for a server (query_wait_timeout)",
                 pool,
             ),
+            failovers: counter(
+                "iampool_failovers_total",
+                "Failovers detected (a server shut down or reset, changed role, or refused a write as read-only)",
+                pool,
+            ),
+            failover_recovery: histogram(
+                "iampool_failover_recovery_seconds",
+                "Time from a detected failover until a server of the right role logged in",
+                pool,
+                FAILOVER_BUCKETS,
+            ),
             login: histogram(
                 "iampool_server_login_duration_seconds",
                 "Upstream login time (TCP + TLS + authentication), by result",
@@ -195,6 +212,8 @@ impl Metrics {
             Box::new(m.bytes.clone()),
             Box::new(m.messages.clone()),
             Box::new(m.checkout_timeouts.clone()),
+            Box::new(m.failovers.clone()),
+            Box::new(m.failover_recovery.clone()),
             Box::new(m.login.clone()),
             Box::new(m.login_failures.clone()),
             Box::new(m.sign.clone()),
@@ -239,6 +258,8 @@ impl Metrics {
             messages_in: dir(&self.messages, "client_to_server"),
             messages_out: dir(&self.messages, "server_to_client"),
             checkout_timeouts: self.checkout_timeouts.with_label_values(&l),
+            failovers: self.failovers.with_label_values(&l),
+            failover_recovery: self.failover_recovery.with_label_values(&l),
             login_ok: self.login.with_label_values(&[database, user, "ok"]),
             login_failed: self.login.with_label_values(&[database, user, "error"]),
             login_failures: self.login_failures.clone(),

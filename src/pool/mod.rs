@@ -110,6 +110,9 @@ struct State {
     /// The time as of the last janitor tick (at most 500 ms old): checkin and checkout
     /// compare lifetimes against it instead of reading the clock per transaction.
     clock: Instant,
+    /// A failover was detected (when, and the sign) and no server of the right role has
+    /// logged in since.
+    failover: Option<(Instant, String)>,
 }
 
 /// Consecutive failed logins and when the next may start.
@@ -228,6 +231,7 @@ impl Pool {
                 paused: false,
                 retired_before: None,
                 clock: Instant::now(),
+                failover: None,
             }),
             welcome: Mutex::new(None),
             metrics,
@@ -387,12 +391,7 @@ impl Pool {
         if self.changed_role(&conn) {
             // A promotion or demotion: every connection opened before now is to a server
             // of the wrong kind or is about to go, so all are replaced (each new login checks).
-            warn!(
-                pool = %self.database, backend_pid = conn.backend_pid,
-                target_session_attrs = crate::config::Named::name(self.connector.upstream.target_session_attrs),
-                "server changed role (promoted or demoted); replacing every connection"
-            );
-            self.retire_all();
+            self.failover_sign(&conn, "the server reported a new role (in_hot_standby)");
             self.discard(conn);
             return;
         }
@@ -413,6 +412,80 @@ impl Pool {
         crate::server::role::must_check(target)
             && crate::server::role::ServerRole::reported(&conn.params)
                 .is_some_and(|role| !role.accepted_by(target))
+    }
+
+    /// A connection after a write it refused as read-only (25006): a writer pool asks the
+    /// server what it is (in the background), and a demoted server is a failover sign.
+    pub fn checkin_after_read_only(self: &Arc<Self>, mut conn: Server) {
+        let target = self.connector.upstream.target_session_attrs;
+        if !crate::server::role::must_check(target) {
+            self.checkin(conn);
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let mut buf = bytes::BytesMut::new();
+            let asked = tokio::time::timeout(
+                Duration::from_secs(5),
+                crate::server::role::query(&mut conn.stream, &mut buf),
+            )
+            .await;
+            match asked {
+                Ok(Ok(role)) if role.accepted_by(target) && buf.is_empty() => pool.checkin(conn),
+                Ok(Ok(role)) => {
+                    pool.failover_sign(
+                        &conn,
+                        &format!("a write was refused: the server is {}", role.describe()),
+                    );
+                    pool.discard(conn);
+                }
+                _ => pool.discard(conn),
+            }
+        });
+    }
+
+    /// A connection that died while a client had it. A server that went away as a
+    /// failover's does (shut down: 57P01, 57P02, 57P03; or reset without a word) is a
+    /// failover sign: the pool's other connections are to the same server.
+    pub fn lost(
+        self: &Arc<Self>,
+        conn: Server,
+        fatal: Option<&crate::protocol::messages::ErrorFields>,
+    ) {
+        let sign = match fatal {
+            None => Some("the server connection was reset".to_owned()),
+            Some(f) if matches!(f.code.as_str(), "57P01" | "57P02" | "57P03") => {
+                Some(format!("the server went away: {} [{}]", f.message, f.code))
+            }
+            Some(_) => None,
+        };
+        if let Some(sign) = sign {
+            self.failover_sign(&conn, &sign);
+        }
+        self.discard(conn);
+    }
+
+    /// A sign of a failover from `conn`: unless the connections opened before it were
+    /// already retired, every connection is replaced now (idle ones at once, the rest when
+    /// they come back) and the time until a server answers again is measured. Each new
+    /// login resolves the host name again and checks the server's role.
+    fn failover_sign(self: &Arc<Self>, conn: &ServerConn, sign: &str) {
+        {
+            let mut st = self.lock();
+            if st.retired_before.is_some_and(|t| conn.created_at <= t) {
+                return;
+            }
+            if st.failover.is_none() {
+                st.failover = Some((Instant::now(), sign.to_owned()));
+            }
+        }
+        self.metrics.failovers.inc();
+        warn!(
+            pool = %self.database, backend_pid = conn.backend_pid, server = %conn.cancel_addr,
+            target_session_attrs = crate::config::Named::name(self.connector.upstream.target_session_attrs),
+            sign, "failover detected; replacing every server connection of the pool"
+        );
+        self.retire_all();
     }
 
     /// Closes a connection that is not clean, or that the caller otherwise will not return.
@@ -587,6 +660,15 @@ impl Pool {
                 let conn = Box::new(conn);
                 st.last_error = None;
                 st.backoff = None;
+                if let Some((detected, sign)) = st.failover.take() {
+                    let took = detected.elapsed();
+                    self.metrics.failover_recovery.observe(took.as_secs_f64());
+                    warn!(
+                        pool = %self.database, server = %conn.cancel_addr, sign = %sign,
+                        recovered_ms = took.as_millis() as u64,
+                        "failover over: a server of the right role answered"
+                    );
+                }
                 {
                     let mut w = self.welcome.lock().unwrap_or_else(|e| e.into_inner());
                     if w.is_none() {

@@ -426,6 +426,30 @@ impl Exchange {
         self.status
     }
 
+    /// ReadyForQuery messages owed: the client's requests (a Query, or a batch up to its
+    /// Sync) that are not yet answered in full.
+    pub fn readies_owed(&self) -> usize {
+        self.readies
+    }
+
+    /// Extended-protocol messages were sent since the last Sync: their answer (or error) is
+    /// owed when the client's Sync comes.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// A COPY is in progress in either direction.
+    pub fn in_copy(&self) -> bool {
+        self.copy != Copy::None
+    }
+
+    /// The server was put inside a failed transaction block on the client's behalf (it
+    /// answers ReadyForQuery 'E' until the client rolls back): it stays with the client.
+    pub fn enter_failed_block(&mut self) {
+        self.reset();
+        self.status = TxStatus::Failed;
+    }
+
     /// How many entries are owed.
     #[cfg(test)]
     fn owed(&self) -> usize {

@@ -76,6 +76,8 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
 }
 
@@ -139,6 +141,14 @@ pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
         TxStatus::Failed => TransactionStatus::Error,
     };
     let _ = ReadyForQuery::new(st).encode(buf);
+}
+
+/// A CommandComplete with its tag (`ROLLBACK`, `SELECT 1`).
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    buf.put_u8(backend::COMMAND_COMPLETE);
+    buf.put_i32((4 + tag.len() + 1) as i32);
+    buf.put_slice(tag.as_bytes());
+    buf.put_u8(0);
 }
 
 /// A NegotiateProtocolVersion telling the client we speak 3.0 and which `_pq_.` options we ignored.

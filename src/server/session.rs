@@ -16,6 +16,11 @@ use crate::protocol::messages::{
 };
 use crate::stream::read_message;
 
+/// Opens a transaction block and fails it, with a message that says why in the server's log.
+const FAILED_BLOCK_SQL: &str = "BEGIN; DO $iampool$BEGIN RAISE EXCEPTION USING ERRCODE = '25P02', \
+     MESSAGE = 'iampool: the transaction of this client was lost with its previous server \
+     connection; it stays aborted until the client rolls back'; END$iampool$";
+
 /// Why iampool's own statement on a server did not leave it clean and idle.
 #[derive(Debug)]
 pub enum SessionError {
@@ -136,6 +141,22 @@ impl ServerConn {
             }
         }
         Ok(())
+    }
+
+    /// Puts this idle server inside a failed transaction block, for a client whose
+    /// transaction was lost with its previous server: PostgreSQL then answers the client's
+    /// next requests as it would inside that transaction (25P02 until the client rolls back).
+    pub async fn enter_failed_block(&mut self) -> Result<(), SessionError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, FAILED_BLOCK_SQL);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        match self.drain_to_ready().await? {
+            (Some(_), TxStatus::Failed, _) => Ok(()),
+            (error, status, _) => Err(SessionError::BadState(format!(
+                "transaction status {status:?} (error {error:?}) after opening a failed block"
+            ))),
+        }
     }
 
     /// Sends one of iampool's own statements and reads the answers up to ReadyForQuery,

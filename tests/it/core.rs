@@ -340,24 +340,26 @@ async fn terminated_servers_are_replaced() {
     let v: i32 = c.query_one("select 7::int", &[]).await.unwrap().get(0);
     assert_eq!(v, 7);
 
-    // Busy: the client gets PostgreSQL's own error, and the pool recovers.
+    // Busy: the query fails with an ERROR that carries PostgreSQL's reason; the client keeps
+    // its connection, and the pool recovers.
     let busy = connect(iam.local_addr(), &db).await;
-    let q = tokio::spawn(async move { busy.simple_query("select pg_sleep(30)").await });
+    let q = tokio::spawn(async move {
+        let r = busy.simple_query("select pg_sleep(30)").await;
+        (busy, r)
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = pg.psql(&format!(
         "select pg_terminate_backend(pid) from pg_stat_activity where datname = '{}' and query like 'select pg_sleep%'",
         db.name
     ));
     assert_eq!(out.trim(), "t");
-    let err = tokio::time::timeout(T, q)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err();
-    assert!(
-        code(&err) == "57P01" || err.is_closed(),
-        "unexpected error: {err:?}"
-    );
+    let (busy, r) = tokio::time::timeout(T, q).await.unwrap().unwrap();
+    let err = r.unwrap_err();
+    assert_eq!(code(&err), "08006", "unexpected error: {err:?}");
+    let why = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+    assert!(why.contains("[57P01]"), "{err:?}");
+    let v: i32 = busy.query_one("select 9::int", &[]).await.unwrap().get(0);
+    assert_eq!(v, 9);
     let again = connect(iam.local_addr(), &db).await;
     let v: i32 = again.query_one("select 8::int", &[]).await.unwrap().get(0);
     assert_eq!(v, 8);

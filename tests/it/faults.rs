@@ -313,14 +313,18 @@ async fn upstream_killed_while_idle_next_client_never_sees_it() {
     assert!(r.iam.shutdown().await);
 }
 
-/// A query running when its backend is killed: the client gets the server's own FATAL
-/// (57P01) when PostgreSQL kills it, and iampool's 08006 "server closed the connection
-/// unexpectedly" when the network resets or cuts it; either way the client's connection
-/// ends, and the next client is served by a fresh server.
+/// A query running when its backend is killed (transaction mode): the query fails with an
+/// ERROR 08006 that says why (PostgreSQL's own 57P01 when it kills the backend, the reset or
+/// close when the network does), the client keeps its connection and its next query runs on
+/// a fresh server, and so does the next client's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_query_client_gets_clear_error() {
     let r = rig("fault_query", |c| c.databases[0].pool_size = 2).await;
-    for (fault, want) in [("terminate", "57P01"), ("reset", "08006"), ("cut", "08006")] {
+    for (fault, why) in [
+        ("terminate", "[57P01]"),
+        ("reset", "reset"),
+        ("cut", "closed the connection"),
+    ] {
         let c = connect(r.addr(), &r.db).await;
         let q = tokio::spawn(async move {
             let res = c.simple_query("select pg_sleep(20)").await.map(|_| ());
@@ -353,15 +357,20 @@ async fn upstream_killed_mid_query_client_gets_clear_error() {
         let db = e
             .as_db_error()
             .unwrap_or_else(|| panic!("{fault}: an ErrorResponse, got {e:?}"));
-        assert_eq!(db.code().code(), want, "{fault}: {db:?}");
-        if want == "08006" {
-            assert!(
-                db.message()
-                    .contains("server closed the connection unexpectedly"),
-                "{db:?}"
-            );
-        }
-        eventually("the client's connection is closed", T, || c.is_closed()).await;
+        assert_eq!(db.code().code(), "08006", "{fault}: {db:?}");
+        assert_eq!(db.severity(), "ERROR", "{fault}: not a FATAL: {db:?}");
+        assert!(
+            db.message().contains("the server connection was lost") && db.message().contains(why),
+            "{fault}: {db:?}"
+        );
+        assert!(!c.is_closed(), "{fault}: the client keeps its connection");
+        assert_eq!(
+            one_int(&c, "select 5")
+                .await
+                .expect("the same client's next query"),
+            5,
+            "{fault}"
+        );
         fresh_client_works(r.addr(), &r.db).await;
         // The network faults leave the backend sleeping; iampool has forgotten it.
         terminate_all(r.pg, &r.db, "and query = 'select pg_sleep(20)'");
@@ -369,11 +378,13 @@ async fn upstream_killed_mid_query_client_gets_clear_error() {
     assert!(r.iam.shutdown().await);
 }
 
-/// A transaction whose backend dies (killed, or its connection reset) before COMMIT: the
-/// client is sent a FATAL at once, even though it is idle in its transaction (the server's
-/// own 57P01, or iampool's 08006), and its connection is closed; nothing of the transaction
-/// is committed, no backend is left idle in transaction, and the next client's session on
-/// the only server is clean. A real driver (tokio-postgres) sees its next statement fail.
+/// A transaction whose backend dies (killed, or its connection reset) before COMMIT, while
+/// the client is idle in it (transaction mode): the client keeps its connection; its next
+/// statement fails with an ERROR 08006 that says why, later ones with 25P02 as inside any
+/// failed transaction, and COMMIT answers ROLLBACK, after which it works as before. Nothing
+/// of the transaction is committed, no backend is left idle in transaction, and the next
+/// client's session on the only server is clean. A real driver (tokio-postgres) sees its
+/// COMMIT fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_transaction_nothing_commits() {
     let r = rig("fault_tx", |c| {
@@ -383,7 +394,7 @@ async fn upstream_killed_mid_transaction_nothing_commits() {
     .await;
     pooler::create_owned_table(r.pg, &r.db, "t (v int)");
     let direct = r.direct().await;
-    for (i, (fault, want)) in [("terminate", "57P01"), ("reset", "08006")]
+    for (i, (fault, why)) in [("terminate", "[57P01]"), ("reset", "reset")]
         .into_iter()
         .enumerate()
     {
@@ -413,10 +424,39 @@ async fn upstream_killed_mid_transaction_nothing_commits() {
                 r.proxy.reset_all();
             }
         }
-        let told = raw.until_close().await;
+        eventually("the killed backend is gone", T, || {
+            backends(r.pg, &r.db, "and state = 'idle in transaction'") == 0
+        })
+        .await;
+        // The client learns of it with its next statement, and stays in the failed block.
+        raw.query(&format!("insert into t values ({})", i + 10))
+            .await;
+        let told = raw.until_ready().await;
         let (got, message) =
             first_error(&told).unwrap_or_else(|| panic!("{fault}: no error sent: {told:?}"));
-        assert_eq!(got, want, "{fault}: {message}");
+        assert_eq!(got, "08006", "{fault}: {message}");
+        assert!(message.contains(why), "{fault}: {message}");
+        assert_eq!(
+            told.last().map(|(_, b)| b[..].to_vec()),
+            Some(b"E".to_vec()),
+            "{fault}: {told:?}"
+        );
+        raw.query("select 1").await;
+        let told = raw.until_ready().await;
+        assert_eq!(
+            first_error(&told).map(|e| e.0).as_deref(),
+            Some("25P02"),
+            "{fault}: {told:?}"
+        );
+        raw.query("commit").await;
+        let told = raw.until_ready().await;
+        assert_eq!(
+            told.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            b"CZ",
+            "{fault}: {told:?}"
+        );
+        assert_eq!(&told[0].1[..], b"ROLLBACK\0", "{fault}");
+        assert_eq!(&told[1].1[..], b"I", "{fault}");
         // The driver's transaction then ran on a fresh server and committed.
         let (c, res) = tokio::time::timeout(T, driver)
             .await
@@ -469,6 +509,103 @@ async fn upstream_killed_mid_transaction_nothing_commits() {
         );
         direct.batch_execute("delete from t").await.unwrap();
     }
+    assert!(r.iam.shutdown().await);
+}
+
+/// Transaction mode, through a real driver's extended protocol: a client whose server dies
+/// keeps its connection. A statement in flight outside a transaction fails with 08006 and
+/// the next one runs; inside a transaction, the next statement is told why (08006), the one
+/// after gets PostgreSQL's own 25P02 (from a fresh server put inside a failed block), and
+/// after ROLLBACK the client's next transaction commits. An idle client sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_its_connection_when_its_server_dies() {
+    let r = rig("fault_orphan", |c| {
+        c.auth_type = AuthType::Trust;
+        c.databases[0].pool_size = 2;
+    })
+    .await;
+    pooler::create_owned_table(r.pg, &r.db, "t (v int)");
+    let bystander = connect(r.addr(), &r.db).await;
+    assert_eq!(one_int(&bystander, "select 1").await.unwrap(), 1);
+    let mut c = connect(r.addr(), &r.db).await;
+
+    // In flight, outside a transaction (extended protocol: Parse/Bind/Execute/Sync).
+    let sleeper = tokio::spawn(async move {
+        let res = c.query("select pg_sleep($1::float8)", &[&20.0f64]).await;
+        (c, res)
+    });
+    eventually("the query runs", T, || {
+        backends(
+            r.pg,
+            &r.db,
+            "and query like 'select pg_sleep%' and state = 'active'",
+        ) == 1
+    })
+    .await;
+    terminate_all(r.pg, &r.db, "and state = 'active'");
+    let (client, res) = tokio::time::timeout(T, sleeper)
+        .await
+        .expect("hung")
+        .unwrap();
+    c = client;
+    let e = res.expect_err("the killed query fails");
+    assert_eq!(code(&e), "08006", "{e:?}");
+    let n: i32 = c
+        .query_one("select $1::int", &[&3i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3, "the next statement runs on a fresh server");
+
+    // Idle inside a transaction.
+    let tx = c.transaction().await.unwrap();
+    tx.execute("insert into t values ($1)", &[&1i32])
+        .await
+        .unwrap();
+    eventually("idle in transaction", T, || {
+        backends(r.pg, &r.db, "and state = 'idle in transaction'") == 1
+    })
+    .await;
+    terminate_all(r.pg, &r.db, "and state = 'idle in transaction'");
+    eventually("the backend is gone", T, || {
+        backends(r.pg, &r.db, "and state = 'idle in transaction'") == 0
+    })
+    .await;
+    let told = tx
+        .execute("insert into t values ($1)", &[&2i32])
+        .await
+        .expect_err("the transaction is gone");
+    assert_eq!(code(&told), "08006", "{told:?}");
+    assert!(pooler::message(&told).contains("[57P01]"), "{told:?}");
+    let aborted = tx
+        .query_one("select $1::int", &[&4i32])
+        .await
+        .expect_err("still inside the failed transaction");
+    assert_eq!(code(&aborted), "25P02", "{aborted:?}");
+    tx.rollback().await.expect("ROLLBACK ends the failed block");
+
+    let tx = c.transaction().await.unwrap();
+    tx.execute("insert into t values ($1)", &[&5i32])
+        .await
+        .unwrap();
+    tx.commit().await.expect("the next transaction commits");
+    let direct = r.direct().await;
+    assert_eq!(
+        one_int(&direct, "select coalesce(sum(v), 0)::int from t")
+            .await
+            .unwrap(),
+        5,
+        "only the last transaction committed"
+    );
+    assert_eq!(
+        one_int(&bystander, "select 2").await.unwrap(),
+        2,
+        "the idle client saw nothing"
+    );
+    assert_eq!(
+        backends(r.pg, &r.db, "and state like 'idle in transaction%'"),
+        0
+    );
     assert!(r.iam.shutdown().await);
 }
 
