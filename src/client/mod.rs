@@ -144,8 +144,16 @@ pub async fn serve<C: Context>(ctx: Arc<C>, mut stream: Stream) {
     pool.sessions.fetch_add(1, Ordering::Relaxed);
     let _session = SessionCount(pool.clone());
     debug!(user = %login.user, database = %login.database, "client logged in");
+    // Transactions that declare themselves read-only may go to another database's pool.
+    let readers = config
+        .databases
+        .iter()
+        .find(|d| d.name == pool.database)
+        .and_then(|d| d.read_only_database.as_deref())
+        .and_then(|name| ctx.pool(name));
     let session = relay::Session::new(relay::SessionArgs {
         pool,
+        readers,
         client: login.stream,
         leftover: login.leftover,
         params: login.params,

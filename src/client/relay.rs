@@ -75,7 +75,16 @@ pub enum End {
 }
 
 pub struct Session {
+    /// The pool of the server linked now (or last): `home`, or `readers` for a transaction
+    /// that declared itself read-only.
     pool: Arc<Pool>,
+    /// The pool of the client's own database.
+    home: Arc<Pool>,
+    /// Transaction mode: the pool for transactions that declare themselves read-only.
+    readers: Option<Arc<Pool>>,
+    /// The client's startup set default_transaction_read_only = on: every transaction of
+    /// it is read-only.
+    read_only_client: bool,
     mode: PoolMode,
     client: Stream,
     /// The protocol state of both directions.
@@ -108,6 +117,7 @@ pub struct Session {
 
 pub struct SessionArgs {
     pub pool: Arc<Pool>,
+    pub readers: Option<Arc<Pool>>,
     pub client: Stream,
     /// Bytes the client sent after its startup packet, already read.
     pub leftover: BytesMut,
@@ -142,7 +152,11 @@ impl Session {
             },
             a.pool.statements.clone(),
         );
+        let readers = a.readers.filter(|_| transaction_mode);
         Session {
+            read_only_client: a.params.startup_read_only(),
+            home: a.pool.clone(),
+            readers,
             scan: Scan::new(
                 a.leftover,
                 tracker,
@@ -218,6 +232,13 @@ impl Session {
             // A server lost while its parameters are brought in line has seen nothing of the
             // client's request, so another one is tried (a few times, then the client is told).
             let mut lost = 0;
+            if let Some(readers) = &self.readers {
+                let read_only = self.read_only_client || self.declares_read_only();
+                let pool = if read_only { readers } else { &self.home };
+                if !Arc::ptr_eq(pool, &self.pool) {
+                    self.pool = pool.clone();
+                }
+            }
             loop {
                 self.cancel.set_waiting(true);
                 let checkout = self.pool.checkout().await;
@@ -738,6 +759,21 @@ impl Session {
             Err(Stop::Server(m)) => Some(Wake::ServerProtocol(m)),
             Err(other) => unreachable!("server scan stopped with {other:?}"),
         }
+    }
+
+    /// Whether the client's next request opens a transaction that declares itself read-only
+    /// (`BEGIN READ ONLY`, `START TRANSACTION ISOLATION LEVEL ... READ ONLY`), as a simple
+    /// Query: only its first few hundred bytes are looked at.
+    fn declares_read_only(&self) -> bool {
+        let buf = &self.scan.c.buf;
+        let Ok(Some(h)) = Header::parse(buf, self.scan.max_message) else {
+            return false;
+        };
+        if h.tag != frontend::QUERY {
+            return false;
+        }
+        let end = buf.len().min(h.frame_len()).min(HEADER_LEN + 512);
+        crate::protocol::tx_modes::begins_read_only(&buf[HEADER_LEN..end], end == h.frame_len())
     }
 
     /// Unlinked, the client sent exactly a named Parse and a Sync of a statement this pool

@@ -108,7 +108,48 @@ pub(crate) fn databases(
             Err(Reported) => failed = true,
         }
     }
+    if !failed {
+        failed = !check_read_only_routes(r, &databases, &specs);
+    }
     (if failed { Err(Reported) } else { Ok(databases) }, users)
+}
+
+/// Each `read_only_database` names another database, in transaction mode as this one is.
+fn check_read_only_routes(r: &mut Reader, databases: &[Database], specs: &[Spec<'_>]) -> bool {
+    let mut ok = true;
+    for (d, spec) in databases.iter().zip(specs) {
+        let Some(target) = &d.read_only_database else {
+            continue;
+        };
+        let label = format!("databases.{}.read_only_database", d.name);
+        let found = databases.iter().find(|other| other.name == *target);
+        let problem = match found {
+            _ if *target == d.name => Some(Problem::new(
+                "names this database itself",
+                "name the database of the reader endpoint, or remove the key",
+            )),
+            None => Some(Problem::new(
+                format!("names {target:?}, which is not a configured database"),
+                format!(
+                    "add [databases.{target}] with the reader endpoint as its upstream (and target_session_attrs = \"read-only\"), or fix the name"
+                ),
+            )),
+            Some(_) if d.pool_mode != PoolMode::Transaction => Some(Problem::new(
+                "needs pool_mode = transaction (a session keeps one server)",
+                "remove read_only_database, or set pool_mode = \"transaction\"",
+            )),
+            Some(other) if other.pool_mode != PoolMode::Transaction => Some(Problem::new(
+                format!("names {target:?}, whose pool_mode is session"),
+                format!("set pool_mode = \"transaction\" in [databases.{target}]"),
+            )),
+            Some(_) => None,
+        };
+        if let Some(problem) = problem {
+            r.report(&label, &spec.origin, problem);
+            ok = false;
+        }
+    }
+    ok
 }
 
 fn upstream_key() -> &'static Key {
@@ -145,6 +186,7 @@ fn database(
     let pool_mode = r.req(&layer, "pool_mode", value::named::<PoolMode>);
     let pool_size = r.req(&layer, "pool_size", usize_count);
     let min_pool_size = r.req(&layer, "min_pool_size", usize_count);
+    let read_only_database = r.get(&layer, "read_only_database", value::name);
     if let (Ok(min), Ok(max)) = (&min_pool_size, &pool_size) {
         if min > max {
             let blamed = if is_set(&layer, "min_pool_size") {
@@ -181,6 +223,7 @@ fn database(
         pool_mode: pool_mode?,
         pool_size: pool_size?,
         min_pool_size: min_pool_size?,
+        read_only_database: read_only_database?,
     };
     Ok((database, url_user))
 }

@@ -211,6 +211,11 @@ pub static KEYS: &[Key] = &[
         .per_database()
         .help("Server connections kept open even when idle; at most pool_size")
         .example("2"),
+    Key::new("read_only_database", "read-only-database", Kind::Text, POOLS)
+        .restart()
+        .per_database()
+        .help("Another database (its client-facing name, usually a reader endpoint with target_session_attrs = read-only) that takes this database's transactions that declare themselves read-only: BEGIN READ ONLY, START TRANSACTION READ ONLY, and every transaction of a client whose startup sets default_transaction_read_only = on. Transaction mode only; unset: every transaction goes to this database's own servers")
+        .example("app_readers"),
     Key::new("server_lifetime", "server-lifetime", Kind::Duration, POOLS)
         .default("3600s")
         .help("A server connection is closed this long after it opened, when next released")

@@ -179,6 +179,8 @@ pub struct Database {
     pub pool_mode: PoolMode,
     pub pool_size: usize,
     pub min_pool_size: usize,
+    /// The database whose pool takes transactions that declare themselves read-only.
+    pub read_only_database: Option<String>,
 }
 
 /// A client user's stored secret.

@@ -129,6 +129,7 @@ fn database_values(d: &Database) -> Vec<(&'static str, Shown)> {
                 "pool_mode" => string(d.pool_mode.name()),
                 "pool_size" => integer(d.pool_size),
                 "min_pool_size" => integer(d.min_pool_size),
+                "read_only_database" => d.read_only_database.clone().and_then(string),
                 "sslmode" => string(u.sslmode.name()),
                 "sslrootcert" => path(&u.sslrootcert),
                 "target_session_attrs" => string(u.target_session_attrs.name()),

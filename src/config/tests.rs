@@ -780,3 +780,40 @@ fn key_file_variables_name_the_problem() {
     assert_eq!(typo.len(), 1, "{typo:#?}");
     assert_eq!(typo[0].message, "unknown environment variable");
 }
+
+#[test]
+fn read_only_database_names_another_transaction_mode_database() {
+    let ok = file(
+        "[databases.app]\nupstream = \"postgres://app@writer/app\"\nread_only_database = \"app_ro\"\n\
+         [databases.app_ro]\nupstream = \"postgres://app@reader/app?target_session_attrs=read-only\"\n",
+    );
+    let config = Config::from_args(&["--config", path(&ok)], &[]).unwrap();
+    let app = config.databases.iter().find(|d| d.name == "app").unwrap();
+    assert_eq!(app.read_only_database.as_deref(), Some("app_ro"));
+
+    for (toml, message, fix) in [
+        (
+            "[databases.app]\nupstream = \"postgres://app@h/app?read_only_database=nope\"\n",
+            "names \"nope\", which is not a configured database",
+            "add [databases.nope]",
+        ),
+        (
+            "[databases.app]\nupstream = \"postgres://app@h/app\"\nread_only_database = \"app\"\n",
+            "names this database itself",
+            "reader endpoint",
+        ),
+        (
+            "[databases.app]\nupstream = \"postgres://app@h/app\"\nread_only_database = \"ro\"\n\
+             [databases.ro]\nupstream = \"postgres://app@r/app\"\npool_mode = \"session\"\n",
+            "whose pool_mode is session",
+            "[databases.ro]",
+        ),
+    ] {
+        let toml = file(toml);
+        let all = errors(&["--config", path(&toml)], &[]);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert_eq!(all[0].key, "databases.app.read_only_database");
+        assert!(all[0].message.contains(message), "{all:#?}");
+        assert!(all[0].fix.contains(fix), "{all:#?}");
+    }
+}

@@ -8,3 +8,4 @@ pub mod messages;
 pub mod scram;
 pub mod session_state;
 pub mod statements;
+pub mod tx_modes;

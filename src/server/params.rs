@@ -68,6 +68,14 @@ impl SessionParams {
         (self.in_hot_standby, self.default_transaction_read_only)
     }
 
+    /// A client's startup asked for read-only transactions (default_transaction_read_only).
+    pub fn startup_read_only(&self) -> bool {
+        self.extra
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("default_transaction_read_only"))
+            .is_some_and(|(_, v)| parse_bool(v) == Some(true))
+    }
+
     pub fn reported(&self, name: &str) -> Option<&str> {
         tracked_index(name).and_then(|i| self.reported[i].as_deref())
     }

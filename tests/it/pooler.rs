@@ -75,6 +75,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
             pool_mode: PoolMode::Transaction,
             pool_size: 10,
             min_pool_size: 0,
+            read_only_database: None,
         }],
     }
 }

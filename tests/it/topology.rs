@@ -263,3 +263,85 @@ async fn a_failover_under_load_loses_no_acknowledged_commit() {
     let on_new = standby.backend_count(&db.name, &db.user);
     assert_eq!(on_new as usize, live.idle + live.active, "{live:?}");
 }
+
+/// Read-only routing without a SQL parser: a database whose `read_only_database` is a reader
+/// pool over the standby sends the transactions that declare themselves read-only there
+/// (BEGIN READ ONLY, START TRANSACTION ... READ ONLY, a driver's read-only transaction, and
+/// everything of a client whose startup sets default_transaction_read_only), and every other
+/// transaction, writes included, to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_transactions_go_to_the_reader_pool() {
+    let (primary, standby, db) = primary_and_standby("topo_route");
+    let mut config = pooler::config(&primary, &db);
+    let readers = format!("{}_ro", db.name);
+    let mut reader = config.databases[0].clone();
+    reader.name = readers.clone();
+    reader.upstream.port = standby.port();
+    reader.upstream.target_session_attrs = TargetSessionAttrs::ReadOnly;
+    config.databases[0].upstream.target_session_attrs = TargetSessionAttrs::ReadWrite;
+    config.databases[0].read_only_database = Some(readers.clone());
+    config.databases.push(reader);
+    let running = start(config).await;
+    let addr = running.local_addr();
+
+    let client = try_connect(addr, &db).await.unwrap();
+    let in_recovery = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v == "t"),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    for (sql, on_reader) in [
+        ("BEGIN READ ONLY; SELECT pg_is_in_recovery()", true),
+        ("SELECT pg_is_in_recovery()", false),
+        (
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT pg_is_in_recovery()",
+            true,
+        ),
+        ("BEGIN; SELECT pg_is_in_recovery()", false),
+        ("BEGIN READ WRITE; SELECT pg_is_in_recovery()", false),
+    ] {
+        let rows = client.simple_query(sql).await.unwrap();
+        assert_eq!(in_recovery(rows), on_reader, "{sql}");
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    client
+        .batch_execute("BEGIN; INSERT INTO t VALUES (1); COMMIT")
+        .await
+        .expect("a write goes to the writer");
+
+    // A driver's read-only transaction (tokio-postgres sends START TRANSACTION READ ONLY).
+    let mut client = client;
+    let tx = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .unwrap();
+    let r: bool = tx
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(r, "a driver's read-only transaction runs on the reader");
+    tx.commit().await.unwrap();
+
+    // A client that is read-only from its startup: everything goes to the reader.
+    let mut cfg = pooler::client_config(addr, &db);
+    cfg.options("-c default_transaction_read_only=on");
+    let (ro, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let r: bool = ro
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(r, "a read-only client runs on the reader");
+
+    let pools = running.shared();
+    let writes = pools.pool(&db.name).unwrap().metrics.transactions.get();
+    let reads = pools.pool(&readers).unwrap().metrics.transactions.get();
+    assert!(reads >= 4 && writes >= 4, "reads {reads}, writes {writes}");
+}
