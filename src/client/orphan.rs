@@ -29,6 +29,9 @@ pub struct Orphan {
     /// An error was reported in the middle of an extended-protocol batch: the client's
     /// messages are skipped up to its Sync, as PostgreSQL skips them.
     skip_to_sync: bool,
+    /// The client's next request was refused (no server came): its messages are skipped
+    /// up to the end of that request, a Query or a Sync.
+    skip_request: bool,
 }
 
 /// The server as it was lost, seen from the client.
@@ -80,7 +83,7 @@ impl Orphan {
             return loss.in_block.then_some(Orphan {
                 aborted: true,
                 untold: Some(first),
-                skip_to_sync: false,
+                ..Orphan::default()
             });
         }
         for i in 0..requests {
@@ -100,14 +103,30 @@ impl Orphan {
         }
         (loss.in_block || loss.unsynced).then_some(Orphan {
             aborted: loss.in_block,
-            untold: None,
             skip_to_sync: loss.unsynced,
+            ..Orphan::default()
         })
+    }
+
+    /// The client's next request cannot be served (no server came within
+    /// query_wait_timeout): it fails with this ERROR, and the client keeps its connection
+    /// (and its failed transaction, if it is in one).
+    pub fn refused(
+        before: Option<Orphan>,
+        out: &mut BytesMut,
+        code: &str,
+        message: &str,
+    ) -> Orphan {
+        messages::error_response(out, Severity::Error, code, message);
+        Orphan {
+            skip_request: true,
+            ..before.unwrap_or_default()
+        }
     }
 
     /// Nothing more is owed: the client is an ordinary client again.
     pub fn done(&self) -> bool {
-        !self.aborted && !self.skip_to_sync
+        !self.aborted && !self.skip_to_sync && !self.skip_request
     }
 
     /// Whether [`answer`](Self::answer) needs the client's next message whole.
@@ -133,9 +152,15 @@ impl Orphan {
         } else {
             TxStatus::Idle
         };
-        if self.skip_to_sync {
-            if header.tag == frontend::SYNC {
+        if self.skip_to_sync || self.skip_request {
+            let ends = match header.tag {
+                frontend::SYNC => true,
+                frontend::QUERY => self.skip_request,
+                _ => false,
+            };
+            if ends {
                 self.skip_to_sync = false;
+                self.skip_request = false;
                 messages::ready_for_query(out, status);
             }
             buf.advance(header.frame_len());
@@ -350,6 +375,36 @@ mod tests {
             b.extend_from_slice(b"\0select 1\0\0\0")
         });
         assert_eq!(o.answer(&mut buf, 1 << 20, &mut out), Ok(Next::NeedServer));
+    }
+
+    #[test]
+    fn a_refused_request_is_skipped_to_its_end() {
+        let mut out = BytesMut::new();
+        let mut o = Orphan::refused(None, &mut out, "08001", "query_wait_timeout");
+        let mut buf = query("select 1");
+        assert_eq!(o.answer(&mut buf, 1 << 20, &mut out), Ok(Next::Answered));
+        assert_eq!(tags(&out), "EZ");
+        assert_eq!(*out.last().unwrap(), b'I');
+        assert!(o.done() && buf.is_empty());
+
+        // Inside a failed block, an extended batch: skipped to its Sync, still aborted.
+        out.clear();
+        let aborted = Orphan {
+            aborted: true,
+            ..Orphan::default()
+        };
+        let mut o = Orphan::refused(Some(aborted), &mut out, "08001", "query_wait_timeout");
+        let mut buf = BytesMut::new();
+        messages::frontend_message(&mut buf, frontend::BIND, |b| {
+            b.extend_from_slice(b"\0\0\0\0\0\0\0\0")
+        });
+        messages::frontend_message(&mut buf, frontend::SYNC, |_| {});
+        while !buf.is_empty() {
+            assert_eq!(o.answer(&mut buf, 1 << 20, &mut out), Ok(Next::Answered));
+        }
+        assert_eq!(tags(&out), "EZ");
+        assert_eq!(*out.last().unwrap(), b'E');
+        assert!(o.aborted && !o.done());
     }
 
     #[test]

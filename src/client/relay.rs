@@ -200,7 +200,7 @@ impl Session {
     }
 
     async fn run_inner(&mut self) -> End {
-        loop {
+        'requests: loop {
             // Unlinked: hand the client what the last server sent, then wait for its next request.
             if let Err(e) = self.flush_to_client().await {
                 debug!(error = %e, "client write failed");
@@ -245,7 +245,10 @@ impl Session {
                 self.cancel.set_waiting(false);
                 let server = match checkout {
                     Ok(s) => s,
-                    Err(e) => return self.pool_error(e).await,
+                    Err(e) => match self.pool_error(e).await {
+                        Some(end) => return end,
+                        None => continue 'requests,
+                    },
                 };
                 match self.link(server).await {
                     Ok(()) => break,
@@ -857,15 +860,23 @@ impl Session {
         End::ProtocolError
     }
 
-    async fn pool_error(&mut self, e: PoolError) -> End {
+    /// No server for the client's request. Transaction mode: the request fails with an
+    /// ERROR and the client keeps its connection (its next request tries again). Session
+    /// mode, or iampool shutting down: the session ends.
+    async fn pool_error(&mut self, e: PoolError) -> Option<End> {
         let msg = match &e {
             PoolError::Timeout { .. } => format!("query_wait_timeout: {e}"),
             _ => e.to_string(),
         };
         // The same SQLSTATE a client gets for this at login: the pool decides it.
         let code = e.sqlstate().to_owned();
+        if self.mode == PoolMode::Transaction && !matches!(e, PoolError::Closed) {
+            let out = super::prepared::Staging::staged(&mut self.scan.s);
+            self.orphan = Some(Orphan::refused(self.orphan.take(), out, &code, &msg));
+            return None;
+        }
         self.send_fatal(&code, &msg).await;
-        End::PoolError
+        Some(End::PoolError)
     }
 }
 

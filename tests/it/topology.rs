@@ -142,16 +142,24 @@ async fn a_reader_pool_takes_the_standby_and_follows_its_promotion() {
     standby.promote();
     // The first query after the promotion runs on the connection it has; the server's report
     // comes with its answer, and the pool drops that connection when it comes back. The
-    // client's next transaction finds no reader (today iampool then ends the client's
-    // session with the reason; see issue 12 on keeping it).
+    // client's next transaction finds no reader: it waits, then fails with an ERROR that
+    // says why, and the client keeps its connection.
     let deadline = Instant::now() + T;
-    while reader.query("SELECT 1", &[]).await.is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "still served by the promoted server"
-        );
+    let refused = loop {
+        match reader.query("SELECT 1", &[]).await {
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "still served by the promoted server"
+            ),
+            Err(e) => break e,
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    assert!(
+        message(&refused).contains("is a writer, but target_session_attrs is read-only"),
+        "{refused:?}"
+    );
+    assert!(!reader.is_closed(), "the client keeps its connection");
     // A new client logs in (the pool's welcome is cached) and its first query is refused.
     let refused = match try_connect(addr, &db).await {
         Ok(client) => client
