@@ -39,7 +39,7 @@ async fn iampool_via(
 ) -> iampool::app::Running {
     let mut config = pooler::config(pg, db);
     let upstream = &mut config.databases[0].upstream;
-    upstream.port = proxy.port();
+    upstream.hosts[0].port = proxy.port();
     upstream.target_session_attrs = target;
     config.query_wait_timeout = Duration::from_secs(20);
     // A new client waits for the welcome (the first login) within its login timeout.
