@@ -370,7 +370,10 @@ type SyntaxError = (&'static str, &'static str);
 
 /// The URL's `host[:port],...` list: hosts as written (entries may be empty) and, as libpq
 /// stores them, ports only when some host has one or there are several hosts.
-fn split_hosts(hostport: &str) -> Result<(Option<Vec<String>>, Option<Vec<String>>), SyntaxError> {
+/// Hosts and ports as [`Parts`] holds them.
+type HostsAndPorts = (Option<Vec<String>>, Option<Vec<String>>);
+
+fn split_hosts(hostport: &str) -> Result<HostsAndPorts, SyntaxError> {
     if hostport.is_empty() {
         return Ok((None, None));
     }
@@ -454,8 +457,14 @@ fn decode(text: &str) -> Result<String, ()> {
 /// keyword=value string (no `://`) has its `password` value hidden instead.
 pub fn redact(url: &str) -> String {
     if !url.contains("://") {
-        return super::conninfo::redact(url);
+        // A keyword=value string, or a URL missing its scheme: hide what either would call
+        // the password (at worst a little more than that).
+        return redact_url(&super::conninfo::redact(url));
     }
+    redact_url(url)
+}
+
+fn redact_url(url: &str) -> String {
     let scheme_len = url.find("://").map_or(0, |i| i + 3);
     let rest = &url[scheme_len..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -674,6 +683,12 @@ mod tests {
         // An unencoded slash in the password: hide up to the last @.
         assert_eq!(redact("postgres://u:p/w@h/d"), "postgres://u:***@h/d");
         assert!(!redact("postgres://u:p?w@h/d").contains("p?w"));
+        // Without a scheme: keyword=value passwords, and URL-style ones too.
+        assert_eq!(
+            redact("host=h password='s3 cret' user=u"),
+            "host=h password=*** user=u"
+        );
+        assert!(!redact("u:s3cret@h/d").contains("s3cret"));
     }
 
     #[test]
