@@ -296,9 +296,11 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
 }
 
 fn limiter_key(u: &Upstream) -> String {
-    match u.hostaddr {
-        Some(ip) => format!("{ip}:{}", u.port),
-        None => format!("{}:{}", u.host, u.port),
+    // TODO(multi-host connector): a limiter per host; for now the first host keys it.
+    let host = &u.hosts[0];
+    match host.addr {
+        Some(ip) => format!("{ip}:{}", host.port),
+        None => format!("{}:{}", host.name, host.port),
     }
 }
 
@@ -385,12 +387,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let password = match &u.auth {
             UpstreamAuth::Password => Password::fixed(u.password.clone()),
             UpstreamAuth::Iam(iam) => {
+                // TODO(multi-host connector): a token per host; for now the first host signs.
+                let host = &u.hosts[0];
                 if iam.region_inferred {
-                    info!(database = %db.name, host = %u.host, region = %iam.region,
+                    info!(database = %db.name, host = %host.name, region = %iam.region,
                         "IAM signing region inferred from the host name");
                 }
                 let auth = iam_registry
-                    .authenticator(iam, &u.host, u.port, &u.user)
+                    .authenticator(iam, &host.name, host.port, &u.user)
                     .await
                     .map_err(|e| StartError::Upstream {
                         database: db.name.clone(),
@@ -403,7 +407,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             u.clone(),
             password,
             limiter,
-            config.server_connect_timeout,
+            // libpq's connect_timeout bounds one host attempt; with the first host only, the login.
+            u.connect_timeout.unwrap_or(config.server_connect_timeout),
             config.server_lifetime,
             config.server_lifetime_jitter,
         )

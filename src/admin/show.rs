@@ -279,10 +279,12 @@ pub fn databases_table(ctx: &dyn Context) -> Table {
     for p in pools(ctx) {
         let st = p.status();
         let u = &p.connector().upstream;
+        // The first host: where a login goes first when the hosts are tried in order.
+        let host = &u.hosts[0];
         t.push(vec![
             p.database.as_str().into(),
-            u.host.as_str().into(),
-            i64::from(u.port).into(),
+            host.name.as_str().into(),
+            i64::from(host.port).into(),
             u.dbname.as_str().into(),
             u.user.as_str().into(),
             st.pool_size.into(),
@@ -371,7 +373,7 @@ pub fn tokens_table(ctx: &dyn Context) -> Table {
         let mut row: Vec<Cell> = vec![
             p.database.as_str().into(),
             u.user.as_str().into(),
-            u.host.as_str().into(),
+            u.hosts[0].name.as_str().into(),
         ];
         match p.connector().iam() {
             None => {

@@ -1,15 +1,100 @@
-//! Databases: each upstream URL (top-level `upstream` or `[databases.NAME]`) layered over the
-//! global upstream defaults, with the IAM rules (TLS, region, no password) checked.
+//! Databases: each upstream string (a URL or a keyword=value string, top-level `upstream` or
+//! `[databases.NAME]`) layered over the global upstream defaults, which are layered over the
+//! libpq environment variables (PGSSLMODE, ...), with the IAM rules (TLS, region, no password)
+//! checked. What the string leaves out of its own parts comes from PGHOST, PGPORT, PGUSER, ...
 
 use super::build::{is_set, label_and_origin, usize_count, Reader, Reported};
 use super::error::{unknown_fix, Origin, Problem};
 use super::keys::{self, Key, KEYS};
 use super::load::{Inputs, Layer, Setting, TableDatabase};
-use super::url::{self, UpstreamUrl};
+use super::url::{self, Form, HostPart, Parts};
 use super::value::{self, Named, Raw};
 use super::{
-    Database, IamConfig, PoolMode, Secret, SslMode, TargetSessionAttrs, Upstream, UpstreamAuth,
+    Database, Host, IamConfig, LoadBalanceHosts, PoolMode, Secret, SslMode, TargetSessionAttrs,
+    Upstream, UpstreamAuth,
 };
+
+type PgEnv = std::collections::BTreeMap<&'static str, String>;
+
+/// The per-database keys a libpq variable sets when neither the string nor iampool does.
+const PG_KEYS: &[(&str, &str)] = &[
+    ("PGHOSTADDR", "hostaddr"),
+    ("PGSSLMODE", "sslmode"),
+    ("PGSSLROOTCERT", "sslrootcert"),
+    ("PGCONNECT_TIMEOUT", "connect_timeout"),
+    ("PGAPPNAME", "application_name"),
+    ("PGOPTIONS", "options"),
+    ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+    ("PGLOADBALANCEHOSTS", "load_balance_hosts"),
+];
+
+/// libpq's connection keywords that iampool does not take, and what to do instead.
+const UNSUPPORTED: &[(&[&str], &str)] = &[
+    (
+        &["sslcert", "sslkey", "sslpassword", "sslcertmode"],
+        "iampool does not present a client certificate to the upstream: remove it, and sign in with auth=iam or a password",
+    ),
+    (
+        &["gssencmode", "krbsrvname", "gsslib", "gssdelegation"],
+        "iampool has no GSSAPI/Kerberos: remove it (iampool connects without GSS encryption, as gssencmode=disable)",
+    ),
+    (
+        &["service"],
+        "iampool reads no pg_service.conf: write the service's settings into the string itself",
+    ),
+    (
+        &["passfile"],
+        "iampool reads no .pgpass: give the password in the string, as the password key, or with PGPASSWORD",
+    ),
+    (
+        &["requiressl"],
+        "requiressl is libpq's old spelling: write sslmode=require (or verify-full) instead",
+    ),
+    (
+        &["sslcompression"],
+        "TLS compression is obsolete and never used: remove it",
+    ),
+    (
+        &["sslcrl", "sslcrldir"],
+        "iampool does not check certificate revocation lists: remove it",
+    ),
+    (
+        &["sslsni"],
+        "iampool always sends the host name (SNI) in TLS: remove it",
+    ),
+    (
+        &["sslnegotiation"],
+        "iampool asks for TLS the standard way (SSLRequest): remove it",
+    ),
+    (
+        &["ssl_min_protocol_version", "ssl_max_protocol_version"],
+        "iampool speaks TLS 1.2 and 1.3 to the upstream: remove it",
+    ),
+    (
+        &["channel_binding", "require_auth"],
+        "iampool chooses the upstream authentication itself (auth, allow_cleartext_password): remove it",
+    ),
+    (
+        &["client_encoding"],
+        "each client sets its own client_encoding: remove it",
+    ),
+    (
+        &["fallback_application_name"],
+        "use application_name, or let clients set their own",
+    ),
+    (
+        &["keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout"],
+        "iampool uses the system's TCP settings for upstream connections: remove it",
+    ),
+    (
+        &["replication"],
+        "iampool pools ordinary sessions, not replication connections: remove it",
+    ),
+    (
+        &["requirepeer"],
+        "iampool reaches the upstream over TCP, where requirepeer does not apply: remove it",
+    ),
+];
 
 /// An upstream URL's user and password, offered as a client user.
 pub(crate) struct UrlUser {
@@ -18,7 +103,7 @@ pub(crate) struct UrlUser {
     pub origin: Origin,
 }
 
-/// One URL to turn into a database.
+/// One upstream string (URL or keyword=value) to turn into a database.
 struct Spec<'a> {
     url: String,
     origin: Origin,
@@ -35,7 +120,7 @@ pub(crate) fn databases(
     check_global_defaults(r, globals);
     let mut specs = Vec::new();
     let mut failed = false;
-    match r.get(globals, "upstream", value::urls) {
+    match r.get(globals, "upstream", value::upstreams) {
         Ok(urls) => {
             let (label, origin) = label_and_origin(globals, "upstream");
             for url in urls.unwrap_or_default() {
@@ -89,7 +174,7 @@ pub(crate) fn databases(
     let mut databases: Vec<Database> = Vec::new();
     let mut users = Vec::new();
     for spec in &specs {
-        match database(r, globals, spec) {
+        match database(r, globals, &inputs.pg_env, spec) {
             Ok((database, user)) => {
                 if databases.iter().any(|seen| seen.name == database.name) {
                     r.report(
@@ -171,18 +256,51 @@ fn check_global_defaults(r: &mut Reader, globals: &Layer) {
 fn database(
     r: &mut Reader,
     globals: &Layer,
+    pg: &PgEnv,
     spec: &Spec<'_>,
 ) -> Result<(Database, Option<UrlUser>), Reported> {
-    let parsed =
-        url::parse(&spec.url).map_err(|problem| r.report(&spec.label, &spec.origin, problem))?;
+    let parsed = url::parse_parts(&spec.url)
+        .map_err(|problem| r.report(&spec.label, &spec.origin, problem))?;
     let before = r.errors.len();
-    let url_origin = Origin::Url(Box::new(spec.origin.clone()));
-    let name = client_name(r, spec, &parsed, &url_origin);
-    let layer = database_layer(r, globals, spec, &parsed, &name, &url_origin);
+    let url_origin = match parsed.form {
+        Form::Url => Origin::Url(Box::new(spec.origin.clone())),
+        Form::Keywords => Origin::Keywords(Box::new(spec.origin.clone())),
+    };
+    let user = from_string_or_env(&parsed.user, pg, "PGUSER", &url_origin);
+    let dbname = from_string_or_env(&parsed.dbname, pg, "PGDATABASE", &url_origin).or_else(|| {
+        user.clone()
+            .map(|(user, _)| (user, Origin::Derived("the user name")))
+    });
+    let name = client_name(
+        r,
+        spec,
+        &parsed,
+        dbname.as_ref().map(|(d, _)| d.as_str()),
+        &url_origin,
+    );
+    let layer = database_layer(r, globals, pg, spec, &parsed, &name, &url_origin);
     r.sources
         .insert(format!("{}upstream", layer.prefix), spec.origin.clone());
+    let user = match user {
+        Some((user, origin)) => {
+            r.sources.insert(format!("{}user", layer.prefix), origin);
+            Some(user)
+        }
+        None => {
+            let fix = match parsed.form {
+                Form::Url => "write postgres://USER@host/dbname, or set PGUSER",
+                Form::Keywords => "add user=USER, or set PGUSER",
+            };
+            r.report(&spec.label, &url_origin, Problem::new("names no user", fix));
+            None
+        }
+    };
+    if let Some((_, origin)) = &dbname {
+        r.sources
+            .insert(format!("{}dbname", layer.prefix), origin.clone());
+    }
 
-    let password = password(r, spec, &parsed, &layer, &url_origin);
+    let password = password(r, spec, &parsed, &layer, &url_origin, pg);
     let pool_mode = r.req(&layer, "pool_mode", value::named::<PoolMode>);
     let pool_size = r.req(&layer, "pool_size", usize_count);
     let min_pool_size = r.req(&layer, "min_pool_size", usize_count);
@@ -204,7 +322,14 @@ fn database(
             );
         }
     }
-    let upstream = upstream(r, &layer, parsed, password.clone());
+    let hosts = hosts(r, &layer, pg, &parsed, &url_origin);
+    let upstream = match (hosts, user) {
+        (Ok(hosts), Some(user)) => {
+            let dbname = dbname.map(|(d, _)| d).unwrap_or_else(|| user.clone());
+            upstream(r, &layer, hosts, user, dbname, password.clone())
+        }
+        _ => Err(Reported),
+    };
     if r.errors.len() > before {
         return Err(Reported);
     }
@@ -228,11 +353,82 @@ fn database(
     Ok((database, url_user))
 }
 
+/// The string's own value, else the libpq variable's.
+fn from_string_or_env(
+    own: &Option<String>,
+    pg: &PgEnv,
+    var: &'static str,
+    url_origin: &Origin,
+) -> Option<(String, Origin)> {
+    match own {
+        Some(value) => Some((value.clone(), url_origin.clone())),
+        None => pg
+            .get(var)
+            .map(|value| (value.clone(), Origin::Env(var.to_string()))),
+    }
+}
+
+/// The string's hosts, ports and hostaddrs (or PGHOST, PGPORT and the hostaddr key or
+/// PGHOSTADDR) as one host list, by libpq's rules.
+fn hosts(
+    r: &mut Reader,
+    layer: &Layer,
+    pg: &PgEnv,
+    parsed: &Parts,
+    url_origin: &Origin,
+) -> Result<Vec<Host>, Reported> {
+    let list = |text: &str| text.split(',').map(str::to_string).collect::<Vec<_>>();
+    let names = match &parsed.hosts {
+        Some(hosts) => Some((hosts.clone(), url_origin.clone())),
+        None => pg
+            .get("PGHOST")
+            .map(|hosts| (list(hosts), Origin::Env("PGHOST".into()))),
+    };
+    let ports = match &parsed.ports {
+        Some(ports) => Some((ports.clone(), url_origin.clone())),
+        None => pg
+            .get("PGPORT")
+            .map(|ports| (list(ports), Origin::Env("PGPORT".into()))),
+    };
+    let hostaddrs = r.get(layer, "hostaddr", value::ips)?.flatten();
+    let host_label = format!("{}host", layer.prefix);
+    let port_label = format!("{}port", layer.prefix);
+    if names.is_none() && hostaddrs.is_none() {
+        let fix = match parsed.form {
+            Form::Url => "write postgres://user@HOST:5432/dbname, or set PGHOST",
+            Form::Keywords => "add host=HOST, or set PGHOST",
+        };
+        return Err(r.report(&host_label, url_origin, Problem::new("names no host", fix)));
+    }
+    let (names, names_origin) = names.unwrap_or((Vec::new(), Origin::Default));
+    let (ports, ports_origin) = match ports {
+        Some((ports, origin)) => (Some(ports), origin),
+        None => (None, Origin::Default),
+    };
+    r.sources.insert(host_label.clone(), names_origin.clone());
+    r.sources.insert(port_label.clone(), ports_origin.clone());
+    let resolved = url::resolve_hosts(&names, ports.as_deref(), hostaddrs.as_deref());
+    match resolved {
+        Ok(hosts) => Ok(hosts
+            .into_iter()
+            .map(|h| Host {
+                name: h.host,
+                port: h.port,
+                addr: h.hostaddr,
+            })
+            .collect()),
+        Err((HostPart::Host, problem)) => Err(r.report(&host_label, &names_origin, problem)),
+        Err((HostPart::Port, problem)) => Err(r.report(&port_label, &ports_origin, problem)),
+        Err((HostPart::Hostaddr, problem)) => Err(r.blame(layer, "hostaddr", problem)),
+    }
+}
+
 /// `?name=`, the `[databases.NAME]` table name, or the database name; `None` on a conflict.
 fn client_name(
     r: &mut Reader,
     spec: &Spec<'_>,
-    parsed: &UpstreamUrl,
+    parsed: &Parts,
+    dbname: Option<&str>,
     url_origin: &Origin,
 ) -> Option<String> {
     let param = parsed
@@ -261,7 +457,9 @@ fn client_name(
             );
             None
         }
-        (None, param) => Some(param.unwrap_or_else(|| parsed.dbname.clone())),
+        (None, Some(param)) => Some(param),
+        // Without a database name the user is missing too, and that is reported.
+        (None, None) => Some(dbname.unwrap_or("?").to_string()),
     }
 }
 
@@ -269,14 +467,31 @@ fn client_name(
 fn database_layer(
     r: &mut Reader,
     globals: &Layer,
+    pg: &PgEnv,
     spec: &Spec<'_>,
-    parsed: &UpstreamUrl,
+    parsed: &Parts,
     name: &Option<String>,
     url_origin: &Origin,
 ) -> Layer {
     let prefix = format!("databases.{}.", name.as_deref().unwrap_or("?"));
-    let mut settings = globals.settings.clone();
-    settings.retain(|name, _| keys::key(name).is_some_and(Key::is_per_database));
+    let mut settings = std::collections::BTreeMap::new();
+    for (var, key) in PG_KEYS {
+        if let (Some(value), Some(key)) = (pg.get(var), keys::key(key)) {
+            let setting = Setting {
+                raw: Raw::Text(value.clone()),
+                origin: Origin::Env(var.to_string()),
+                label: format!("{prefix}{}", key.name),
+            };
+            settings.insert(key.name, setting);
+        }
+    }
+    settings.extend(
+        globals
+            .settings
+            .iter()
+            .filter(|(name, _)| keys::key(name).is_some_and(Key::is_per_database))
+            .map(|(name, setting)| (*name, setting.clone())),
+    );
     if let Some(table) = spec.table {
         settings.extend(table.settings.iter().map(|(k, s)| (*k, s.clone())));
     }
@@ -313,6 +528,20 @@ fn database_layer(
                     },
                 );
             }
+            None if UNSUPPORTED
+                .iter()
+                .any(|(names, _)| names.contains(&param.as_str())) =>
+            {
+                let (_, fix) = UNSUPPORTED
+                    .iter()
+                    .find(|(names, _)| names.contains(&param.as_str()))
+                    .expect("just found");
+                r.report(
+                    &label,
+                    url_origin,
+                    Problem::new(format!("libpq's {param} is not supported by iampool"), *fix),
+                );
+            }
             None if param == "password" => {
                 r.report(
                     &label,
@@ -328,16 +557,22 @@ fn database_layer(
                     .iter()
                     .filter(|k| k.is_per_database())
                     .map(|k| k.name)
-                    .chain(["name"]);
-                let fix = unknown_fix(
-                    param,
-                    candidates,
-                    "remove it; iampool --help lists the URL parameters",
-                );
+                    .chain(["name", "host", "port", "user", "dbname"]);
+                let (what, otherwise) = match parsed.form {
+                    Form::Url => (
+                        "URL parameter",
+                        "remove it; iampool --help lists the URL parameters",
+                    ),
+                    Form::Keywords => (
+                        "connection keyword",
+                        "remove it; iampool --help lists the keys, which are the keywords besides host, port, user, password and dbname",
+                    ),
+                };
+                let fix = unknown_fix(param, candidates, otherwise);
                 r.report(
                     &label,
                     url_origin,
-                    Problem::new(format!("unknown URL parameter {param:?}"), fix),
+                    Problem::new(format!("unknown {what} {param:?}"), fix),
                 );
             }
         }
@@ -348,9 +583,10 @@ fn database_layer(
 fn password(
     r: &mut Reader,
     spec: &Spec<'_>,
-    parsed: &UpstreamUrl,
+    parsed: &Parts,
     layer: &Layer,
     url_origin: &Origin,
+    pg: &PgEnv,
 ) -> Option<(Secret, Origin)> {
     let from_table = spec.table.and_then(|table| table.password.clone());
     let password = match (parsed.password.clone(), from_table) {
@@ -366,7 +602,10 @@ fn password(
             return None;
         }
         (Some(secret), None) => Some((secret, url_origin.clone())),
-        (None, table) => table,
+        (None, Some(table)) => Some(table),
+        (None, None) => pg
+            .get("PGPASSWORD")
+            .map(|p| (Secret::new(p.clone()), Origin::Env("PGPASSWORD".into()))),
     };
     if let Some((_, origin)) = &password {
         r.sources
@@ -378,7 +617,9 @@ fn password(
 fn upstream(
     r: &mut Reader,
     layer: &Layer,
-    parsed: UpstreamUrl,
+    hosts: Vec<Host>,
+    user: String,
+    dbname: String,
     password: Option<(Secret, Origin)>,
 ) -> Result<Upstream, Reported> {
     let is_iam = r
@@ -386,7 +627,6 @@ fn upstream(
         .map(|auth| auth == "iam");
     let sslmode = r.get(layer, "sslmode", value::named::<SslMode>);
     let sslrootcert = r.get(layer, "sslrootcert", value::path);
-    let hostaddr = r.get(layer, "hostaddr", value::ip);
     let allow_cleartext_password = r.req(layer, "allow_cleartext_password", value::boolean);
     let insecure_unverified_tls = r.req(layer, "insecure_unverified_tls", value::boolean);
     let max_new_connections_per_second =
@@ -399,19 +639,34 @@ fn upstream(
         "target_session_attrs",
         value::named::<TargetSessionAttrs>,
     );
+    let load_balance_hosts = r.req(
+        layer,
+        "load_balance_hosts",
+        value::named::<LoadBalanceHosts>,
+    );
+    let connect_timeout = r.req(layer, "connect_timeout", value::connect_timeout);
+    let application_name = r.get(layer, "application_name", value::optional_text);
+    let options = r.get(layer, "options", value::optional_text);
 
     let is_iam = is_iam?;
     if let (true, Some((_, origin))) = (is_iam, &password) {
+        let fix = match origin {
+            Origin::Env(var) => format!(
+                "unset {var} for iampool (the IAM token replaces it), or drop auth=iam to sign in with the password"
+            ),
+            _ => "remove the password, or drop auth=iam to sign in with the password".to_string(),
+        };
         r.report(
             &format!("{}password", layer.prefix),
             origin,
             Problem::new(
                 "a password cannot be combined with auth=iam (the IAM token is the password)",
-                "remove the password, or drop auth=iam to sign in with the password",
+                fix,
             ),
         );
     }
-    let iam = is_iam.then(|| iam(r, layer, &parsed.host));
+    // TODO(multi-host connector): a region per host; for now the first host names it.
+    let iam = is_iam.then(|| iam(r, layer, &hosts[0].name));
     let insecure_unverified_tls = insecure_unverified_tls?;
     // The weakest TLS an IAM token may travel over: verified, unless a test setup says otherwise.
     let weakest = if insecure_unverified_tls {
@@ -451,12 +706,10 @@ fn upstream(
         None => UpstreamAuth::Password,
     };
     Ok(Upstream {
-        host: parsed.host,
-        hostaddr: hostaddr?,
-        port: parsed.port,
-        user: parsed.user,
+        hosts,
+        user,
         password: password.map(|(secret, _)| secret),
-        dbname: parsed.dbname,
+        dbname,
         sslmode: sslmode?,
         sslrootcert: sslrootcert?,
         auth,
@@ -465,6 +718,10 @@ fn upstream(
         max_new_connections_per_second: max_new_connections_per_second?,
         reauth_interval: reauth_interval?,
         target_session_attrs: target_session_attrs?,
+        load_balance_hosts: load_balance_hosts?,
+        connect_timeout: connect_timeout?,
+        application_name: application_name?.flatten(),
+        options: options?.flatten(),
     })
 }
 

@@ -15,6 +15,8 @@ pub enum Origin {
     Flag(String),
     /// A parameter, or the user part, of an upstream URL that came from the inner origin.
     Url(Box<Origin>),
+    /// A keyword of a keyword=value upstream string that came from the inner origin.
+    Keywords(Box<Origin>),
     /// The auth file at this path.
     AuthFile(PathBuf),
     /// Worked out from other settings; the text says how.
@@ -29,6 +31,7 @@ impl fmt::Display for Origin {
             Origin::Env(var) => f.write_str(var),
             Origin::Flag(flag) => f.write_str(flag),
             Origin::Url(inner) => write!(f, "the URL in {inner}"),
+            Origin::Keywords(inner) => write!(f, "the connection string in {inner}"),
             Origin::Derived(how) => f.write_str(how),
         }
     }

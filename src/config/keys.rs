@@ -4,7 +4,9 @@
 //! table, so the documentation cannot drift from what the loader accepts.
 
 use super::value::Named;
-use super::{AuthType, ClientTls, LogFormat, PoolMode, SslMode, TargetSessionAttrs};
+use super::{
+    AuthType, ClientTls, LoadBalanceHosts, LogFormat, PoolMode, SslMode, TargetSessionAttrs,
+};
 
 /// Where a key may be set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +43,13 @@ pub enum Kind {
     LogFilter,
     /// Comma-separated names (an array in the file).
     Names,
-    /// Whitespace-separated upstream URLs (a string or an array in the file).
+    /// Whitespace-separated upstream URLs, or one libpq keyword=value string (a string, or an
+    /// array of either, in the file).
     Urls,
     /// One IAM role ARN or a comma-separated chain (an array in the file).
     Arns,
     Bool,
-    /// An IP address literal.
+    /// IP address literals, comma-separated (libpq's hostaddr list).
     Ip,
     /// An AWS region name.
     Region,
@@ -326,7 +329,7 @@ pub static KEYS: &[Key] = &[
         .help("Users allowed to read statistics (comma-separated; an array in the file)")
         .example("monitor"),
     Key::new("upstream", "upstream", Kind::Urls, UPSTREAM)
-        .help("Upstream URL postgres://user[:password]@host[:port]/dbname?param=value, one database each; several are separated by whitespace. A reload applies a changed password to the logins that follow; any other change needs a restart")
+        .help("Upstream database, as libpq writes it: a URL postgres://user[:password]@host[:port][,host2[:port2]...]/dbname?param=value (several URLs, separated by whitespace, are several databases), or one keyword=value string such as host=db.example.com port=5432 dbname=app user=app sslmode=verify-full (libpq's quoting: 'a b', \\'). What the string leaves out is taken from PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER and PGPASSWORD (not with auth=iam), as libpq does; the per-database keys sslmode, sslrootcert, connect_timeout, application_name, options, target_session_attrs and load_balance_hosts fall back to PGSSLMODE, PGSSLROOTCERT, PGCONNECT_TIMEOUT, PGAPPNAME, PGOPTIONS, PGTARGETSESSIONATTRS and PGLOADBALANCEHOSTS when iampool's own setting is unset. A reload applies a changed password to the logins that follow; any other change needs a restart")
         .example("postgres://app@mydb.abc123.us-east-1.rds.amazonaws.com/appdb?auth=iam"),
     Key::new("sslmode", "sslmode", Kind::Choice(SslMode::NAMES), UPSTREAM)
         .derived("verify-full with auth=iam, else prefer")
@@ -339,6 +342,29 @@ pub static KEYS: &[Key] = &[
         .per_database()
         .help("Which servers a pool accepts, as libpq's target_session_attrs: read-write or primary for a writer, read-only or standby for a reader. Checked at every login (a server of the wrong kind is closed and the login retried, so a stale DNS answer during a failover does not get a writer pool a reader), and followed after: a server that turns hot standby leaves a read-write pool")
         .example("read-write"),
+    Key::new("load_balance_hosts", "load-balance-hosts", Kind::Choice(LoadBalanceHosts::NAMES), UPSTREAM)
+        .default("disable")
+        .restart()
+        .per_database()
+        .help("Order in which an upstream's hosts are tried, as libpq's load_balance_hosts: disable tries them in the order written, random in a random order for each connection")
+        .example("random"),
+    Key::new("connect_timeout", "connect-timeout", Kind::Count, UPSTREAM)
+        .default("0")
+        .unit("seconds")
+        .restart()
+        .per_database()
+        .help("Limit on each host attempt (TCP, TLS and login), in whole seconds, as libpq's connect_timeout (1 counts as 2, as in libpq); 0 uses server_connect_timeout")
+        .example("10"),
+    Key::new("application_name", "application-name", Kind::Text, UPSTREAM)
+        .restart()
+        .per_database()
+        .help("application_name sent to the upstream when a server connection logs in (unset: none); a client's own application_name still applies to its session")
+        .example("orders-api"),
+    Key::new("options", "options", Kind::Text, UPSTREAM)
+        .restart()
+        .per_database()
+        .help("Command-line options sent to the upstream when a server connection logs in, as libpq's options, e.g. -c search_path=app (unset: none)")
+        .example("-c search_path=app"),
     Key::new("sslrootcert", "sslrootcert", Kind::File, UPSTREAM)
         .per_database()
         .help("PEM CA bundle that verifies the upstream certificate (unset: the built-in roots)")
@@ -394,7 +420,7 @@ pub static KEYS: &[Key] = &[
         .example("iam"),
     Key::new("hostaddr", "hostaddr", Kind::Ip, DATABASE)
         .database_only()
-        .help("IP address dialled instead of resolving the host; the host name is still verified by TLS and signed for IAM")
+        .help("IP address dialled instead of resolving the host, as libpq's hostaddr; with several hosts, one per host, comma-separated, an empty entry resolving that host's name (10.0.0.1,,10.0.0.3). The host name is still verified by TLS and signed for IAM")
         .example("10.0.0.12"),
 ];
 

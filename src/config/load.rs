@@ -60,7 +60,26 @@ pub(crate) struct Inputs {
     /// Files whose contents are part of the configuration (the TOML file, `IAMPOOL_<KEY>_FILE`
     /// sources): a change to one is a reason to reload.
     pub watched: Vec<PathBuf>,
+    /// The libpq variables ([`PG_VARIABLES`]) that are set and not empty, by name.
+    pub pg_env: BTreeMap<&'static str, String>,
 }
+
+/// The libpq environment variables iampool reads where an upstream string leaves a value out.
+pub(crate) const PG_VARIABLES: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGCONNECT_TIMEOUT",
+    "PGAPPNAME",
+    "PGOPTIONS",
+    "PGTARGETSESSIONATTRS",
+    "PGLOADBALANCEHOSTS",
+];
 
 pub(crate) fn load<I, T>(
     args: I,
@@ -159,6 +178,14 @@ fn clap_error(error: &clap::Error) -> ConfigError {
 /// Flags, env and file merged: flag > env > file.
 pub(crate) fn gather(cli: &CliInput, env: impl IntoIterator<Item = (String, String)>) -> Inputs {
     let mut inputs = Inputs::default();
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    for (var, value) in &env {
+        if let Some(name) = PG_VARIABLES.iter().find(|name| **name == var) {
+            if !value.is_empty() {
+                inputs.pg_env.insert(name, value.clone());
+            }
+        }
+    }
     let (env_layer, env_config) = environment(env, &mut inputs.errors, &mut inputs.watched);
 
     let config_path = match (&cli.config, env_config) {

@@ -6,6 +6,7 @@
 pub mod auth_file;
 mod build;
 mod cli;
+mod conninfo;
 mod database;
 mod error;
 pub mod keys;
@@ -144,14 +145,30 @@ pub struct IamConfig {
     pub token_lifetime: Duration,
 }
 
+/// libpq's load_balance_hosts: the order the hosts are tried in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadBalanceHosts {
+    /// In the order written.
+    Disable,
+    /// In a random order, shuffled for each connection.
+    Random,
+}
+
+/// One upstream host, as libpq's host, port and hostaddr lists give it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    /// Host name: the name dialled (unless `addr`), verified in TLS and signed for IAM.
+    pub name: String,
+    pub port: u16,
+    /// Address dialled instead of resolving `name` (libpq's hostaddr).
+    pub addr: Option<IpAddr>,
+}
+
 /// Where and how to reach one upstream database.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upstream {
-    /// Host name: the name dialled (unless `hostaddr`), verified in TLS and signed for IAM.
-    pub host: String,
-    /// Address dialled instead of resolving `host` (libpq's hostaddr).
-    pub hostaddr: Option<IpAddr>,
-    pub port: u16,
+    /// The hosts to try, in the order written; never empty.
+    pub hosts: Vec<Host>,
     pub user: String,
     pub password: Option<Secret>,
     pub dbname: String,
@@ -168,6 +185,16 @@ pub struct Upstream {
     pub reauth_interval: Option<Duration>,
     /// Which servers are accepted (writer, reader, ...), checked at login and followed after.
     pub target_session_attrs: TargetSessionAttrs,
+    /// The order `hosts` are tried in.
+    pub load_balance_hosts: LoadBalanceHosts,
+    /// libpq's connect_timeout: the limit on one host attempt; `None` (0 or unset) means
+    /// `server_connect_timeout`. Never under 2 s (libpq raises 1 to 2).
+    pub connect_timeout: Option<Duration>,
+    /// Sent in the upstream startup packet when set.
+    pub application_name: Option<String>,
+    /// libpq's options (command-line options for the server, e.g. `-c search_path=app`),
+    /// sent in the upstream startup packet when set.
+    pub options: Option<String>,
 }
 
 /// One client-facing database (= one pool).

@@ -133,6 +133,10 @@ fn database_values(d: &Database) -> Vec<(&'static str, Shown)> {
                 "sslmode" => string(u.sslmode.name()),
                 "sslrootcert" => path(&u.sslrootcert),
                 "target_session_attrs" => string(u.target_session_attrs.name()),
+                "load_balance_hosts" => string(u.load_balance_hosts.name()),
+                "connect_timeout" => integer(u.connect_timeout.map_or(0, |t| t.as_secs())),
+                "application_name" => u.application_name.clone().and_then(string),
+                "options" => u.options.clone().and_then(string),
                 "max_new_connections_per_second" => integer(u.max_new_connections_per_second),
                 "reauth_interval" => optional_duration(u.reauth_interval),
                 "allow_cleartext_password" => {
@@ -155,16 +159,23 @@ fn database_values(d: &Database) -> Vec<(&'static str, Shown)> {
         .collect()
 }
 
+/// Every host (with its hostaddr) in one URL, which loads back to the same hosts.
 fn upstream_url(d: &Database) -> String {
     let u = &d.upstream;
     let mut params = Vec::new();
-    if let Some(hostaddr) = u.hostaddr {
-        params.push(("hostaddr", hostaddr.to_string()));
-    }
     if matches!(u.auth, UpstreamAuth::Iam(_)) {
         params.push(("auth", "iam".to_string()));
     }
-    url::format(&u.host, u.port, &u.user, &u.dbname, &params)
+    let hosts: Vec<url::UrlHost> = u
+        .hosts
+        .iter()
+        .map(|h| url::UrlHost {
+            host: h.name.clone(),
+            port: h.port,
+            hostaddr: h.addr,
+        })
+        .collect();
+    url::format(&hosts, &u.user, &u.dbname, &params)
 }
 
 /// A TOML key or table name, quoted when it is not bare.
@@ -324,12 +335,15 @@ const EXAMPLE_HEADER: &str = "\
 
 const EXAMPLE_DATABASES: &str = "\
 # Databases. Each [databases.NAME] is one pool; NAME is the database name clients ask for.
-# `upstream` is a libpq-style URL: postgres://user[:password]@host[:port]/dbname?param=value
-# (percent-encode special characters; IPv6 hosts in brackets; port 5432 and dbname = user by default).
+# `upstream` is a libpq-style URL: postgres://user[:password]@host[:port][,host2[:port2]...]/dbname?param=value
+# (percent-encode special characters; IPv6 hosts in brackets; port 5432 and dbname = user by default),
+# or a libpq keyword=value string: host=h1,h2 port=5432 dbname=app user=app sslmode=verify-full.
+# Hosts are tried in order (load_balance_hosts = random shuffles them). What the string leaves out
+# comes from PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD (not with auth=iam), as in libpq.
 # `password` may be given as a key instead of in the URL. Any key of the \"Pools\" and \"Upstream\"
 # sections, and the keys below, may be set here or as a URL parameter, overriding the global value.
-# A top-level `upstream` (or IAMPOOL_UPSTREAM / --upstream, several URLs separated by whitespace)
-# defines databases too; its client-facing name is the URL's ?name= parameter, else its dbname.
+# A top-level `upstream` (or IAMPOOL_UPSTREAM / --upstream: several URLs separated by whitespace,
+# or one keyword=value string; an array in the file may list several of either) defines databases too; its client-facing name is the URL's ?name= parameter, else its dbname.
 # With auth=iam: TLS must be require or stronger, no password is allowed, and the region must be
 # set or inferable from a *.REGION.rds.amazonaws.com host.
 #

@@ -48,7 +48,8 @@ fn sidecar_needs_only_upstream_and_listen() {
     let db = config.database("appdb").expect("named after the dbname");
     assert_eq!(db.pool_size, 10);
     assert_eq!(db.pool_mode, PoolMode::Transaction);
-    assert_eq!(db.upstream.port, 5432);
+    assert_eq!(db.upstream.hosts.len(), 1);
+    assert_eq!(db.upstream.hosts[0].port, 5432);
     assert_eq!(db.upstream.sslmode, SslMode::Prefer);
     assert_eq!(db.upstream.auth, UpstreamAuth::Password);
     assert_eq!(db.upstream.max_new_connections_per_second, 50);
@@ -128,11 +129,15 @@ fn every_url_parameter() {
         (4, 1, PoolMode::Session)
     );
     let u = &db.upstream;
+    assert_eq!((u.user.as_str(), u.dbname.as_str()), ("u", "d"));
     assert_eq!(
-        (u.host.as_str(), u.port, u.user.as_str(), u.dbname.as_str()),
-        (RDS_HOST, 5433, "u", "d")
+        u.hosts,
+        [Host {
+            name: RDS_HOST.into(),
+            port: 5433,
+            addr: Some("10.1.2.3".parse::<IpAddr>().unwrap())
+        }]
     );
-    assert_eq!(u.hostaddr, Some("10.1.2.3".parse::<IpAddr>().unwrap()));
     assert_eq!(u.sslmode, SslMode::VerifyCa);
     assert_eq!(u.sslrootcert.as_deref(), Some(ca.path()));
     assert_eq!(u.max_new_connections_per_second, 5);
@@ -816,4 +821,401 @@ fn read_only_database_names_another_transaction_mode_database() {
         assert!(all[0].message.contains(message), "{all:#?}");
         assert!(all[0].fix.contains(fix), "{all:#?}");
     }
+}
+
+fn host(name: &str, port: u16, addr: Option<&str>) -> Host {
+    Host {
+        name: name.into(),
+        port,
+        addr: addr.map(|a| a.parse().unwrap()),
+    }
+}
+
+fn upstream(args: &[&str], env: &[(&str, &str)]) -> Upstream {
+    let config = Config::from_args(args, env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.databases.len(), 1);
+    config.databases[0].upstream.clone()
+}
+
+#[test]
+fn several_hosts_in_a_url() {
+    let u = upstream(
+        &[
+            "--upstream",
+            "postgres://u@h1:5432,h2:5433,[::1]:5434,h4/db",
+        ],
+        &[],
+    );
+    assert_eq!(
+        u.hosts,
+        [
+            host("h1", 5432, None),
+            host("h2", 5433, None),
+            host("::1", 5434, None),
+            host("h4", 5432, None)
+        ]
+    );
+    let u = upstream(
+        &[
+            "--upstream",
+            "postgres://u@h1,h2/db?port=6000&hostaddr=10.0.0.1,",
+        ],
+        &[],
+    );
+    assert_eq!(
+        u.hosts,
+        [host("h1", 6000, Some("10.0.0.1")), host("h2", 6000, None)]
+    );
+    // The hostaddr key takes a list too, one entry per host.
+    let toml =
+        file("[databases.app]\nupstream = \"postgres://u@h1,h2/db\"\nhostaddr = \",10.0.0.2\"\n");
+    let u = upstream(&["--config", path(&toml)], &[]);
+    assert_eq!(
+        u.hosts,
+        [host("h1", 5432, None), host("h2", 5432, Some("10.0.0.2"))]
+    );
+}
+
+#[test]
+fn keyword_value_strings() {
+    let u = upstream(
+        &[
+            "--upstream",
+            "host=db.example.com port=5433 dbname=app user=iam_user sslmode=verify-full",
+        ],
+        &[],
+    );
+    assert_eq!(u.hosts, [host("db.example.com", 5433, None)]);
+    assert_eq!((u.user.as_str(), u.dbname.as_str()), ("iam_user", "app"));
+    assert_eq!(u.sslmode, SslMode::VerifyFull);
+
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            " host = 'h1,h2' port=5432,5433 hostaddr=',10.0.0.2' user='a b' password='p\\'w' dbname=x\\ y name=front pool_size=3 target_session_attrs=read-write application_name='my app' options='-c search_path=app'",
+        ],
+        &[],
+    )
+    .unwrap();
+    let db = config.database("front").expect("named by name=");
+    assert_eq!(db.pool_size, 3);
+    let u = &db.upstream;
+    assert_eq!(
+        u.hosts,
+        [host("h1", 5432, None), host("h2", 5433, Some("10.0.0.2"))]
+    );
+    assert_eq!((u.user.as_str(), u.dbname.as_str()), ("a b", "x y"));
+    assert_eq!(u.password.as_ref().map(Secret::expose), Some("p'w"));
+    assert_eq!(u.target_session_attrs, TargetSessionAttrs::ReadWrite);
+    assert_eq!(u.application_name.as_deref(), Some("my app"));
+    assert_eq!(u.options.as_deref(), Some("-c search_path=app"));
+    // A password in the string makes its user a client user, as for a URL.
+    assert!(config.users.contains_key("a b"));
+
+    // In the file: [databases.NAME] upstream, and a top-level array may list several.
+    let toml = file(
+        "upstream = [\"host=h dbname=one user=u\", \"postgres://u@h/two\"]\n[databases.three]\nupstream = \"host=h user=u\"\n",
+    );
+    let config = Config::from_args(&["--config", path(&toml)], &[]).unwrap();
+    let mut names: Vec<&str> = config.databases.iter().map(|d| d.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["one", "three", "two"]);
+    assert_eq!(config.database("three").unwrap().upstream.dbname, "u");
+}
+
+#[test]
+fn keyword_value_mistakes() {
+    for (text, key, expect) in [
+        ("host=h port", "upstream", "missing \"=\" after \"port\""),
+        ("host='h user=u", "upstream", "never closed"),
+        (
+            "host=h user=u port=1,2",
+            "databases.u.port",
+            "could not match 2 port numbers to 1 hosts",
+        ),
+        (
+            "host=h1,h2 user=u port=1,2,3",
+            "databases.u.port",
+            "could not match 3 port numbers to 2 hosts",
+        ),
+        (
+            "host=h user=u port=0",
+            "databases.u.port",
+            "invalid port number \"0\"",
+        ),
+        (
+            "host=h1,h2 hostaddr=10.0.0.1 user=u",
+            "databases.u.hostaddr",
+            "could not match 2 host names to 1 hostaddr",
+        ),
+        (
+            "host=h hostaddr=h user=u",
+            "databases.u.hostaddr",
+            "is not an IP address",
+        ),
+        (
+            "host=h user=u target_session_attrs=writer",
+            "databases.u.target_session_attrs",
+            "is not one of",
+        ),
+        (
+            "host=h user=u load_balance_hosts=yes",
+            "databases.u.load_balance_hosts",
+            "is not one of",
+        ),
+        (
+            "host=h user=u connect_timeout=soon",
+            "databases.u.connect_timeout",
+            "is not a number",
+        ),
+        ("host=/tmp user=u", "databases.u.host", "unix-domain socket"),
+        ("user=u", "databases.u.host", "names no host"),
+        ("host=h", "upstream", "names no user"),
+        ("host=h user=u user=v", "upstream", "given twice"),
+        ("host=h user=u postgres://u@h/db", "upstream", "mixes"),
+    ] {
+        let all = errors(&["--upstream", text], &[]);
+        assert!(
+            all.iter()
+                .any(|e| e.key == key && e.message.contains(expect)),
+            "{text}: {all:#?}"
+        );
+    }
+    let e = one_error(&["--upstream", "host=h user=u sslmdoe=require"], &[]);
+    assert_eq!(e.key, "databases.u.sslmdoe");
+    assert_eq!(e.source, "the connection string in --upstream");
+    assert_eq!(e.message, "unknown connection keyword \"sslmdoe\"");
+    assert_eq!(e.fix, "did you mean sslmode?");
+    let e = one_error(&["--upstream", "host=h user=u password=s3cret oops"], &[]);
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+}
+
+#[test]
+fn unsupported_libpq_keywords_say_so() {
+    for (param, fix) in [
+        ("sslcert=/c.pem", "client certificate"),
+        ("gssencmode=prefer", "GSSAPI"),
+        ("requiressl=1", "sslmode=require"),
+        ("service=prod", "pg_service.conf"),
+        ("keepalives=1", "TCP"),
+    ] {
+        let name = param.split('=').next().unwrap();
+        for text in [
+            format!("host=h user=u {param}"),
+            format!("postgres://u@h/u?{param}"),
+        ] {
+            let e = one_error(&["--upstream", &text], &[]);
+            assert_eq!(e.key, format!("databases.u.{name}"), "{text}");
+            assert_eq!(
+                e.message,
+                format!("libpq's {name} is not supported by iampool"),
+                "{text}"
+            );
+            assert!(e.fix.contains(fix), "{text}: {e}");
+        }
+    }
+}
+
+#[test]
+fn new_upstream_keys() {
+    let u = upstream(&["--upstream", "postgres://u@h/d"], &[]);
+    assert_eq!(u.load_balance_hosts, LoadBalanceHosts::Disable);
+    assert_eq!(
+        (u.connect_timeout, u.application_name, u.options),
+        (None, None, None)
+    );
+    let u = upstream(
+        &[
+            "--upstream",
+            "postgres://u@h/d?load_balance_hosts=random&connect_timeout=1&application_name=web&options=-c%20search_path%3Dapp",
+        ],
+        &[],
+    );
+    assert_eq!(u.load_balance_hosts, LoadBalanceHosts::Random);
+    assert_eq!(
+        u.connect_timeout,
+        Some(Duration::from_secs(2)),
+        "1 is raised to 2"
+    );
+    assert_eq!(u.application_name.as_deref(), Some("web"));
+    assert_eq!(u.options.as_deref(), Some("-c search_path=app"));
+    let u = upstream(
+        &["--upstream", "postgres://u@h/d", "--connect-timeout", "10"],
+        &[],
+    );
+    assert_eq!(u.connect_timeout, Some(Duration::from_secs(10)));
+    let u = upstream(
+        &["--upstream", "postgres://u@h/d?connect_timeout=0"],
+        &[("IAMPOOL_CONNECT_TIMEOUT", "5")],
+    );
+    assert_eq!(u.connect_timeout, None, "0 uses server_connect_timeout");
+    for key in [
+        "load_balance_hosts",
+        "connect_timeout",
+        "application_name",
+        "options",
+    ] {
+        assert!(!is_reloadable(key), "{key}");
+        assert!(!is_reloadable(&format!("databases.app.{key}")), "{key}");
+    }
+}
+
+#[test]
+fn libpq_environment_fills_in_what_the_string_leaves_out() {
+    let pg = [
+        ("PGHOST", "h1,h2"),
+        ("PGPORT", "5433,5434"),
+        ("PGUSER", "envuser"),
+        ("PGDATABASE", "envdb"),
+        ("PGSSLMODE", "require"),
+        ("PGCONNECT_TIMEOUT", "7"),
+        ("PGAPPNAME", "envapp"),
+        ("PGOPTIONS", "-c work_mem=64MB"),
+        ("PGTARGETSESSIONATTRS", "read-only"),
+        ("PGLOADBALANCEHOSTS", "random"),
+        ("PGHOSTADDR", "10.0.0.1,10.0.0.2"),
+    ];
+    let loaded = Config::load(
+        ["iampool", "--upstream", "sslmode=disable"],
+        pg.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .unwrap();
+    let db = &loaded.config.as_ref().unwrap().databases[0];
+    assert_eq!(db.name, "envdb");
+    let u = &db.upstream;
+    assert_eq!(
+        u.hosts,
+        [
+            host("h1", 5433, Some("10.0.0.1")),
+            host("h2", 5434, Some("10.0.0.2"))
+        ]
+    );
+    assert_eq!((u.user.as_str(), u.dbname.as_str()), ("envuser", "envdb"));
+    assert_eq!(u.sslmode, SslMode::Disable, "the string's own value wins");
+    assert_eq!(u.connect_timeout, Some(Duration::from_secs(7)));
+    assert_eq!(u.application_name.as_deref(), Some("envapp"));
+    assert_eq!(u.options.as_deref(), Some("-c work_mem=64MB"));
+    assert_eq!(u.target_session_attrs, TargetSessionAttrs::ReadOnly);
+    assert_eq!(u.load_balance_hosts, LoadBalanceHosts::Random);
+    let env = |var: &str| Origin::Env(var.into());
+    let s = &loaded.sources;
+    assert_eq!(s["databases.envdb.host"], env("PGHOST"));
+    assert_eq!(s["databases.envdb.port"], env("PGPORT"));
+    assert_eq!(s["databases.envdb.user"], env("PGUSER"));
+    assert_eq!(s["databases.envdb.dbname"], env("PGDATABASE"));
+    assert_eq!(s["databases.envdb.hostaddr"], env("PGHOSTADDR"));
+    assert_eq!(s["databases.envdb.application_name"], env("PGAPPNAME"));
+    assert_eq!(
+        s["databases.envdb.sslmode"],
+        Origin::Keywords(Box::new(Origin::Flag("--upstream".into())))
+    );
+
+    // The string > iampool's own key > PG* > default.
+    let sslmode = |args: &[&str], env: &[(&str, &str)]| upstream(args, env).sslmode;
+    let url = "postgres://u@h/d";
+    assert_eq!(
+        sslmode(&["--upstream", url], &[("PGSSLMODE", "require")]),
+        SslMode::Require
+    );
+    assert_eq!(
+        sslmode(
+            &["--upstream", url],
+            &[("PGSSLMODE", "require"), ("IAMPOOL_SSLMODE", "disable")]
+        ),
+        SslMode::Disable
+    );
+    assert_eq!(
+        sslmode(
+            &[
+                "--upstream",
+                &format!("{url}?sslmode=allow"),
+                "--sslmode",
+                "disable"
+            ],
+            &[("PGSSLMODE", "require")]
+        ),
+        SslMode::Allow
+    );
+    // The string's own host and port win over PGHOST and PGPORT; an empty variable is unset.
+    let u = upstream(
+        &["--upstream", "postgres://u@own:6000/d"],
+        &[("PGHOST", "env"), ("PGPORT", "7000"), ("PGUSER", "")],
+    );
+    assert_eq!((u.hosts[0].name.as_str(), u.hosts[0].port), ("own", 6000));
+    // As in libpq: a URL with one host and no port takes PGPORT.
+    let u = upstream(&["--upstream", url], &[("PGPORT", "7000")]);
+    assert_eq!(u.hosts[0].port, 7000);
+
+    // A bad PG* value is reported as coming from that variable.
+    let e = one_error(&["--upstream", url], &[("PGTARGETSESSIONATTRS", "writer")]);
+    assert_eq!(
+        (e.key.as_str(), e.source.as_str()),
+        ("databases.d.target_session_attrs", "PGTARGETSESSIONATTRS")
+    );
+    let e = one_error(&["--upstream", "host=h user=u"], &[("PGPORT", "1,2")]);
+    assert_eq!(
+        (e.key.as_str(), e.source.as_str()),
+        ("databases.u.port", "PGPORT")
+    );
+}
+
+#[test]
+fn pgpassword_is_the_password_of_password_upstreams_only() {
+    let loaded = Config::load(
+        ["iampool", "--upstream", "postgres://app@h/app"],
+        [("PGPASSWORD".to_string(), "s3cret-env".to_string())],
+    )
+    .unwrap();
+    let config = loaded.config.as_ref().unwrap();
+    assert_eq!(
+        config.databases[0]
+            .upstream
+            .password
+            .as_ref()
+            .map(Secret::expose),
+        Some("s3cret-env")
+    );
+    assert_eq!(
+        loaded.sources["databases.app.password"],
+        Origin::Env("PGPASSWORD".into())
+    );
+    assert!(!loaded.render_redacted().contains("s3cret"));
+    // The string's password wins.
+    let u = upstream(
+        &["--upstream", "postgres://app:own@h/app"],
+        &[("PGPASSWORD", "env")],
+    );
+    assert_eq!(u.password.as_ref().map(Secret::expose), Some("own"));
+
+    let e = one_error(
+        &[
+            "--upstream",
+            &format!("postgres://app@{RDS_HOST}/d?auth=iam"),
+        ],
+        &[("PGPASSWORD", "s3cret-env")],
+    );
+    assert_eq!(
+        (e.key.as_str(), e.source.as_str()),
+        ("databases.d.password", "PGPASSWORD")
+    );
+    assert!(e.message.contains("auth=iam"), "{e}");
+    assert!(e.fix.contains("unset PGPASSWORD"), "{e}");
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+}
+
+#[test]
+fn several_hosts_render_and_load_back() {
+    let toml = file(
+        "[databases.app]\nupstream = \"host=h1,::1,h3 port=5432,5433,5434 hostaddr=10.0.0.1,,10.0.0.3 user=u dbname=d load_balance_hosts=random connect_timeout=9 application_name='a b' options='-c x=1'\"\n",
+    );
+    let loaded = Config::load(["iampool", "--config", path(&toml)], Vec::new()).unwrap();
+    let rendered = loaded.render_redacted();
+    assert!(
+        rendered.contains("postgres://u@h1:5432,[::1]:5433,h3:5434/d?hostaddr="),
+        "{rendered}"
+    );
+    let again = file(&rendered);
+    let mut reloaded = Config::from_args(&["--config", path(&again)], &[]).unwrap();
+    reloaded.watched_files = vec![toml.path().to_path_buf()];
+    assert_eq!(Some(&reloaded), loaded.config.as_ref(), "{rendered}");
 }

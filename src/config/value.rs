@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use super::error::Problem;
 use super::keys::{Key, Kind};
-use super::{AuthType, ClientTls, LogFormat, PoolMode, SslMode, TargetSessionAttrs};
+use super::{
+    AuthType, ClientTls, LoadBalanceHosts, LogFormat, PoolMode, SslMode, TargetSessionAttrs,
+};
 
 /// A value before parsing: text from env, a flag or a URL, or a value from the TOML file.
 #[derive(Clone, Debug)]
@@ -237,8 +239,32 @@ pub(crate) fn names(raw: &Raw, key: &Key) -> Result<Vec<String>, Problem> {
     raw.items(key, comma_list)
 }
 
-pub(crate) fn urls(raw: &Raw, key: &Key) -> Result<Vec<String>, Problem> {
-    raw.items(key, whitespace_list)
+/// Whitespace-separated URLs, or one keyword=value string (text not starting with a scheme).
+pub(crate) fn upstreams(raw: &Raw, key: &Key) -> Result<Vec<String>, Problem> {
+    let items = match raw {
+        Raw::Toml(toml::Value::Array(_)) => return raw.items(key, whitespace_list),
+        _ => raw.items(key, |text| {
+            if super::url::is_url(text) {
+                whitespace_list(text)
+            } else {
+                vec![text]
+            }
+        })?,
+    };
+    let urls = items.iter().filter(|item| super::url::is_url(item)).count();
+    let mixed = match items.as_slice() {
+        [one] if urls == 0 => one
+            .split(|c: char| c.is_whitespace())
+            .any(super::url::is_url),
+        _ => urls != items.len(),
+    };
+    if mixed {
+        return Err(Problem::new(
+            "mixes postgres:// URLs and a keyword=value string",
+            "one keyword=value string is one database: give several databases as URLs separated by whitespace, or as [databases.NAME] tables",
+        ));
+    }
+    Ok(items)
 }
 
 pub(crate) fn addr(raw: &Raw, key: &Key) -> Result<SocketAddr, Problem> {
@@ -268,17 +294,34 @@ fn socket_addr(text: &str, key: &Key) -> Result<SocketAddr, Problem> {
     })
 }
 
-pub(crate) fn ip(raw: &Raw, key: &Key) -> Result<IpAddr, Problem> {
+/// libpq's hostaddr: IP literals, one per host, comma-separated; an empty entry resolves that
+/// host's name. `None` for an empty value.
+pub(crate) fn ips(raw: &Raw, key: &Key) -> Result<Option<Vec<Option<IpAddr>>>, Problem> {
     let text = raw.text(key)?;
-    text.parse().map_err(|_| {
+    super::url::parse_hostaddrs(&text).map_err(|(message, _)| {
         Problem::new(
-            format!("{} is not an IP address", raw.shown()),
+            message.replacen("hostaddr ", "", 1),
             format!(
-                "hostaddr takes an IP literal only; put a host name in the URL's host part instead, e.g. {}",
+                "hostaddr takes IP literals only (one per host, comma-separated; an empty entry resolves that host); put host names in the host part instead, e.g. {}",
                 key.example
             ),
         )
     })
+}
+
+/// libpq's connect_timeout: whole seconds; 0 is none (`None`), and 1 counts as 2, as in libpq.
+pub(crate) fn connect_timeout(raw: &Raw, key: &Key) -> Result<Option<Duration>, Problem> {
+    let seconds = count(raw, key)?;
+    Ok(match seconds {
+        0 => None,
+        1 => Some(Duration::from_secs(2)),
+        n => Some(Duration::from_secs(n)),
+    })
+}
+
+/// Text where empty means unset.
+pub(crate) fn optional_text(raw: &Raw, key: &Key) -> Result<Option<String>, Problem> {
+    text(raw, key).map(|text| Some(text).filter(|text| !text.is_empty()))
 }
 
 /// A path that must exist: a directory for `Kind::Dir`, a file for `Kind::File`.
@@ -379,10 +422,10 @@ pub(crate) fn check(raw: &Raw, key: &Key) -> Result<(), Problem> {
         Kind::Choice(_) => choice(raw, key).map(drop),
         Kind::LogFilter => log_filter(raw, key).map(drop),
         Kind::Names => names(raw, key).map(drop),
-        Kind::Urls => urls(raw, key).map(drop),
+        Kind::Urls => upstreams(raw, key).map(drop),
         Kind::Arns => arns(raw, key).map(drop),
         Kind::Bool => boolean(raw, key).map(drop),
-        Kind::Ip => ip(raw, key).map(drop),
+        Kind::Ip => ips(raw, key).map(drop),
         Kind::Region => region(raw, key).map(drop),
     }
 }
@@ -425,6 +468,7 @@ named!(TargetSessionAttrs {
     Standby => "standby",
     PreferStandby => "prefer-standby",
 });
+named!(LoadBalanceHosts { Disable => "disable", Random => "random" });
 named!(SslMode {
     Disable => "disable",
     Allow => "allow",

@@ -57,10 +57,10 @@ pub(super) fn split(app_url: &str, want: &Want<'_>) -> Result<Split, String> {
     }
     let url = pgurl::parse(&format!("postgres://{rest}"))
         .map_err(|p| format!("{}; {}", p.message, p.fix))?;
-    if is_loopback(&url.host) {
+    if let Some(local) = url.hosts.iter().find(|h| is_loopback(&h.host)) {
         return Err(format!(
             "{redacted:?} already points at this pod ({}); give the real database with --upstream",
-            url.host
+            local.host
         ));
     }
     let mut notes = Vec::new();
@@ -100,17 +100,17 @@ pub(super) fn split(app_url: &str, want: &Want<'_>) -> Result<Split, String> {
         }
         true
     });
-    if iam && !has(&upstream_params, "region") && pgurl::infer_region(&url.host).is_none() {
+    // The first host names the region, as iampool's own loader infers it.
+    let first = &url.hosts[0].host;
+    if iam && !has(&upstream_params, "region") && pgurl::infer_region(first).is_none() {
         return Err(format!(
-            "the IAM region cannot be inferred from {:?} (not *.REGION.rds.amazonaws.com); pass --region",
-            url.host
+            "the IAM region cannot be inferred from {first:?} (not *.REGION.rds.amazonaws.com); pass --region"
         ));
     }
 
     let upstream = pgurl::format_with(
         "postgres",
-        &url.host,
-        url.port,
+        &url.hosts,
         &url.user,
         url.password.as_ref().map(|p| p.expose()),
         &url.dbname,
@@ -118,8 +118,11 @@ pub(super) fn split(app_url: &str, want: &Want<'_>) -> Result<Split, String> {
     );
     let local = pgurl::format_with(
         scheme,
-        "127.0.0.1",
-        want.port,
+        &[pgurl::UrlHost {
+            host: "127.0.0.1".into(),
+            port: want.port,
+            hostaddr: None,
+        }],
         &url.user,
         None,
         &url.dbname,

@@ -141,13 +141,13 @@ impl Connector {
     ) -> Result<Connector, LoginError> {
         let tls = super::tls::upstream_client_config(
             upstream.sslmode,
-            &upstream.host,
+            &upstream.hosts[0].name,
             upstream.sslrootcert.as_deref(),
         )
         .map_err(|e| LoginError::Config(e.to_string()))?;
         let server_name = match tls {
             Some(_) => Some(
-                super::tls::server_name(&upstream.host)
+                super::tls::server_name(&upstream.hosts[0].name)
                     .map_err(|e| LoginError::Config(e.to_string()))?,
             ),
             None => None,
@@ -187,7 +187,10 @@ impl Connector {
         let result = tokio::time::timeout(self.connect_timeout, self.connect_inner()).await;
         let result = match result {
             Ok(r) => r,
-            Err(_) => Err(LoginError::Timeout(format!("{}:{}", u.host, u.port))),
+            Err(_) => Err(LoginError::Timeout(format!(
+                "{}:{}",
+                u.hosts[0].name, u.hosts[0].port
+            ))),
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         // Who signed: the IAM access key id (not a secret), like RDS's log_connections audit.
@@ -203,13 +206,13 @@ impl Connector {
         match &result {
             Ok((conn, _)) => info!(
                 target: "iampool::login",
-                host = %u.host, port = u.port, user = %u.user, database = %u.dbname,
+                host = %u.hosts[0].name, port = u.hosts[0].port, user = %u.user, database = %u.dbname,
                 signer = %signer, backend_pid = conn.backend_pid,
                 duration_ms = format_args!("{ms:.1}"), result = "ok", "upstream login"
             ),
             Err(e) => warn!(
                 target: "iampool::login",
-                host = %u.host, port = u.port, user = %u.user, database = %u.dbname,
+                host = %u.hosts[0].name, port = u.hosts[0].port, user = %u.user, database = %u.dbname,
                 signer = %signer, duration_ms = format_args!("{ms:.1}"), result = e.kind(),
                 error = %e, "upstream login failed"
             ),
@@ -227,7 +230,7 @@ impl Connector {
                 self.password.refused(&secret);
                 warn!(
                     target: "iampool::login",
-                    host = %self.upstream.host, user = %self.upstream.user,
+                    host = %self.upstream.hosts[0].name, user = %self.upstream.user,
                     "IAM token refused; retrying once with a fresh token"
                 );
                 tokio::time::sleep(IAM_RETRY_BACKOFF).await;
@@ -261,10 +264,10 @@ impl Connector {
 
     async fn dial(&self) -> Result<(TcpStream, SocketAddr), LoginError> {
         let u = &self.upstream;
-        let addr_text = format!("{}:{}", u.host, u.port);
-        let tcp = match u.hostaddr {
-            Some(ip) => TcpStream::connect(SocketAddr::new(ip, u.port)).await,
-            None => TcpStream::connect((u.host.as_str(), u.port)).await,
+        let addr_text = format!("{}:{}", u.hosts[0].name, u.hosts[0].port);
+        let tcp = match u.hosts[0].addr {
+            Some(ip) => TcpStream::connect(SocketAddr::new(ip, u.hosts[0].port)).await,
+            None => TcpStream::connect((u.hosts[0].name.as_str(), u.hosts[0].port)).await,
         }
         .map_err(|source| LoginError::Connect {
             addr: addr_text,
@@ -294,10 +297,10 @@ impl Connector {
                         let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                         let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
                             LoginError::Tls {
-                                host: u.host.clone(),
+                                host: u.hosts[0].name.clone(),
                                 message: super::tls::describe_failure(
                                     &e,
-                                    &u.host,
+                                    &u.hosts[0].name,
                                     u.sslrootcert.as_deref(),
                                 ),
                             }
@@ -307,7 +310,7 @@ impl Connector {
                     b'N' if u.sslmode <= SslMode::Prefer => Stream::Tcp(tcp),
                     b'N' => {
                         return Err(LoginError::Tls {
-                            host: u.host.clone(),
+                            host: u.hosts[0].name.clone(),
                             message: format!(
                                 "server does not support TLS, but sslmode is {:?}",
                                 u.sslmode
@@ -325,10 +328,14 @@ impl Connector {
         };
 
         let mut out = BytesMut::with_capacity(256);
-        messages::startup(
-            &mut out,
-            &[("user", u.user.as_str()), ("database", u.dbname.as_str())],
-        );
+        let mut params = vec![("user", u.user.as_str()), ("database", u.dbname.as_str())];
+        if let Some(name) = &u.application_name {
+            params.push(("application_name", name.as_str()));
+        }
+        if let Some(options) = &u.options {
+            params.push(("options", options.as_str()));
+        }
+        messages::startup(&mut out, &params);
         stream.write_all(&out).await?;
         stream.flush().await?;
 
@@ -384,7 +391,7 @@ impl Connector {
                 let _ = stream.write_all(&[b'X', 0, 0, 0, 4]).await;
                 let _ = stream.shutdown().await;
                 return Err(LoginError::Role {
-                    addr: format!("{}:{} ({peer})", u.host, u.port),
+                    addr: format!("{}:{} ({peer})", u.hosts[0].name, u.hosts[0].port),
                     found: role.describe(),
                     wanted: target.name(),
                 });

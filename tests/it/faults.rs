@@ -44,7 +44,7 @@ async fn rig(prefix: &str, tweak: impl FnOnce(&mut Config)) -> Rig {
     let db = pg.scratch_db(prefix);
     let proxy = FaultProxy::start(pg.addr()).await;
     let mut cfg = pooler::config(pg, &db);
-    cfg.databases[0].upstream.port = proxy.port();
+    cfg.databases[0].upstream.hosts[0].port = proxy.port();
     tweak(&mut cfg);
     let iam = start(cfg).await;
     Rig { pg, db, proxy, iam }

@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod cancel;
 mod client_auth;
+mod conninfo;
 mod core;
 mod drivers;
 mod faults;

@@ -57,9 +57,11 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         databases: vec![Database {
             name: db.name.clone(),
             upstream: Upstream {
-                host: "127.0.0.1".into(),
-                hostaddr: None,
-                port: pg.port(),
+                hosts: vec![iampool::config::Host {
+                    name: "127.0.0.1".into(),
+                    port: pg.port(),
+                    addr: None,
+                }],
                 user: db.user.clone(),
                 password: Some(Secret::new(db.password.clone())),
                 dbname: db.name.clone(),
@@ -71,6 +73,10 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
                 max_new_connections_per_second: 200,
                 reauth_interval: None,
                 target_session_attrs: iampool::config::TargetSessionAttrs::Any,
+                load_balance_hosts: iampool::config::LoadBalanceHosts::Disable,
+                connect_timeout: None,
+                application_name: None,
+                options: None,
             },
             pool_mode: PoolMode::Transaction,
             pool_size: 10,

@@ -40,7 +40,7 @@ async fn iampool_via(
 ) -> iampool::app::Running {
     let mut config = pooler::config(pg, db);
     let upstream = &mut config.databases[0].upstream;
-    upstream.port = proxy.port();
+    upstream.hosts[0].port = proxy.port();
     upstream.target_session_attrs = target;
     config.query_wait_timeout = Duration::from_secs(20);
     // A new client waits for the welcome (the first login) within its login timeout.
@@ -211,7 +211,7 @@ async fn a_failover_under_load_loses_no_acknowledged_commit() {
     let proxy = FaultProxy::start(primary.addr()).await;
     let mut config = pooler::config(&primary, &db);
     let upstream = &mut config.databases[0].upstream;
-    upstream.port = proxy.port();
+    upstream.hosts[0].port = proxy.port();
     upstream.target_session_attrs = TargetSessionAttrs::ReadWrite;
     config.databases[0].pool_size = 4;
     config.query_wait_timeout = Duration::from_secs(30);
@@ -284,7 +284,7 @@ async fn read_only_transactions_go_to_the_reader_pool() {
     let readers = format!("{}_ro", db.name);
     let mut reader = config.databases[0].clone();
     reader.name = readers.clone();
-    reader.upstream.port = standby.port();
+    reader.upstream.hosts[0].port = standby.port();
     reader.upstream.target_session_attrs = TargetSessionAttrs::ReadOnly;
     config.databases[0].upstream.target_session_attrs = TargetSessionAttrs::ReadWrite;
     config.databases[0].read_only_database = Some(readers.clone());

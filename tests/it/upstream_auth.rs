@@ -178,7 +178,7 @@ async fn refusing_upstream_sees_logins_spaced_by_the_backoff() {
     let pg = crate::support::pg::shared_cluster();
     let db = pg.scratch_db("backoff");
     let mut cfg = pooler::config(pg, &db);
-    cfg.databases[0].upstream.port = port;
+    cfg.databases[0].upstream.hosts[0].port = port;
     cfg.databases[0].pool_size = 10;
     cfg.server_login_retry = Duration::from_millis(200);
     let iam = start(cfg).await;
