@@ -20,13 +20,13 @@ use crate::client::cancel::CancelRegistry;
 use crate::client::console::ConsoleLogin;
 use crate::client::guard::LoginGuard;
 use crate::client::registry::ClientRegistry;
-use crate::config::{Config, Database, ReloadReport, Upstream, UpstreamAuth};
+use crate::config::{Config, Database, Host, ReloadReport, Upstream, UpstreamAuth};
 use crate::metrics::http::Health;
 use crate::metrics::{Metrics, PoolsCollector};
 use crate::pool::{Pool, PoolSettings};
 use crate::server::auth::Password;
+use crate::server::connect::{Connector, Target};
 use crate::server::login_limit::LoginLimiter;
-use crate::server::Connector;
 use crate::stream::Stream;
 
 #[derive(Debug, Error)]
@@ -295,9 +295,8 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
     }
 }
 
-fn limiter_key(u: &Upstream) -> String {
-    // TODO(multi-host connector): a limiter per host; for now the first host keys it.
-    let host = &u.hosts[0];
+/// Logins to one address share a rate limit, whichever pools they are for.
+fn limiter_key(host: &Host) -> String {
     match host.addr {
         Some(ip) => format!("{ip}:{}", host.port),
         None => format!("{}:{}", host.name, host.port),
@@ -380,42 +379,45 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut pools = HashMap::new();
     for db in &config.databases {
         let u = &db.upstream;
-        let limiter = limiters
-            .entry(limiter_key(u))
-            .or_insert_with(|| Arc::new(LoginLimiter::new(u.max_new_connections_per_second)))
-            .clone();
-        let password = match &u.auth {
-            UpstreamAuth::Password => Password::fixed(u.password.clone()),
-            UpstreamAuth::Iam(iam) => {
-                // TODO(multi-host connector): a token per host; for now the first host signs.
-                let host = &u.hosts[0];
-                if iam.region_inferred {
-                    info!(database = %db.name, host = %host.name, region = %iam.region,
-                        "IAM signing region inferred from the host name");
-                }
-                let auth = iam_registry
-                    .authenticator(iam, &host.name, host.port, &u.user)
-                    .await
-                    .map_err(|e| StartError::Upstream {
-                        database: db.name.clone(),
-                        message: e.to_string(),
-                    })?;
-                Password::Iam(auth)
+        if let UpstreamAuth::Iam(iam) = &u.auth {
+            if iam.region_inferred {
+                info!(database = %db.name, host = %u.hosts[0].name, region = %iam.region,
+                    "IAM signing region inferred from the host name");
             }
+        }
+        let upstream_error = |message: String| StartError::Upstream {
+            database: db.name.clone(),
+            message,
         };
+        // Each host its own TLS name, IAM token (signed for the host dialled) and login
+        // limit (shared by every pool to that address).
+        let mut targets = Vec::with_capacity(u.hosts.len());
+        for host in &u.hosts {
+            let limiter = limiters
+                .entry(limiter_key(host))
+                .or_insert_with(|| Arc::new(LoginLimiter::new(u.max_new_connections_per_second)))
+                .clone();
+            let password = match &u.auth {
+                UpstreamAuth::Password => Password::fixed(u.password.clone()),
+                UpstreamAuth::Iam(iam) => Password::Iam(
+                    iam_registry
+                        .authenticator(iam, &host.name, host.port, &u.user)
+                        .await
+                        .map_err(|e| upstream_error(e.to_string()))?,
+                ),
+            };
+            let target = Target::new(u, host.clone(), password, limiter)
+                .map_err(|e| upstream_error(e.to_string()))?;
+            targets.push(target);
+        }
         let connector = Connector::new(
             u.clone(),
-            password,
-            limiter,
-            // libpq's connect_timeout bounds one host attempt; with the first host only, the login.
+            targets,
+            // libpq's connect_timeout bounds one host attempt.
             u.connect_timeout.unwrap_or(config.server_connect_timeout),
             config.server_lifetime,
             config.server_lifetime_jitter,
-        )
-        .map_err(|e| StartError::Upstream {
-            database: db.name.clone(),
-            message: e.to_string(),
-        })?;
+        );
         let pool_metrics = metrics.pool(&db.name, &u.user);
         if let Some(auth) = connector.iam() {
             auth.set_sign_histogram(metrics.sign_histogram(&db.name, &u.user));

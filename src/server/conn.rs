@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Context;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -11,6 +11,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 use super::cancel::CancelGate;
 use super::params::SessionParams;
 use crate::protocol::exchange::Exchange;
+use crate::protocol::framing::{Header, HEADER_LEN};
+use crate::protocol::messages::{backend, parse_error_fields, ErrorFields};
 use crate::protocol::statements::ServerStatements;
 use crate::stream::Stream;
 
@@ -44,22 +46,50 @@ pub struct ServerConn {
     pub cancels: Arc<CancelGate>,
 }
 
+/// An idle connection, looked at without waiting.
+#[derive(Debug)]
+pub enum IdleCheck {
+    Healthy,
+    /// The server closed or reset the connection; `fatal` is the error it said goodbye with.
+    Gone {
+        fatal: Option<ErrorFields>,
+    },
+    /// The server sent something unsolicited (a notification, a notice): not clean.
+    Unusable,
+}
+
 impl ServerConn {
-    /// True if the server has closed the connection or sent something unsolicited while it
-    /// sat idle (e.g. a FATAL from pg_terminate_backend). Polls the socket once, never waits.
-    pub fn is_broken(&mut self) -> bool {
-        if !self.leftover.is_empty() {
-            return true;
-        }
+    /// Whether the server has closed the connection or sent something unsolicited while it
+    /// sat idle (e.g. the FATAL of a shutdown or of pg_terminate_backend). Polls the socket
+    /// once, never waits.
+    pub fn check_idle(&mut self) -> IdleCheck {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        let mut byte = [0u8; 1];
-        let mut rb = ReadBuf::new(&mut byte);
-        // Pending is a healthy idle server. EOF, an error or unsolicited data (e.g. the FATAL
-        // from pg_terminate_backend) all mean it is not clean.
-        std::pin::Pin::new(&mut self.stream)
-            .poll_read(&mut cx, &mut rb)
-            .is_ready()
+        let mut bytes = [0u8; 1024];
+        let mut rb = ReadBuf::new(&mut bytes);
+        // Pending is a healthy idle server.
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut rb);
+        let unread = match polled {
+            _ if !self.leftover.is_empty() => &self.leftover[..],
+            Poll::Pending => return IdleCheck::Healthy,
+            Poll::Ready(Err(_)) => return IdleCheck::Gone { fatal: None },
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                return IdleCheck::Gone { fatal: None }
+            }
+            Poll::Ready(Ok(())) => rb.filled(),
+        };
+        match Header::parse(unread, unread.len()) {
+            Ok(Some(h)) if h.tag == backend::ERROR_RESPONSE && unread.len() >= h.frame_len() => {
+                let fields = parse_error_fields(&unread[HEADER_LEN..h.frame_len()]);
+                match fields.is_fatal() {
+                    true => IdleCheck::Gone {
+                        fatal: Some(fields),
+                    },
+                    false => IdleCheck::Unusable,
+                }
+            }
+            _ => IdleCheck::Unusable,
+        }
     }
 
     pub fn expired(&self, now: Instant) -> bool {

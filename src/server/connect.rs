@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
+use rand::seq::SliceRandom;
 use rand::Rng;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,7 +18,9 @@ use super::conn::ServerConn;
 use super::login_limit::LoginLimiter;
 use super::params::SessionParams;
 use super::role::ServerRole;
-use crate::config::{Named, Secret, SslMode, Upstream, UpstreamAuth};
+use crate::config::{
+    Host, LoadBalanceHosts, Named, Secret, SslMode, TargetSessionAttrs, Upstream, UpstreamAuth,
+};
 use crate::protocol::framing::SSL_REQUEST;
 use crate::protocol::messages::{self, backend, parse_error_fields, ErrorFields};
 use crate::stream::{read_message, Stream};
@@ -117,14 +120,62 @@ impl LoginError {
 /// Everything needed to open connections to one upstream (database + user).
 pub struct Connector {
     pub upstream: Upstream,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    server_name: Option<rustls_pki_types::ServerName<'static>>,
-    password: Password,
-    limiter: Arc<LoginLimiter>,
+    /// One per host, in the order written: each is dialled, verified and signed for itself.
+    targets: Vec<Target>,
+    /// One host attempt (libpq's connect_timeout, else server_connect_timeout).
     connect_timeout: Duration,
     lifetime: Duration,
     lifetime_jitter: Duration,
     next_id: AtomicU64,
+}
+
+/// One host of an upstream: the name dialled (unless `hostaddr`), verified in TLS and
+/// signed for IAM, with its own TLS configuration, token and login rate limit.
+pub struct Target {
+    pub host: Host,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    server_name: Option<rustls_pki_types::ServerName<'static>>,
+    password: Password,
+    limiter: Arc<LoginLimiter>,
+}
+
+impl Target {
+    /// `host` with its password (a fixed one, or IAM tokens signed for it) and the login
+    /// limiter of its address.
+    pub fn new(
+        upstream: &Upstream,
+        host: Host,
+        password: Password,
+        limiter: Arc<LoginLimiter>,
+    ) -> Result<Target, LoginError> {
+        let tls = super::tls::upstream_client_config(
+            upstream.sslmode,
+            &host.name,
+            upstream.sslrootcert.as_deref(),
+        )
+        .map_err(|e| LoginError::Config(e.to_string()))?;
+        let server_name = match tls {
+            Some(_) => Some(
+                super::tls::server_name(&host.name)
+                    .map_err(|e| LoginError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Target {
+            host,
+            tls,
+            server_name,
+            password,
+            limiter,
+        })
+    }
+
+    fn addr_text(&self) -> String {
+        match self.host.name.contains(':') {
+            true => format!("[{}]:{}", self.host.name, self.host.port),
+            false => format!("{}:{}", self.host.name, self.host.port),
+        }
+    }
 }
 
 /// What a successful login returns besides the connection: every ParameterStatus, in order.
@@ -133,86 +184,106 @@ pub type ServerParamList = Vec<(String, String)>;
 impl Connector {
     pub fn new(
         upstream: Upstream,
-        password: Password,
-        limiter: Arc<LoginLimiter>,
+        targets: Vec<Target>,
         connect_timeout: Duration,
         lifetime: Duration,
         lifetime_jitter: Duration,
-    ) -> Result<Connector, LoginError> {
-        let tls = super::tls::upstream_client_config(
-            upstream.sslmode,
-            &upstream.hosts[0].name,
-            upstream.sslrootcert.as_deref(),
-        )
-        .map_err(|e| LoginError::Config(e.to_string()))?;
-        let server_name = match tls {
-            Some(_) => Some(
-                super::tls::server_name(&upstream.hosts[0].name)
-                    .map_err(|e| LoginError::Config(e.to_string()))?,
-            ),
-            None => None,
-        };
-        Ok(Connector {
+    ) -> Connector {
+        assert!(!targets.is_empty(), "an upstream has at least one host");
+        Connector {
             upstream,
-            tls,
-            server_name,
-            password,
-            limiter,
+            targets,
             connect_timeout,
             lifetime,
             lifetime_jitter,
             next_id: AtomicU64::new(1),
-        })
+        }
     }
 
     /// A rotated upstream password, for the logins that follow; connections already signed
     /// in are not affected. False for IAM upstreams.
     pub fn replace_password(&self, secret: Option<Secret>) -> bool {
-        self.password.replace(secret)
+        let mut replaced = false;
+        for t in &self.targets {
+            replaced |= t.password.replace(secret.clone());
+        }
+        replaced
     }
 
-    /// The IAM authenticator, for IAM upstreams.
+    /// The IAM authenticator of the first host, for IAM upstreams (metrics and SHOW).
     pub fn iam(&self) -> Option<&crate::iam::IamAuthenticator> {
-        match &self.password {
+        match &self.targets[0].password {
             Password::Iam(a) => Some(a),
             Password::Static(_) => None,
         }
     }
 
-    /// Opens and logs in one server connection, within `server_connect_timeout`.
+    /// Opens and logs in one server connection, trying the hosts as libpq does: in order
+    /// (or shuffled, with load_balance_hosts = random), each within the connect timeout; the
+    /// next host is tried after a failure to reach or log in to one, or a server of the
+    /// wrong role, but not after a refusal that another host would repeat (a password, a
+    /// missing database). prefer-standby tries every host for a standby first, then any.
     pub async fn connect(&self) -> Result<(ServerConn, ServerParamList), LoginError> {
-        self.limiter.acquire().await;
+        let mut order: Vec<usize> = (0..self.targets.len()).collect();
+        if self.upstream.load_balance_hosts == LoadBalanceHosts::Random {
+            order.shuffle(&mut rand::thread_rng());
+        }
+        let target = self.upstream.target_session_attrs;
+        let passes: &[TargetSessionAttrs] = match target {
+            TargetSessionAttrs::PreferStandby => {
+                &[TargetSessionAttrs::Standby, TargetSessionAttrs::Any]
+            }
+            _ => std::slice::from_ref(&self.upstream.target_session_attrs),
+        };
+        let mut last = None;
+        for &wanted in passes {
+            for &i in &order {
+                match self.connect_to(&self.targets[i], wanted).await {
+                    Ok(conn) => return Ok(conn),
+                    Err(e) if e.is_permanent() => return Err(e),
+                    Err(e) => last = Some(e),
+                }
+            }
+        }
+        Err(last.expect("at least one host was tried"))
+    }
+
+    /// Opens and logs in one server connection to one host, within the connect timeout.
+    async fn connect_to(
+        &self,
+        t: &Target,
+        wanted: TargetSessionAttrs,
+    ) -> Result<(ServerConn, ServerParamList), LoginError> {
+        t.limiter.acquire().await;
         let started = Instant::now();
         let u = &self.upstream;
-        let result = tokio::time::timeout(self.connect_timeout, self.connect_inner()).await;
+        let result =
+            tokio::time::timeout(self.connect_timeout, self.connect_inner(t, wanted)).await;
         let result = match result {
             Ok(r) => r,
-            Err(_) => Err(LoginError::Timeout(format!(
-                "{}:{}",
-                u.hosts[0].name, u.hosts[0].port
-            ))),
+            Err(_) => Err(LoginError::Timeout(t.addr_text())),
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         // Who signed: the IAM access key id (not a secret), like RDS's log_connections audit.
-        let signer = match self.iam() {
-            Some(a) => format!(
+        let signer = match &t.password {
+            Password::Iam(a) => format!(
                 "{} via {}",
                 a.credentials_identity()
                     .unwrap_or_else(|| "no credentials".into()),
                 a.credentials_chain()
             ),
-            None => "password".to_owned(),
+            Password::Static(_) => "password".to_owned(),
         };
         match &result {
             Ok((conn, _)) => info!(
                 target: "iampool::login",
-                host = %u.hosts[0].name, port = u.hosts[0].port, user = %u.user, database = %u.dbname,
+                host = %t.host.name, port = t.host.port, user = %u.user, database = %u.dbname,
                 signer = %signer, backend_pid = conn.backend_pid,
                 duration_ms = format_args!("{ms:.1}"), result = "ok", "upstream login"
             ),
             Err(e) => warn!(
                 target: "iampool::login",
-                host = %u.hosts[0].name, port = u.hosts[0].port, user = %u.user, database = %u.dbname,
+                host = %t.host.name, port = t.host.port, user = %u.user, database = %u.dbname,
                 signer = %signer, duration_ms = format_args!("{ms:.1}"), result = e.kind(),
                 error = %e, "upstream login failed"
             ),
@@ -220,25 +291,29 @@ impl Connector {
         result
     }
 
-    async fn connect_inner(&self) -> Result<(ServerConn, ServerParamList), LoginError> {
-        let secret = self.password.resolve().await?;
-        let result = self.attempt_per_sslmode(&secret).await;
+    async fn connect_inner(
+        &self,
+        t: &Target,
+        wanted: TargetSessionAttrs,
+    ) -> Result<(ServerConn, ServerParamList), LoginError> {
+        let secret = t.password.resolve().await?;
+        let result = self.attempt_per_sslmode(t, wanted, &secret).await;
         match result {
             // A refused IAM token (expired, revoked, signed by rotated-out credentials): drop
             // it, mint a fresh one and try once more after a short pause.
-            Err(LoginError::Server(e)) if self.password.is_iam() && token_refused(&e) => {
-                self.password.refused(&secret);
+            Err(LoginError::Server(e)) if t.password.is_iam() && token_refused(&e) => {
+                t.password.refused(&secret);
                 warn!(
                     target: "iampool::login",
-                    host = %self.upstream.hosts[0].name, user = %self.upstream.user,
+                    host = %t.host.name, user = %self.upstream.user,
                     "IAM token refused; retrying once with a fresh token"
                 );
                 tokio::time::sleep(IAM_RETRY_BACKOFF).await;
-                let fresh = self.password.resolve().await?;
-                let result = self.attempt_per_sslmode(&fresh).await;
+                let fresh = t.password.resolve().await?;
+                let result = self.attempt_per_sslmode(t, wanted, &fresh).await;
                 if let Err(LoginError::Server(e)) = &result {
                     if token_refused(e) {
-                        self.password.refused(&fresh);
+                        t.password.refused(&fresh);
                     }
                 }
                 result
@@ -249,28 +324,34 @@ impl Connector {
 
     async fn attempt_per_sslmode(
         &self,
+        t: &Target,
+        wanted: TargetSessionAttrs,
         secret: &LoginSecret,
     ) -> Result<(ServerConn, ServerParamList), LoginError> {
         match self.upstream.sslmode {
-            SslMode::Allow => match self.attempt(false, secret).await {
+            SslMode::Allow => match self.attempt(t, wanted, false, secret).await {
                 // No pg_hba entry for a non-TLS connection: try again with TLS, as libpq does.
-                Err(LoginError::Server(e)) if e.code == "28000" => self.attempt(true, secret).await,
+                Err(LoginError::Server(e)) if e.code == "28000" => {
+                    self.attempt(t, wanted, true, secret).await
+                }
                 r => r,
             },
-            SslMode::Disable => self.attempt(false, secret).await,
-            _ => self.attempt(true, secret).await,
+            SslMode::Disable => self.attempt(t, wanted, false, secret).await,
+            _ => self.attempt(t, wanted, true, secret).await,
         }
     }
 
-    async fn dial(&self) -> Result<(TcpStream, SocketAddr), LoginError> {
-        let u = &self.upstream;
-        let addr_text = format!("{}:{}", u.hosts[0].name, u.hosts[0].port);
-        let tcp = match u.hosts[0].addr {
-            Some(ip) => TcpStream::connect(SocketAddr::new(ip, u.hosts[0].port)).await,
-            None => TcpStream::connect((u.hosts[0].name.as_str(), u.hosts[0].port)).await,
+    /// Dials the host's address (`hostaddr`), or resolves its name again for every login: the
+    /// system resolver's answer, never cached here, so a failover's DNS change is seen as
+    /// soon as the record's TTL lets the resolver see it.
+    async fn dial(&self, t: &Target) -> Result<(TcpStream, SocketAddr), LoginError> {
+        let h = &t.host;
+        let tcp = match h.addr {
+            Some(ip) => TcpStream::connect(SocketAddr::new(ip, h.port)).await,
+            None => TcpStream::connect((h.name.as_str(), h.port)).await,
         }
         .map_err(|source| LoginError::Connect {
-            addr: addr_text,
+            addr: t.addr_text(),
             source,
         })?;
         let _ = tcp.set_nodelay(true);
@@ -280,12 +361,15 @@ impl Connector {
 
     async fn attempt(
         &self,
+        t: &Target,
+        wanted: TargetSessionAttrs,
         want_tls: bool,
         secret: &LoginSecret,
     ) -> Result<(ServerConn, ServerParamList), LoginError> {
         let u = &self.upstream;
-        let (mut tcp, peer) = self.dial().await?;
-        let mut stream = match (&self.tls, &self.server_name) {
+        let host = &t.host.name;
+        let (mut tcp, peer) = self.dial(t).await?;
+        let mut stream = match (&t.tls, &t.server_name) {
             (Some(cfg), Some(name)) if want_tls => {
                 let mut req = [0u8; 8];
                 req[..4].copy_from_slice(&8i32.to_be_bytes());
@@ -297,10 +381,10 @@ impl Connector {
                         let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                         let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
                             LoginError::Tls {
-                                host: u.hosts[0].name.clone(),
+                                host: host.clone(),
                                 message: super::tls::describe_failure(
                                     &e,
-                                    &u.hosts[0].name,
+                                    host,
                                     u.sslrootcert.as_deref(),
                                 ),
                             }
@@ -310,7 +394,7 @@ impl Connector {
                     b'N' if u.sslmode <= SslMode::Prefer => Stream::Tcp(tcp),
                     b'N' => {
                         return Err(LoginError::Tls {
-                            host: u.hosts[0].name.clone(),
+                            host: host.clone(),
                             message: format!(
                                 "server does not support TLS, but sslmode is {:?}",
                                 u.sslmode
@@ -379,7 +463,9 @@ impl Connector {
         }
         let (backend_pid, backend_secret) =
             key.ok_or_else(|| LoginError::Protocol("no BackendKeyData".into()))?;
-        let target = u.target_session_attrs;
+        // The pass's role (prefer-standby's first pass wants a standby), reported as the
+        // pool's setting.
+        let target = wanted;
         if super::role::must_check(target) {
             let role = match ServerRole::reported(&session) {
                 Some(role) => role,
@@ -391,9 +477,9 @@ impl Connector {
                 let _ = stream.write_all(&[b'X', 0, 0, 0, 4]).await;
                 let _ = stream.shutdown().await;
                 return Err(LoginError::Role {
-                    addr: format!("{}:{} ({peer})", u.hosts[0].name, u.hosts[0].port),
+                    addr: format!("{} ({peer})", t.addr_text()),
                     found: role.describe(),
-                    wanted: target.name(),
+                    wanted: u.target_session_attrs.name(),
                 });
             }
         }
