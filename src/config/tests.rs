@@ -1219,3 +1219,27 @@ fn several_hosts_render_and_load_back() {
     reloaded.watched_files = vec![toml.path().to_path_buf()];
     assert_eq!(Some(&reloaded), loaded.config.as_ref(), "{rendered}");
 }
+
+#[test]
+fn the_aurora_example_is_a_valid_configuration() {
+    let example = include_str!("../../config/aurora.toml");
+    let users = file("\"app\" \"secret\"\n");
+    let toml = file(&example.replace("/etc/iampool/userlist.txt", path(&users)));
+    let config =
+        Config::from_args(&["--config", path(&toml)], &[]).unwrap_or_else(|e| panic!("{e}"));
+    let db = |name: &str| config.databases.iter().find(|d| d.name == name).unwrap();
+    assert_eq!(db("app").read_only_database.as_deref(), Some("app_ro"));
+    assert_eq!(
+        db("app").upstream.target_session_attrs,
+        TargetSessionAttrs::ReadWrite
+    );
+    assert_eq!(
+        db("app_ro").upstream.target_session_attrs,
+        TargetSessionAttrs::ReadOnly
+    );
+    assert_eq!(
+        db("app_ro").upstream.hosts[0].name,
+        "mydb.cluster-ro-abc123.us-east-1.rds.amazonaws.com"
+    );
+    assert!(matches!(db("app_ro").upstream.auth, UpstreamAuth::Iam(_)));
+}

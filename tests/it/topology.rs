@@ -398,3 +398,82 @@ async fn read_only_transactions_go_to_the_reader_pool() {
     let reads = pools.pool(&readers).unwrap().metrics.transactions.get();
     assert!(reads >= 4 && writes >= 4, "reads {reads}, writes {writes}");
 }
+
+/// Several hosts, as libpq takes them: prefer-standby takes the standby even when the
+/// primary is listed first, and the primary once no standby answers; load_balance_hosts =
+/// random spreads a pool's logins over its hosts (here two endpoints of the one standby).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_standby_and_load_balanced_hosts() {
+    let (primary, mut standby, db) = primary_and_standby("topo_hosts");
+    let mut config = pooler::config(&primary, &db);
+    let first = config.databases[0].upstream.hosts[0].clone();
+    let host = |port: u16| iampool::config::Host {
+        port,
+        ..first.clone()
+    };
+    let a = FaultProxy::start(standby.addr()).await;
+    let b = FaultProxy::start(standby.addr()).await;
+    let mut balanced = config.databases[0].clone();
+    balanced.name = format!("{}_lb", db.name);
+    balanced.upstream.hosts = vec![host(a.port()), host(b.port())];
+    balanced.upstream.load_balance_hosts = iampool::config::LoadBalanceHosts::Random;
+    balanced.pool_size = 16;
+    let prefer = &mut config.databases[0];
+    prefer.upstream.hosts = vec![host(primary.port()), host(standby.port())];
+    prefer.upstream.target_session_attrs = TargetSessionAttrs::PreferStandby;
+    config.databases.push(balanced.clone());
+    let running = start(config).await;
+    let addr = running.local_addr();
+
+    let client = try_connect(addr, &db).await.unwrap();
+    let r: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        r,
+        "prefer-standby takes the standby, though the primary is listed first"
+    );
+    drop(client);
+
+    // Sixteen logins at once over two hosts in random order: both get some.
+    let mut lb = db.clone();
+    lb.name = balanced.name.clone();
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let c = try_connect(addr, &lb).await.unwrap();
+        clients.push(c);
+    }
+    let holds: Vec<_> = clients
+        .iter()
+        .map(|c| c.simple_query("BEGIN; SELECT 1"))
+        .collect();
+    for h in futures_util::future::join_all(holds).await {
+        h.unwrap();
+    }
+    let (on_a, on_b) = (a.open(), b.open());
+    assert_eq!(on_a + on_b, 16, "one server per open transaction");
+    assert!(
+        on_a >= 2 && on_b >= 2,
+        "random order spreads logins: {on_a} and {on_b}"
+    );
+    for c in &clients {
+        c.simple_query("COMMIT").await.unwrap();
+    }
+    drop(clients);
+
+    // No standby answers: prefer-standby's second pass takes the primary.
+    standby.stop();
+    running.shared().pool(&db.name).unwrap().retire_all();
+    let client = try_connect(addr, &db).await.unwrap();
+    let r: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !r,
+        "with the standby down, prefer-standby takes the primary"
+    );
+}
