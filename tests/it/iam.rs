@@ -1208,3 +1208,60 @@ async fn token_command_takes_a_profile_and_a_role_chain() {
     assert!(ok, "RDS accepts the role chain's token: {err}");
     assert_eq!(who.trim(), APP);
 }
+
+/// Several hosts of one IAM upstream: each is signed for its own name (and verified under
+/// it): two RDS-like servers that each accept only tokens for their own host name, behind one
+/// load-balanced upstream, both take logins and refuse none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_host_of_an_upstream_gets_a_token_signed_for_it() {
+    let names = [
+        "writer-a.cluster-iampooltest.us-east-1.rds.amazonaws.com",
+        "writer-b.cluster-iampooltest.us-east-1.rds.amazonaws.com",
+    ];
+    let servers: Vec<RdsPg> = names
+        .iter()
+        .map(|name| {
+            let rds = rds_with_app(RdsOptions {
+                cert_names: vec![name.to_string()],
+                verifier_host: name.to_string(),
+                ..RdsOptions::default()
+            });
+            rds.trust_static_key();
+            rds
+        })
+        .collect();
+    let bundle = tempfile::NamedTempFile::new().unwrap();
+    let pems: String = servers
+        .iter()
+        .map(|s| fs::read_to_string(s.ca_path()).unwrap())
+        .collect();
+    fs::write(bundle.path(), pems).unwrap();
+    let upstream = format!(
+        "host={},{} hostaddr=127.0.0.1,127.0.0.1 port={},{} user={APP} dbname={APP} auth=iam \
+         region={RDS_REGION} sslmode=verify-full sslrootcert={} load_balance_hosts=random",
+        names[0],
+        names[1],
+        servers[0].port(),
+        servers[1].port(),
+        bundle.path().display()
+    );
+    let iampool = Iampool::start(&args(&upstream, &["--pool-size", "8"]), &static_env());
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(
+            iampool
+                .try_client(APP)
+                .await
+                .expect("a login through iampool"),
+        );
+    }
+    let open = clients.iter().map(|c| c.simple_query("BEGIN; SELECT 1"));
+    for r in futures_util::future::join_all(open).await {
+        r.unwrap_or_else(|e| panic!("{e:?}\n{}", iampool.log()));
+    }
+    for (name, rds) in names.iter().zip(&servers) {
+        let stats = rds.stats();
+        assert!(stats.accepted >= 1, "{name}: {stats:?}\n{}", iampool.log());
+        assert_eq!(stats.rejected, 0, "{name}: {stats:?}");
+    }
+}
