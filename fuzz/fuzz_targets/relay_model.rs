@@ -445,7 +445,7 @@ fn releasable(scan: &Scan, server: &Server) -> bool {
         && scan.c.buf.len() == scan.c.ready
         && scan.s.scan.at_boundary()
         && scan.s.buf.len() == scan.s.ready
-        && !scan.server_fatal
+        && scan.server_fatal.is_none()
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -298,7 +298,8 @@ impl Session {
                         },
                     };
                     let in_copy = x.in_copy();
-                    let fatal = self.scan.held_fatal.take();
+                    let fatal = self.scan.server_fatal.take();
+                    let held = std::mem::take(&mut self.scan.fatal_held);
                     // Nothing is owed by a server that is gone: nothing to cancel.
                     server.exchange.reset();
                     self.pool.lost(server, fatal.as_ref());
@@ -311,7 +312,6 @@ impl Session {
                         && self.scan.c.scan.at_boundary()
                     {
                         self.scan.c.discard_ready();
-                        self.scan.server_fatal = false;
                         let reason = match (&fatal, &err) {
                             (Some(f), _) => format!("{} [{}]", f.message, f.code),
                             (None, Some(e)) => e.to_string(),
@@ -321,7 +321,7 @@ impl Session {
                         self.orphan = Orphan::on_loss(out, loss, &reason);
                         continue;
                     }
-                    if let Some(f) = fatal {
+                    if let Some(f) = fatal.as_ref().filter(|_| held) {
                         // Held back for an ERROR that cannot be sent now: the FATAL after all.
                         self.send_fatal(&f.code, &f.message).await;
                         return End::ServerGone;
@@ -330,7 +330,7 @@ impl Session {
                     // CopyData), part of which the client already has: bytes sent after it
                     // would be read as the rest of that message, so then the connection
                     // only closes, and the client sees the truncation.
-                    if !self.scan.server_fatal && self.scan.s.scan.at_boundary() {
+                    if fatal.is_none() && self.scan.s.scan.at_boundary() {
                         self.send_fatal(
                             sqlstate::CONNECTION_FAILURE,
                             "server closed the connection unexpectedly",
@@ -498,7 +498,8 @@ impl Session {
             secret: server.backend_secret,
             gate: server.cancels.clone(),
         });
-        self.scan.server_fatal = false;
+        self.scan.server_fatal = None;
+        self.scan.fatal_held = false;
         self.scan.block_change = None;
         self.scan.read_only_error = false;
         if failed_block {
@@ -538,7 +539,7 @@ impl Session {
         let clean = server.exchange.disposition() == Disposition::Clean
             && self.scan.s.scan.at_boundary()
             && self.scan.s.buf.len() == self.scan.s.ready
-            && !self.scan.server_fatal;
+            && self.scan.server_fatal.is_none();
         if !clean {
             self.pool.discard(server);
             return;
@@ -590,7 +591,7 @@ impl Session {
             && self.scan.c.buf.len() == self.scan.c.ready
             && self.scan.s.scan.at_boundary()
             && self.scan.s.buf.len() == self.scan.s.ready
-            && !self.scan.server_fatal
+            && self.scan.server_fatal.is_none()
     }
 
     /// Drives both directions while a server is linked.

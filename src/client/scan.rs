@@ -96,11 +96,11 @@ pub struct Scan {
     pub transaction_mode: bool,
     /// Kinds of session state seen and not yet taken (bit per [`session_state::KINDS`]).
     pub session_state: u8,
-    /// The linked server sent a FATAL error: it is about to close.
-    pub server_fatal: bool,
-    /// Transaction mode: that FATAL error, held back from the client, which keeps its
+    /// The FATAL error the linked server sent: it is about to close.
+    pub server_fatal: Option<ErrorFields>,
+    /// Transaction mode: that FATAL was held back from the client, which keeps its
     /// connection (the relay tells it with an ERROR instead).
-    pub held_fatal: Option<ErrorFields>,
+    pub fatal_held: bool,
     /// The server said a statement could not write because it is read-only (25006): a
     /// writer pool's sign that this server may have been demoted.
     pub read_only_error: bool,
@@ -130,8 +130,8 @@ impl Scan {
             max_message,
             transaction_mode,
             session_state: 0,
-            server_fatal: false,
-            held_fatal: None,
+            server_fatal: None,
+            fatal_held: false,
             read_only_error: false,
             block_change: None,
             request_started: false,
@@ -321,11 +321,9 @@ impl Scan {
                         self.read_only_error = true;
                     }
                     if fields.is_fatal() {
-                        self.server_fatal = true;
-                        if self.transaction_mode {
-                            self.held_fatal = Some(fields);
-                            hold = true;
-                        }
+                        hold = self.transaction_mode;
+                        self.fatal_held = hold;
+                        self.server_fatal = Some(fields);
                     }
                 }
                 backend::PARSE_COMPLETE => {

@@ -332,6 +332,7 @@ pub static KEYS: &[Key] = &[
         .help("Upstream database, as libpq writes it: a URL postgres://user[:password]@host[:port][,host2[:port2]...]/dbname?param=value (several URLs, separated by whitespace, are several databases), or one keyword=value string such as host=db.example.com port=5432 dbname=app user=app sslmode=verify-full (libpq's quoting: 'a b', \\'). What the string leaves out is taken from PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER and PGPASSWORD (not with auth=iam), as libpq does; the per-database keys sslmode, sslrootcert, connect_timeout, application_name, options, target_session_attrs and load_balance_hosts fall back to PGSSLMODE, PGSSLROOTCERT, PGCONNECT_TIMEOUT, PGAPPNAME, PGOPTIONS, PGTARGETSESSIONATTRS and PGLOADBALANCEHOSTS when iampool's own setting is unset. A reload applies a changed password to the logins that follow; any other change needs a restart")
         .example("postgres://app@mydb.abc123.us-east-1.rds.amazonaws.com/appdb?auth=iam"),
     Key::new("sslmode", "sslmode", Kind::Choice(SslMode::NAMES), UPSTREAM)
+        .restart()
         .derived("verify-full with auth=iam, else prefer")
         .per_database()
         .help("TLS to the upstream, as libpq's sslmode; auth=iam needs verify-ca or verify-full (the token goes only to a server iampool has verified)")
@@ -366,49 +367,59 @@ pub static KEYS: &[Key] = &[
         .help("Command-line options sent to the upstream when a server connection logs in, as libpq's options, e.g. -c search_path=app (unset: none)")
         .example("-c search_path=app"),
     Key::new("sslrootcert", "sslrootcert", Kind::File, UPSTREAM)
+        .restart()
         .per_database()
         .help("PEM CA bundle that verifies the upstream certificate (unset: the built-in roots)")
         .example("/etc/iampool/rds-ca.pem"),
     Key::new("region", "region", Kind::Region, UPSTREAM)
+        .restart()
         .derived("inferred from a *.REGION.rds.amazonaws.com host; never guessed otherwise")
         .per_database()
         .help("AWS region IAM tokens are signed for")
         .example("us-east-1"),
     Key::new("assume_role_arn", "assume-role-arn", Kind::Arns, UPSTREAM)
+        .restart()
         .per_database()
         .help("IAM role assumed before signing; several (comma-separated; an array in the file) form a chain, each assumed with the previous role's credentials")
         .example("arn:aws:iam::123456789012:role/db-connect"),
     Key::new("external_id", "external-id", Kind::Text, UPSTREAM)
+        .restart()
         .per_database()
         .help("External ID sent when assuming assume_role_arn")
         .example("my-external-id"),
     Key::new("role_session_name", "role-session-name", Kind::Text, UPSTREAM)
+        .restart()
         .default("iampool")
         .per_database()
         .help("Session name when assuming assume_role_arn (shown in CloudTrail)")
         .example("iampool-orders"),
     Key::new("token_lifetime", "token-lifetime", Kind::Duration, UPSTREAM)
+        .restart()
         .default("900s")
         .per_database()
         .help("How long one IAM token is used for new logins, 10s to 900s")
         .example("600s"),
     Key::new("max_new_connections_per_second", "max-new-connections-per-second", Kind::Count, UPSTREAM)
+        .restart()
         .default("50")
         .unit("logins per second")
         .per_database()
         .help("Most new server logins per second to one host, 1 to 1000 (AWS advises under 200 IAM logins per second)")
         .example("100"),
     Key::new("reauth_interval", "reauth-interval", Kind::Duration, UPSTREAM)
+        .restart()
         .default("0")
         .per_database()
         .help("Close a pooled server connection this long after its login so it signs in again; 0 disables")
         .example("12h"),
     Key::new("allow_cleartext_password", "allow-cleartext-password", Kind::Bool, UPSTREAM)
+        .restart()
         .default("false")
         .per_database()
         .help("Allow sending a cleartext password to an upstream iampool has not verified (no TLS, or sslmode below verify-ca)")
         .example("true"),
     Key::new("insecure_unverified_tls", "insecure-unverified-tls", Kind::Bool, UPSTREAM)
+        .restart()
         .default("false")
         .per_database()
         .help("TEST SETUPS ONLY: let auth=iam send its token over sslmode=require, which encrypts but does not verify the server, so whoever answers gets the token")
@@ -419,6 +430,7 @@ pub static KEYS: &[Key] = &[
         .help("How iampool signs in to the upstream: password, or iam (an RDS IAM token, over TLS)")
         .example("iam"),
     Key::new("hostaddr", "hostaddr", Kind::Ip, DATABASE)
+        .restart()
         .database_only()
         .help("IP address dialled instead of resolving the host, as libpq's hostaddr; with several hosts, one per host, comma-separated, an empty entry resolving that host's name (10.0.0.1,,10.0.0.3). The host name is still verified by TLS and signed for IAM")
         .example("10.0.0.12"),

@@ -65,8 +65,8 @@ impl ServerConn {
     pub fn check_idle(&mut self) -> IdleCheck {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        let mut bytes = [0u8; 1024];
-        let mut rb = ReadBuf::new(&mut bytes);
+        let mut bytes = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut rb = ReadBuf::uninit(&mut bytes);
         // Pending is a healthy idle server.
         let polled = std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut rb);
         let unread = match polled {
