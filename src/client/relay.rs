@@ -460,7 +460,7 @@ impl Session {
     async fn link(&mut self, mut server: Server) -> Result<(), Option<End>> {
         let mut reports = BytesMut::new();
         match server
-            .sync_params(&mut self.scan.params, &mut reports)
+            .sync_params(self.scan.client_id, &mut self.scan.params, &mut reports)
             .await
         {
             Ok(()) => {

@@ -111,6 +111,8 @@ pub struct Scan {
     pub request_started: bool,
     /// ReadyForQuery messages seen since the caller last took them.
     pub readies: u32,
+    /// This client, as the owner of settings it changes on a server.
+    pub client_id: u64,
 }
 
 impl Scan {
@@ -136,6 +138,7 @@ impl Scan {
             block_change: None,
             request_started: false,
             readies: 0,
+            client_id: next_client_id(),
         }
     }
 
@@ -183,6 +186,11 @@ impl Scan {
             if tag == frontend::QUERY || tag == frontend::PARSE {
                 let end = (pos + len).min(self.c.buf.len());
                 let body = &self.c.buf[pos + HEADER_LEN..end];
+                if self.transaction_mode
+                    && session_state::changes_settings(statement_text(tag, body))
+                {
+                    srv.params.note_settings_changed_by(self.client_id);
+                }
                 let sql = on_sql(
                     tag,
                     body,
@@ -390,16 +398,7 @@ fn on_sql(
     seen: &mut u8,
     srv: &mut ServerSide<'_>,
 ) -> Option<&'static str> {
-    let sql = if tag == frontend::PARSE {
-        // Parse: name, then the statement text.
-        let skip = body
-            .iter()
-            .position(|&b| b == 0)
-            .map_or(body.len(), |i| i + 1);
-        &body[skip..]
-    } else {
-        body
-    };
+    let sql = statement_text(tag, body);
     if !transaction_mode {
         // Session mode: the server's state is the client's, and is reset when it leaves.
         return None;
@@ -424,6 +423,25 @@ fn on_sql(
         }
         QueryAction::Answer(command) => Some(command),
     }
+}
+
+/// The SQL of a Query, or of a Parse (after the statement name).
+fn statement_text(tag: u8, body: &[u8]) -> &[u8] {
+    if tag == frontend::PARSE {
+        let skip = body
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(body.len(), |i| i + 1);
+        &body[skip..]
+    } else {
+        body
+    }
+}
+
+/// A process-wide unique id per client session (never 0).
+fn next_client_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether a CommandComplete tag opens (`BEGIN`, `START TRANSACTION`) or closes (`COMMIT`,

@@ -57,6 +57,69 @@ pub fn kind(sql: &[u8]) -> Option<usize> {
     }
 }
 
+/// Whether SQL text may change the session's settings for good: a statement (any of those
+/// separated by `;`) that is `SET` (not `SET LOCAL`, `SET TRANSACTION` or `SET CONSTRAINTS`,
+/// which end with the transaction), `RESET`, or a `SELECT` that calls `set_config`. It errs on
+/// the side of yes (a `;` inside a string can start a "statement"); a server it says yes for
+/// is reset before another client gets it. Costs a byte search for `;` for ordinary SQL.
+pub fn changes_settings(sql: &[u8]) -> bool {
+    let mut rest = sql;
+    loop {
+        let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+        if statement_changes_settings(&rest[..end]) {
+            return true;
+        }
+        if end == rest.len() {
+            return false;
+        }
+        rest = &rest[end + 1..];
+    }
+}
+
+fn statement_changes_settings(statement: &[u8]) -> bool {
+    let text = skip_comments(statement);
+    let (first, rest) = word(text);
+    if first.eq_ignore_ascii_case(b"reset") {
+        return true;
+    }
+    if first.eq_ignore_ascii_case(b"set") {
+        let (second, _) = word(rest.trim_ascii_start());
+        return ![b"local".as_slice(), b"transaction", b"constraints"]
+            .iter()
+            .any(|w| second.eq_ignore_ascii_case(w));
+    }
+    if first.eq_ignore_ascii_case(b"select") {
+        return memchr::memchr(b'_', rest).is_some()
+            && rest
+                .windows(b"set_config".len())
+                .any(|w| w.eq_ignore_ascii_case(b"set_config"));
+    }
+    false
+}
+
+/// The leading word (letters and `_`) of `t`, and the rest.
+fn word(t: &[u8]) -> (&[u8], &[u8]) {
+    let end = t
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic() && *b != b'_')
+        .unwrap_or(t.len());
+    t.split_at(end)
+}
+
+/// The text after leading whitespace and comments.
+fn skip_comments(mut s: &[u8]) -> &[u8] {
+    loop {
+        s = s.trim_ascii_start();
+        if s.starts_with(b"--") {
+            s = memchr::memchr(b'\n', s).map_or(&[], |i| &s[i + 1..]);
+        } else if s.starts_with(b"/*") {
+            s = memchr::memmem::find(&s[2..], b"*/").map_or(&[], |i| &s[i + 4..]);
+        } else {
+            return s;
+        }
+    }
+}
+
 fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
@@ -121,5 +184,39 @@ mod tests {
         assert_eq!(k(""), None);
         assert_eq!(k("   "), None);
         assert_eq!(k("_"), None);
+    }
+
+    #[test]
+    fn statements_that_change_settings() {
+        for sql in [
+            "SET search_path TO app",
+            "set session statement_timeout = 5",
+            "  SET ROLE admin",
+            "set session authorization bob",
+            "SET TIME ZONE 'UTC'",
+            "set session characteristics as transaction read only",
+            "RESET ALL",
+            "reset role",
+            "select pg_catalog.set_config('search_path', 'x', false)",
+            "SELECT SET_CONFIG('a.b', 'c', false)",
+            "select 1; set search_path = x",
+            "/* app */ SET search_path = x",
+            "-- note\nset role x",
+        ] {
+            assert!(changes_settings(sql.as_bytes()), "{sql:?}");
+        }
+        for sql in [
+            "SET LOCAL search_path = x",
+            "set transaction isolation level serializable",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "update t set a = 1",
+            "select a from t where aid = $1",
+            "select settings_x from t",
+            "BEGIN; SELECT 1; COMMIT",
+            "settle",
+            "",
+        ] {
+            assert!(!changes_settings(sql.as_bytes()), "{sql:?}");
+        }
     }
 }

@@ -31,6 +31,9 @@ pub struct SessionParams {
     /// the role its pool checks (`server::role`).
     in_hot_standby: Option<bool>,
     default_transaction_read_only: Option<bool>,
+    /// A server only, transaction mode: the client that may have changed its settings (SET,
+    /// RESET, SET ROLE, set_config); another client gets the server only after a reset.
+    settings_owner: Option<u64>,
 }
 
 /// What [`SessionParams::sync_sql`] asks a server to do.
@@ -68,6 +71,23 @@ impl SessionParams {
         (self.in_hot_standby, self.default_transaction_read_only)
     }
 
+    /// A server: `client` sent a statement that may change its settings for good.
+    pub fn note_settings_changed_by(&mut self, client: u64) {
+        self.settings_owner = Some(client);
+    }
+
+    /// A server: another client than `client` may have changed its settings since its last
+    /// reset.
+    pub fn settings_changed_by_other(&self, client: u64) -> bool {
+        self.settings_owner.is_some_and(|owner| owner != client)
+    }
+
+    /// A server: its settings are back at the connection's startup values.
+    pub fn settings_reset(&mut self) {
+        self.settings_owner = None;
+        self.forget_extra();
+    }
+
     /// A client's startup asked for read-only transactions (default_transaction_read_only).
     pub fn startup_read_only(&self) -> bool {
         self.extra
@@ -101,7 +121,7 @@ impl SessionParams {
     pub fn on_command_complete(&mut self, tag: &[u8]) {
         let tag = tag.strip_suffix(&[0]).unwrap_or(tag);
         if tag.eq_ignore_ascii_case(b"DISCARD ALL") {
-            self.forget_extra();
+            self.settings_reset();
         } else if tag.eq_ignore_ascii_case(b"RESET") {
             self.extra_unknown = true;
         }

@@ -16,6 +16,10 @@ use crate::protocol::messages::{
 };
 use crate::stream::read_message;
 
+/// Back to the connection's startup settings: every parameter, and the role and session
+/// user (which RESET ALL leaves alone).
+const RESET_SETTINGS: &str = "RESET ALL; RESET ROLE; RESET SESSION AUTHORIZATION";
+
 /// Opens a transaction block and fails it, with a message that says why in the server's log.
 const FAILED_BLOCK_SQL: &str = "BEGIN; DO $iampool$BEGIN RAISE EXCEPTION USING ERRCODE = '25P02', \
      MESSAGE = 'iampool: the transaction of this client was lost with its previous server \
@@ -68,9 +72,20 @@ impl ServerConn {
     /// the client learns that spelling too.
     pub async fn sync_params(
         &mut self,
+        client_id: u64,
         client: &mut SessionParams,
         to_client: &mut BytesMut,
     ) -> Result<(), SessionError> {
+        if self.params.settings_changed_by_other(client_id) {
+            // Another client may have left a setting or a role behind: reset all of it
+            // before this client sees the server. What the reset changes among reported
+            // parameters is recorded from the server's ParameterStatus.
+            if let Err(e) = self.run_own(RESET_SETTINGS).await {
+                self.params.mark_extra_unknown();
+                return Err(e);
+            }
+            self.params.settings_reset();
+        }
         let Some(sync) = SessionParams::sync_sql(client, &mut self.params) else {
             return Ok(());
         };

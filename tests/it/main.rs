@@ -19,6 +19,7 @@ mod observability;
 mod pgbench;
 mod pooler;
 mod prepared;
+mod session_state;
 mod signer;
 mod topology;
 mod upstream_auth;
