@@ -18,9 +18,10 @@ use crate::protocol::framing::{Header, Step, HEADER_LEN};
 use crate::protocol::messages::{
     backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, ErrorFields, TxStatus,
 };
-use crate::protocol::session_state;
+use crate::protocol::session_state::{self, Setting};
 use crate::protocol::statements::ServerStatements;
 use crate::server::params::SessionParams;
+use std::collections::VecDeque;
 
 pub use crate::protocol::framing::MAX_SERVER_MESSAGE;
 
@@ -113,6 +114,18 @@ pub struct Scan {
     pub readies: u32,
     /// This client, as the owner of settings it changes on a server.
     pub client_id: u64,
+    /// SET and RESET statements sent and not yet answered, in order, each with the number of
+    /// the request it belongs to: recorded for replay when its CommandComplete comes.
+    pending_sets: VecDeque<(u64, Setting, String)>,
+    /// Named prepared statements that are one SET or RESET: (client's name, setting, SQL).
+    named_sets: Vec<(Vec<u8>, Setting, String)>,
+    /// Requests (a Query, or messages up to a Sync) sent, and answered by ReadyForQuery.
+    requests_sent: u64,
+    requests_answered: u64,
+    /// Those that completed inside the open transaction block: recorded if it commits.
+    block_sets: Vec<(Setting, String)>,
+    /// The block was ended by COMMIT (`Some(true)`) or ROLLBACK since the last ReadyForQuery.
+    block_ended: Option<bool>,
 }
 
 impl Scan {
@@ -139,6 +152,12 @@ impl Scan {
             request_started: false,
             readies: 0,
             client_id: next_client_id(),
+            pending_sets: VecDeque::new(),
+            named_sets: Vec::new(),
+            requests_sent: 0,
+            requests_answered: 0,
+            block_sets: Vec::new(),
+            block_ended: None,
         }
     }
 
@@ -186,10 +205,36 @@ impl Scan {
             if tag == frontend::QUERY || tag == frontend::PARSE {
                 let end = (pos + len).min(self.c.buf.len());
                 let body = &self.c.buf[pos + HEADER_LEN..end];
-                if self.transaction_mode
-                    && session_state::changes_settings(statement_text(tag, body))
-                {
+                let text = statement_text(tag, body);
+                if tag == frontend::PARSE && !self.named_sets.is_empty() {
+                    // A name given to another statement is no SET any more.
+                    let name = &body[..body.iter().position(|&b| b == 0).unwrap_or(0)];
+                    self.named_sets.retain(|(n, _, _)| n.as_slice() != name);
+                }
+                if self.transaction_mode && session_state::changes_settings(text) {
                     srv.params.note_settings_changed_by(self.client_id);
+                    // One SET or RESET alone is replayed on the client's next servers once
+                    // it has succeeded: a Query, an unnamed Parse (executed in this batch), or a
+                    // named statement once a Bind executes it.
+                    if let Some(setting) = session_state::setting(text) {
+                        let sql = String::from_utf8_lossy(text);
+                        let sql = sql
+                            .trim()
+                            .trim_end_matches(['\0', ';'])
+                            .trim_end()
+                            .to_owned();
+                        let name_end = body.iter().position(|&b| b == 0).unwrap_or(0);
+                        if tag == frontend::PARSE && name_end > 0 {
+                            if self.named_sets.len() < MAX_NAMED_SETS {
+                                let name = body[..name_end].to_vec();
+                                self.named_sets.retain(|(n, _, _)| *n != name);
+                                self.named_sets.push((name, setting, sql));
+                            }
+                        } else {
+                            let request = self.requests_sent;
+                            self.pending_sets.push_back((request, setting, sql));
+                        }
+                    }
                 }
                 let sql = on_sql(
                     tag,
@@ -210,6 +255,10 @@ impl Scan {
             }
             let mut pos = pos;
             let end = (pos + len).min(self.c.buf.len());
+            if tag == frontend::BIND && !self.named_sets.is_empty() {
+                let bind = self.c.buf[pos + HEADER_LEN..end].to_vec();
+                self.bind_of_named_set(&bind);
+            }
             if rewrite
                 && Tracker::inspects(tag)
                 && names_statement(tag, &self.c.buf[pos + HEADER_LEN..end])
@@ -237,6 +286,12 @@ impl Scan {
                 }
                 // Not one of this client's names: forwarded as it is, from the buffer's start.
             }
+            if matches!(
+                tag,
+                frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+            ) {
+                self.requests_sent += 1;
+            }
             match srv.x.on_client(tag) {
                 ClientMsg::Forward => {}
                 ClientMsg::Terminate => {
@@ -251,6 +306,20 @@ impl Scan {
             self.c.ready += self.c.scan.consume_message(header, avail);
         }
         Ok(())
+    }
+
+    /// A Bind (its body, or the start of it) of one of the client's named SET statements:
+    /// the setting is pending for this request.
+    fn bind_of_named_set(&mut self, bind: &[u8]) {
+        let mut parts = bind.splitn(3, |&b| b == 0);
+        let (Some(_portal), Some(statement)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        if let Some((_, setting, sql)) = self.named_sets.iter().find(|(n, _, _)| n == statement) {
+            let request = self.requests_sent;
+            self.pending_sets
+                .push_back((request, setting.clone(), sql.clone()));
+        }
     }
 
     /// Whether a client message must be complete in the buffer before it is handled.
@@ -309,6 +378,26 @@ impl Scan {
                     self.traffic.queries += 1;
                     self.readies += 1;
                     self.block_change = None;
+                    // The request is answered: a SET of it that did not complete failed.
+                    let answered = self.requests_answered;
+                    self.requests_answered += 1;
+                    while self
+                        .pending_sets
+                        .front()
+                        .is_some_and(|(r, _, _)| *r <= answered)
+                    {
+                        self.pending_sets.pop_front();
+                    }
+                    if s == TxStatus::Idle {
+                        if self.block_ended == Some(true) {
+                            for (setting, sql) in std::mem::take(&mut self.block_sets) {
+                                self.params.record_setting(&setting, &sql);
+                            }
+                            srv.params.settings_now(self.client_id, &self.params);
+                        }
+                        self.block_sets.clear();
+                        self.block_ended = None;
+                    }
                 }
                 backend::PARAMETER_STATUS => {
                     if let Ok((n, v)) = parse_parameter_status(body) {
@@ -319,8 +408,36 @@ impl Scan {
                 // A client's RESET / DISCARD ALL changes what iampool set on this server.
                 backend::COMMAND_COMPLETE => {
                     srv.params.on_command_complete(body);
+                    let tag = body.strip_suffix(&[0]).unwrap_or(body);
                     if let Some(open) = block_command(body) {
                         self.block_change = Some(open);
+                        if !open {
+                            self.block_ended = Some(tag == b"COMMIT");
+                        }
+                    }
+                    if tag == b"SET" || tag == b"RESET" {
+                        let current = self.requests_answered;
+                        let of_this_request = self
+                            .pending_sets
+                            .front()
+                            .is_some_and(|(r, _, _)| *r == current);
+                        if let Some((_, setting, sql)) = of_this_request
+                            .then(|| self.pending_sets.pop_front())
+                            .flatten()
+                        {
+                            let in_block = self
+                                .block_change
+                                .unwrap_or(srv.x.status() != TxStatus::Idle);
+                            if in_block {
+                                self.block_sets.push((setting, sql));
+                            } else {
+                                self.params.record_setting(&setting, &sql);
+                                srv.params.settings_now(self.client_id, &self.params);
+                            }
+                        }
+                    } else if tag.eq_ignore_ascii_case(b"DISCARD ALL") {
+                        self.params.clear_settings();
+                        srv.params.settings_now(self.client_id, &self.params);
                     }
                 }
                 backend::ERROR_RESPONSE => {
@@ -437,6 +554,9 @@ fn statement_text(tag: u8, body: &[u8]) -> &[u8] {
         body
     }
 }
+
+/// A client's named SET statements remembered for replay.
+const MAX_NAMED_SETS: usize = 16;
 
 /// A process-wide unique id per client session (never 0).
 fn next_client_id() -> u64 {

@@ -97,6 +97,89 @@ fn statement_changes_settings(statement: &[u8]) -> bool {
     false
 }
 
+/// What one session-level SET or RESET statement does, for replaying a client's settings
+/// on another server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setting {
+    /// Sets (or, `TO DEFAULT`, resets) one parameter: `role`, `session_authorization`,
+    /// `timezone`, `search_path` (SET SCHEMA), `client_encoding` (SET NAMES), or the name.
+    Set(String),
+    Reset(String),
+    /// `RESET ALL`: every parameter but the role and the session user.
+    ResetAll,
+}
+
+/// Statements longer than this are not replayed (the server still gets reset).
+const MAX_REPLAYED: usize = 4096;
+
+/// `sql` is exactly one session-level SET or RESET statement (a trailing `;` allowed), with
+/// no comment and no `;` inside: what it sets. None for anything else, including forms that
+/// end with the transaction (SET LOCAL, SET TRANSACTION, SET CONSTRAINTS).
+pub fn setting(sql: &[u8]) -> Option<Setting> {
+    let sql = sql.strip_suffix(&[0]).unwrap_or(sql).trim_ascii();
+    let sql = sql.strip_suffix(b";").unwrap_or(sql).trim_ascii_end();
+    if sql.len() > MAX_REPLAYED
+        || memchr::memchr(b';', sql).is_some()
+        || memchr::memmem::find(sql, b"--").is_some()
+        || memchr::memmem::find(sql, b"/*").is_some()
+    {
+        return None;
+    }
+    let text = std::str::from_utf8(sql).ok()?;
+    let mut words = text.split_ascii_whitespace();
+    let verb = words.next()?.to_ascii_lowercase();
+    let mut next = words.next()?;
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    if verb == "set" && is(next, "session") {
+        next = words.next()?;
+        if is(next, "characteristics") {
+            return Some(Setting::Set("session_characteristics".into()));
+        }
+    } else if verb != "set" && verb != "reset"
+        || verb == "set"
+            && ["local", "transaction", "constraints"]
+                .iter()
+                .any(|k| is(next, k))
+    {
+        // Not a setting, or one that ends with the transaction.
+        return None;
+    }
+    let key = if is(next, "role") {
+        "role".to_owned()
+    } else if is(next, "authorization") || is(next, "session") && is(words.next()?, "authorization")
+    {
+        "session_authorization".to_owned()
+    } else if is(next, "time") {
+        "timezone".to_owned()
+    } else if is(next, "schema") {
+        "search_path".to_owned()
+    } else if is(next, "names") {
+        "client_encoding".to_owned()
+    } else if verb == "reset" && is(next, "all") {
+        return Some(Setting::ResetAll);
+    } else {
+        // A parameter name, up to `=`, `TO` or a space; a quoted one keeps its case.
+        let name = next.split('=').next()?;
+        match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.to_owned(),
+            None if name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') =>
+            {
+                name.to_ascii_lowercase()
+            }
+            None => return None,
+        }
+    };
+    if key.is_empty() {
+        return None;
+    }
+    Some(match verb.as_str() {
+        "set" => Setting::Set(key),
+        _ => Setting::Reset(key),
+    })
+}
+
 /// The leading word (letters and `_`) of `t`, and the rest.
 fn word(t: &[u8]) -> (&[u8], &[u8]) {
     let end = t
@@ -184,6 +267,56 @@ mod tests {
         assert_eq!(k(""), None);
         assert_eq!(k("   "), None);
         assert_eq!(k("_"), None);
+    }
+
+    #[test]
+    fn settings_a_client_keeps() {
+        let s = |sql: &str| setting(sql.as_bytes());
+        let set = |k: &str| Some(Setting::Set(k.to_owned()));
+        assert_eq!(s("SET search_path TO app, public"), set("search_path"));
+        assert_eq!(s("set Search_Path=app;"), set("search_path"));
+        assert_eq!(
+            s("SET SESSION statement_timeout = '5s'"),
+            set("statement_timeout")
+        );
+        assert_eq!(s("SET myapp.tenant = 'a'\0"), set("myapp.tenant"));
+        assert_eq!(s("SET \"MyApp.X\" TO 1"), set("MyApp.X"));
+        assert_eq!(s("SET ROLE admin"), set("role"));
+        assert_eq!(
+            s("set session authorization bob"),
+            set("session_authorization")
+        );
+        assert_eq!(s("SET TIME ZONE 'UTC'"), set("timezone"));
+        assert_eq!(s("SET SCHEMA 'app'"), set("search_path"));
+        assert_eq!(s("SET NAMES 'UTF8'"), set("client_encoding"));
+        assert_eq!(
+            s("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            set("session_characteristics")
+        );
+        assert_eq!(
+            s("RESET search_path"),
+            Some(Setting::Reset("search_path".into()))
+        );
+        assert_eq!(s("reset role"), Some(Setting::Reset("role".into())));
+        assert_eq!(
+            s("RESET SESSION AUTHORIZATION"),
+            Some(Setting::Reset("session_authorization".into()))
+        );
+        assert_eq!(s("RESET ALL"), Some(Setting::ResetAll));
+        for sql in [
+            "SET LOCAL search_path = x",
+            "set transaction read only",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "SET a = 1; SET b = 2",
+            "SET application_name = 'a;b'",
+            "/* c */ SET a = 1",
+            "SET",
+            "SELECT set_config('a', 'b', false)",
+            "update t set a = 1",
+        ] {
+            assert_eq!(s(sql), None, "{sql:?}");
+        }
+        assert_eq!(s(&format!("SET a = '{}'", "x".repeat(5000))), None);
     }
 
     #[test]

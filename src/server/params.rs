@@ -5,6 +5,8 @@
 //! Other startup parameters (e.g. `extra_float_digits`, `options=-c ...`) are not reported;
 //! for those iampool remembers what it set on each server itself.
 
+use crate::protocol::session_state::Setting;
+
 /// The reported parameters iampool carries across servers, as PgBouncer does.
 pub const TRACKED: [&str; 7] = [
     "application_name",
@@ -34,7 +36,15 @@ pub struct SessionParams {
     /// A server only, transaction mode: the client that may have changed its settings (SET,
     /// RESET, SET ROLE, set_config); another client gets the server only after a reset.
     settings_owner: Option<u64>,
+    /// A client: its session-level SET and RESET statements that succeeded, one per
+    /// parameter in the order last set, replayed on each new server. A server: the version
+    /// of its owner's list it reflects.
+    sets: Vec<(String, String)>,
+    sets_version: u64,
 }
+
+/// At most this many parameters a client sets are replayed (the server is reset anyway).
+const MAX_SETS: usize = 64;
 
 /// What [`SessionParams::sync_sql`] asks a server to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,16 +86,63 @@ impl SessionParams {
         self.settings_owner = Some(client);
     }
 
-    /// A server: another client than `client` may have changed its settings since its last
-    /// reset.
-    pub fn settings_changed_by_other(&self, client: u64) -> bool {
-        self.settings_owner.is_some_and(|owner| owner != client)
+    /// A server: whether it holds exactly what `client` (with `client_params`) set, so it
+    /// needs neither a reset nor a replay.
+    pub fn settings_are(&self, client: u64, client_params: &SessionParams) -> bool {
+        match self.settings_owner {
+            None => client_params.sets.is_empty(),
+            Some(owner) => owner == client && self.sets_version == client_params.sets_version,
+        }
+    }
+
+    /// A server: someone may have changed its settings.
+    pub fn settings_dirty(&self) -> bool {
+        self.settings_owner.is_some()
     }
 
     /// A server: its settings are back at the connection's startup values.
     pub fn settings_reset(&mut self) {
         self.settings_owner = None;
         self.forget_extra();
+    }
+
+    /// A client: its SET and RESET statements, as one statement list to replay.
+    pub fn replay_sql(&self) -> Option<String> {
+        (!self.sets.is_empty()).then(|| {
+            let statements: Vec<&str> = self.sets.iter().map(|(_, s)| s.as_str()).collect();
+            statements.join("; ")
+        })
+    }
+
+    /// A server now holds `client`'s settings as of `client_params`.
+    pub fn settings_now(&mut self, client: u64, client_params: &SessionParams) {
+        self.settings_owner = Some(client);
+        self.sets_version = client_params.sets_version;
+    }
+
+    /// A client: a SET or RESET statement succeeded (outside a transaction block, or in one
+    /// that committed).
+    pub fn record_setting(&mut self, setting: &Setting, statement: &str) {
+        match setting {
+            Setting::Set(key) => {
+                self.sets.retain(|(k, _)| k != key);
+                if self.sets.len() < MAX_SETS {
+                    let statement = statement.trim().trim_end_matches([';', '\0', ' ']);
+                    self.sets.push((key.clone(), statement.to_owned()));
+                }
+            }
+            Setting::Reset(key) => self.sets.retain(|(k, _)| k != key),
+            Setting::ResetAll => self
+                .sets
+                .retain(|(k, _)| k == "role" || k == "session_authorization"),
+        }
+        self.sets_version += 1;
+    }
+
+    /// A client: DISCARD ALL ended every setting and the role.
+    pub fn clear_settings(&mut self) {
+        self.sets.clear();
+        self.sets_version += 1;
     }
 
     /// A client's startup asked for read-only transactions (default_transaction_read_only).

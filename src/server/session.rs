@@ -76,16 +76,35 @@ impl ServerConn {
         client: &mut SessionParams,
         to_client: &mut BytesMut,
     ) -> Result<(), SessionError> {
-        if self.params.settings_changed_by_other(client_id) {
-            // Another client may have left a setting or a role behind: reset all of it
-            // before this client sees the server. What the reset changes among reported
-            // parameters is recorded from the server's ParameterStatus.
+        let settled = self.params.settings_are(client_id, client);
+        if !settled && self.params.settings_dirty() {
+            // Another client (or this one, on another server since) may have left a setting
+            // or a role behind: reset all of it before this client sees the server. What the
+            // reset changes among reported parameters is recorded from the server's
+            // ParameterStatus.
             if let Err(e) = self.run_own(RESET_SETTINGS).await {
                 self.params.mark_extra_unknown();
                 return Err(e);
             }
             self.params.settings_reset();
         }
+        self.sync_startup_params(client, to_client).await?;
+        if !settled {
+            // The client's own SET and RESET statements, replayed as it sent them.
+            if let Some(sql) = client.replay_sql() {
+                self.run_own(&sql).await?;
+                self.params.settings_now(client_id, client);
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameters a client's startup (and ParameterStatus) gave it.
+    async fn sync_startup_params(
+        &mut self,
+        client: &mut SessionParams,
+        to_client: &mut BytesMut,
+    ) -> Result<(), SessionError> {
         let Some(sync) = SessionParams::sync_sql(client, &mut self.params) else {
             return Ok(());
         };

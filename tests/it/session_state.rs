@@ -107,3 +107,72 @@ async fn settings_and_roles_do_not_leak_to_the_next_client() {
     .await
     .expect("shutdown");
 }
+
+/// A client's own SET and RESET statements follow it to other servers: with its first server
+/// held by another client's open transaction, its next statements run on the second server,
+/// where its search_path, statement_timeout, time zone and role are what it set (a SET
+/// inside a transaction that rolled back is not), and a RESET is honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_settings_follow_it_to_other_servers() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("follow");
+    let privileged = format!("{}_admin", db.user);
+    pg.psql_db(
+        &db.name,
+        &format!(
+            "CREATE ROLE {p} NOLOGIN; GRANT {p} TO {u}; CREATE SCHEMA elsewhere AUTHORIZATION {u};",
+            p = quote_ident(&privileged),
+            u = quote_ident(&db.user)
+        ),
+    );
+    let mut config = pooler::config(pg, &db);
+    config.databases[0].pool_size = 2;
+    let running = start(config).await;
+    let addr = running.local_addr();
+
+    let a = connect(addr, &db).await;
+    let other = connect(addr, &db).await;
+    let first = one(&a, "SELECT pg_backend_pid()").await;
+    a.execute("SET search_path TO elsewhere, public", &[])
+        .await
+        .unwrap();
+    a.batch_execute("SET statement_timeout = '4321ms'")
+        .await
+        .unwrap();
+    a.batch_execute("SET TIME ZONE 'Pacific/Auckland'")
+        .await
+        .unwrap();
+    a.batch_execute(&format!("SET ROLE {}", quote_ident(&privileged)))
+        .await
+        .unwrap();
+    a.batch_execute("SET lock_timeout = '777ms'").await.unwrap();
+    a.batch_execute("RESET lock_timeout").await.unwrap();
+    a.batch_execute("BEGIN; SET work_mem = '1234kB'")
+        .await
+        .unwrap();
+    a.batch_execute("ROLLBACK").await.unwrap();
+
+    // The other client takes A's server (LIFO: the one just released) and keeps it.
+    other.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(one(&other, "SELECT pg_backend_pid()").await, first);
+    assert_eq!(one(&other, "SHOW search_path").await, "\"$user\", public");
+
+    let second = one(&a, "SELECT pg_backend_pid()").await;
+    assert_ne!(second, first, "A runs on the other server now");
+    assert_eq!(one(&a, "SHOW search_path").await, "elsewhere, public");
+    assert_eq!(one(&a, "SHOW statement_timeout").await, "4321ms");
+    assert_eq!(one(&a, "SHOW TimeZone").await, "Pacific/Auckland");
+    assert_eq!(one(&a, "SELECT current_user").await, privileged);
+    assert_eq!(
+        one(&a, "SHOW lock_timeout").await,
+        "0",
+        "RESET is followed too"
+    );
+    assert_eq!(
+        one(&a, "SHOW work_mem").await,
+        "4MB",
+        "a rolled-back SET is not"
+    );
+    other.batch_execute("COMMIT").await.unwrap();
+    assert!(running.shutdown().await);
+}
