@@ -278,6 +278,14 @@ mod tests {
         b
     }
 
+    fn loss(owed: usize, unsynced: bool, in_block: bool) -> Loss {
+        Loss {
+            owed,
+            unsynced,
+            in_block,
+        }
+    }
+
     /// The message tags in `out`, in order.
     fn tags(mut out: &[u8]) -> String {
         let mut tags = String::new();
@@ -291,11 +299,7 @@ mod tests {
     #[test]
     fn in_flight_request_outside_a_block_fails_and_leaves_nothing_owed() {
         let mut out = BytesMut::new();
-        let loss = Loss {
-            owed: 1,
-            unsynced: false,
-            in_block: false,
-        };
+        let loss = loss(1, false, false);
         assert!(Orphan::on_loss(&mut out, loss, "reset").is_none());
         assert_eq!(tags(&out), "EZ");
         assert_eq!(*out.last().unwrap(), b'I');
@@ -305,11 +309,7 @@ mod tests {
     #[test]
     fn a_block_stays_aborted_until_rollback() {
         let mut out = BytesMut::new();
-        let loss = Loss {
-            owed: 2,
-            unsynced: false,
-            in_block: true,
-        };
+        let loss = loss(2, false, true);
         let mut o = Orphan::on_loss(&mut out, loss, "57P01").expect("owed");
         assert_eq!(tags(&out), "EZEZ");
         assert!(
@@ -333,11 +333,7 @@ mod tests {
     #[test]
     fn the_loss_of_an_idle_transaction_is_told_with_the_next_statement() {
         let mut out = BytesMut::new();
-        let loss = Loss {
-            owed: 0,
-            unsynced: false,
-            in_block: true,
-        };
+        let loss = loss(0, false, true);
         let mut o = Orphan::on_loss(&mut out, loss, "terminated").expect("aborted");
         assert!(out.is_empty(), "nothing is said while the client is idle");
         let mut buf = query("select 1");
@@ -353,11 +349,7 @@ mod tests {
     #[test]
     fn an_extended_request_after_an_unseen_loss_is_told_why() {
         let mut out = BytesMut::new();
-        let loss = Loss {
-            owed: 0,
-            unsynced: false,
-            in_block: true,
-        };
+        let loss = loss(0, false, true);
         let mut o = Orphan::on_loss(&mut out, loss, "terminated").expect("aborted");
         let mut buf = BytesMut::new();
         messages::frontend_message(&mut buf, frontend::PARSE, |b| {
@@ -410,11 +402,7 @@ mod tests {
     #[test]
     fn a_commit_of_a_transaction_lost_unseen_fails() {
         let mut out = BytesMut::new();
-        let loss = Loss {
-            owed: 0,
-            unsynced: false,
-            in_block: true,
-        };
+        let loss = loss(0, false, true);
         let mut o = Orphan::on_loss(&mut out, loss, "terminated").expect("aborted");
         let mut buf = query("COMMIT");
         o.answer(&mut buf, 1 << 20, &mut out).unwrap();
@@ -427,11 +415,7 @@ mod tests {
     #[test]
     fn an_unsynced_batch_is_skipped_to_its_sync() {
         let mut out = BytesMut::new();
-        let loss = Loss {
-            owed: 0,
-            unsynced: true,
-            in_block: false,
-        };
+        let loss = loss(0, true, false);
         let mut o = Orphan::on_loss(&mut out, loss, "reset").expect("skip");
         assert_eq!(tags(&out), "E");
         out.clear();

@@ -63,38 +63,70 @@ pub fn kind(sql: &[u8]) -> Option<usize> {
 /// the side of yes (a `;` inside a string can start a "statement"); a server it says yes for
 /// is reset before another client gets it. Costs a byte search for `;` for ordinary SQL.
 pub fn changes_settings(sql: &[u8]) -> bool {
-    let mut rest = sql;
-    loop {
-        let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
-        if statement_changes_settings(&rest[..end]) {
+    // One pass over the text for `;` (a next statement) and `(` (a call, in a SELECT).
+    let mut select = match statement_start(sql) {
+        Start::Changes => return true,
+        Start::Select => true,
+        Start::Other => false,
+    };
+    for at in memchr::memchr2_iter(b';', b'(', sql) {
+        if sql[at] == b';' {
+            select = match statement_start(&sql[at + 1..]) {
+                Start::Changes => return true,
+                Start::Select => true,
+                Start::Other => false,
+            };
+        } else if select && names_set_config(&sql[..at]) {
             return true;
         }
-        if end == rest.len() {
-            return false;
-        }
-        rest = &rest[end + 1..];
     }
+    false
 }
 
-fn statement_changes_settings(statement: &[u8]) -> bool {
-    let text = skip_comments(statement);
+/// How a statement starts, for [`changes_settings`].
+enum Start {
+    /// `SET` (session-level) or `RESET`.
+    Changes,
+    /// `SELECT`: a `set_config(` in it changes a setting.
+    Select,
+    Other,
+}
+
+#[inline]
+fn statement_start(statement: &[u8]) -> Start {
+    let text = statement.trim_ascii_start();
+    // Only SET, RESET, SELECT (and a leading comment) matter: one byte decides for the rest.
+    let text = match text.first() {
+        Some(b'-' | b'/') => skip_comments(text),
+        Some(b) if matches!(b | 0x20, b's' | b'r') => text,
+        _ => return Start::Other,
+    };
     let (first, rest) = word(text);
     if first.eq_ignore_ascii_case(b"reset") {
-        return true;
+        return Start::Changes;
     }
     if first.eq_ignore_ascii_case(b"set") {
         let (second, _) = word(rest.trim_ascii_start());
-        return ![b"local".as_slice(), b"transaction", b"constraints"]
+        let ends_with_transaction = [b"local".as_slice(), b"transaction", b"constraints"]
             .iter()
             .any(|w| second.eq_ignore_ascii_case(w));
+        return match ends_with_transaction {
+            true => Start::Other,
+            false => Start::Changes,
+        };
     }
-    if first.eq_ignore_ascii_case(b"select") {
-        return memchr::memchr(b'_', rest).is_some()
-            && rest
-                .windows(b"set_config".len())
-                .any(|w| w.eq_ignore_ascii_case(b"set_config"));
+    match first.eq_ignore_ascii_case(b"select") {
+        true => Start::Select,
+        false => Start::Other,
     }
-    false
+}
+
+/// Whether the text before a `(` ends with the name `set_config` (any case, `pg_catalog.`
+/// or not).
+fn names_set_config(before: &[u8]) -> bool {
+    const WORD: &[u8] = b"set_config";
+    let before = before.trim_ascii_end();
+    before.len() >= WORD.len() && before[before.len() - WORD.len()..].eq_ignore_ascii_case(WORD)
 }
 
 /// What one session-level SET or RESET statement does, for replaying a client's settings

@@ -96,12 +96,7 @@ async fn a_writer_pool_refuses_a_standby_and_takes_the_primary() {
         .batch_execute("INSERT INTO t VALUES (1)")
         .await
         .expect("a write through the writer pool");
-    let recovery: bool = client
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!recovery);
+    assert!(!on_standby(&client).await);
 }
 
 /// A read-only pool takes the standby and refuses the primary; and when the standby is
@@ -173,6 +168,14 @@ async fn a_reader_pool_takes_the_standby_and_follows_its_promotion() {
         "{refused:?}"
     );
     settle_backends(&standby, &db, 0).await;
+}
+
+/// Whether the server a client's next statement runs on is in recovery (a standby).
+async fn on_standby(c: &impl tokio_postgres::GenericClient) -> bool {
+    c.query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .expect("pg_is_in_recovery()")
+        .get(0)
 }
 
 /// Synchronous replication to the standby, so that every acknowledged commit is on it too.
@@ -373,11 +376,7 @@ async fn read_only_transactions_go_to_the_reader_pool() {
         .start()
         .await
         .unwrap();
-    let r: bool = tx
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let r = on_standby(&tx).await;
     assert!(r, "a driver's read-only transaction runs on the reader");
     tx.commit().await.unwrap();
 
@@ -386,11 +385,7 @@ async fn read_only_transactions_go_to_the_reader_pool() {
     cfg.options("-c default_transaction_read_only=on");
     let (ro, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    let r: bool = ro
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let r = on_standby(&ro).await;
     assert!(r, "a read-only client runs on the reader");
 
     let pools = running.shared();
@@ -426,11 +421,7 @@ async fn prefer_standby_and_load_balanced_hosts() {
     let addr = running.local_addr();
 
     let client = try_connect(addr, &db).await.unwrap();
-    let r: bool = client
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let r = on_standby(&client).await;
     assert!(
         r,
         "prefer-standby takes the standby, though the primary is listed first"
@@ -467,11 +458,7 @@ async fn prefer_standby_and_load_balanced_hosts() {
     standby.stop();
     running.shared().pool(&db.name).unwrap().retire_all();
     let client = try_connect(addr, &db).await.unwrap();
-    let r: bool = client
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let r = on_standby(&client).await;
     assert!(
         !r,
         "with the standby down, prefer-standby takes the primary"
