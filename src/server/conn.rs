@@ -78,17 +78,18 @@ impl ServerConn {
             }
             Poll::Ready(Ok(())) => rb.filled(),
         };
-        match Header::parse(unread, unread.len()) {
-            Ok(Some(h)) if h.tag == backend::ERROR_RESPONSE && unread.len() >= h.frame_len() => {
-                let fields = parse_error_fields(&unread[HEADER_LEN..h.frame_len()]);
-                match fields.is_fatal() {
-                    true => IdleCheck::Gone {
-                        fatal: Some(fields),
-                    },
-                    false => IdleCheck::Unusable,
-                }
-            }
-            _ => IdleCheck::Unusable,
+        // An idle backend sends an error only as it ends (a shutdown, pg_terminate_backend):
+        // FATAL, whether or not all of it has arrived yet.
+        if unread.first() != Some(&backend::ERROR_RESPONSE) {
+            return IdleCheck::Unusable;
+        }
+        let end = match Header::parse(unread, usize::MAX) {
+            Ok(Some(h)) => unread.len().min(h.frame_len()),
+            _ => unread.len(),
+        };
+        let fields = parse_error_fields(&unread[HEADER_LEN.min(end)..end]);
+        IdleCheck::Gone {
+            fatal: (!fields.code.is_empty()).then_some(fields),
         }
     }
 
