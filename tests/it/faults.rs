@@ -826,11 +826,16 @@ async fn postgres_restart_under_pgbench_loses_no_acknowledged_commit() {
     .unwrap();
     let (_, out, err) = during.await.unwrap();
     println!("pgbench across the restart:\n{out}{err}");
+    // Transaction mode keeps clients' connections: a pgbench client whose statement was in
+    // flight is aborted by pgbench on the ERROR (pgbench aborts on any error), the others
+    // wait through the restart and carry on; either way pgbench ran across it.
     assert!(
-        err.contains("terminating connection")
-            || err.contains("server closed")
-            || err.contains("aborted"),
-        "the restart reached pgbench's sessions:\n{out}{err}"
+        out.contains("number of transactions actually processed"),
+        "pgbench ran across the restart:\n{out}{err}"
+    );
+    assert!(
+        !err.contains("FATAL"),
+        "no session was ended by the restart:\n{out}{err}"
     );
     ledger.wait_for_more(30, T).await;
 
