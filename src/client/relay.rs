@@ -299,7 +299,6 @@ impl Session {
                     };
                     let in_copy = x.in_copy();
                     let fatal = self.scan.server_fatal.take();
-                    let held = std::mem::take(&mut self.scan.fatal_held);
                     // Nothing is owed by a server that is gone: nothing to cancel.
                     server.exchange.reset();
                     self.pool.lost(server, fatal.as_ref());
@@ -321,7 +320,7 @@ impl Session {
                         self.orphan = Orphan::on_loss(out, loss, &reason);
                         continue;
                     }
-                    if let Some(f) = fatal.as_ref().filter(|_| held) {
+                    if let Some(f) = fatal.as_ref().filter(|_| self.scan.transaction_mode) {
                         // Held back for an ERROR that cannot be sent now: the FATAL after all.
                         self.send_fatal(&f.code, &f.message).await;
                         return End::ServerGone;
@@ -499,7 +498,6 @@ impl Session {
             gate: server.cancels.clone(),
         });
         self.scan.server_fatal = None;
-        self.scan.fatal_held = false;
         self.scan.block_change = None;
         self.scan.read_only_error = false;
         if failed_block {

@@ -97,11 +97,10 @@ pub struct Scan {
     pub transaction_mode: bool,
     /// Kinds of session state seen and not yet taken (bit per [`session_state::KINDS`]).
     pub session_state: u8,
-    /// The FATAL error the linked server sent: it is about to close.
+    /// The FATAL error the linked server sent: it is about to close. In transaction mode it
+    /// is held back from the client, which keeps its connection (the relay tells it with an
+    /// ERROR instead).
     pub server_fatal: Option<ErrorFields>,
-    /// Transaction mode: that FATAL was held back from the client, which keeps its
-    /// connection (the relay tells it with an ERROR instead).
-    pub fatal_held: bool,
     /// The server said a statement could not write because it is read-only (25006): a
     /// writer pool's sign that this server may have been demoted.
     pub read_only_error: bool,
@@ -146,7 +145,6 @@ impl Scan {
             transaction_mode,
             session_state: 0,
             server_fatal: None,
-            fatal_held: false,
             read_only_error: false,
             block_change: None,
             request_started: false,
@@ -409,7 +407,7 @@ impl Scan {
                 backend::COMMAND_COMPLETE => {
                     srv.params.on_command_complete(body);
                     let tag = body.strip_suffix(&[0]).unwrap_or(body);
-                    if let Some(open) = block_command(body) {
+                    if let Some(open) = block_command(tag) {
                         self.block_change = Some(open);
                         if !open {
                             self.block_ended = Some(tag == b"COMMIT");
@@ -447,7 +445,6 @@ impl Scan {
                     }
                     if fields.is_fatal() {
                         hold = self.transaction_mode;
-                        self.fatal_held = hold;
                         self.server_fatal = Some(fields);
                     }
                 }
@@ -564,10 +561,9 @@ fn next_client_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Whether a CommandComplete tag opens (`BEGIN`, `START TRANSACTION`) or closes (`COMMIT`,
+/// Whether a CommandComplete tag (without its NUL) opens (`BEGIN`, `START TRANSACTION`) or closes (`COMMIT`,
 /// `ROLLBACK`, `PREPARE TRANSACTION`) a transaction block.
-fn block_command(body: &[u8]) -> Option<bool> {
-    let tag = body.strip_suffix(&[0]).unwrap_or(body);
+fn block_command(tag: &[u8]) -> Option<bool> {
     match tag {
         b"BEGIN" | b"START TRANSACTION" => Some(true),
         b"COMMIT" | b"ROLLBACK" | b"PREPARE TRANSACTION" => Some(false),
