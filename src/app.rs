@@ -20,7 +20,9 @@ use crate::client::cancel::CancelRegistry;
 use crate::client::console::ConsoleLogin;
 use crate::client::guard::LoginGuard;
 use crate::client::registry::ClientRegistry;
-use crate::config::{Config, Database, Host, ReloadReport, Upstream, UpstreamAuth};
+use crate::config::{
+    Config, Database, Host, ReloadReport, SessionStateMode, Upstream, UpstreamAuth,
+};
 use crate::metrics::http::Health;
 use crate::metrics::{Metrics, PoolsCollector};
 use crate::pool::{Pool, PoolSettings};
@@ -292,6 +294,10 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
         query_wait_timeout: config.query_wait_timeout,
         idle_timeout: config.server_idle_timeout,
         login_retry: config.server_login_retry,
+        pin_session_state: config.session_state == SessionStateMode::Pin,
+        max_pinned_servers: config
+            .max_pinned_servers
+            .unwrap_or((db.pool_size / 2).max(1)),
     }
 }
 

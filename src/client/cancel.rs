@@ -20,9 +20,15 @@ pub struct CancelTarget {
     pub gate: Arc<CancelGate>,
 }
 
-/// One client's slot: None while it holds no server.
+/// One client's slot: None while it holds no server. Also what SHOW CLIENTS shows of the
+/// client's state: waiting for a server, and pinned to one (kinds of session state, bits
+/// over `session_state::KINDS`).
 #[derive(Debug, Default)]
-pub struct CancelSlot(Mutex<Option<CancelTarget>>, std::sync::atomic::AtomicBool);
+pub struct CancelSlot(
+    Mutex<Option<CancelTarget>>,
+    std::sync::atomic::AtomicBool,
+    std::sync::atomic::AtomicU8,
+);
 
 impl CancelSlot {
     pub fn link(&self, target: CancelTarget) {
@@ -53,6 +59,15 @@ impl CancelSlot {
 
     pub fn waiting(&self) -> bool {
         self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The client keeps its server for these kinds of session state (0: not pinned).
+    pub fn set_pinned(&self, kinds: u8) {
+        self.2.store(kinds, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn pinned(&self) -> u8 {
+        self.2.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod guard;
 pub mod half;
 pub mod handshake;
 pub mod orphan;
+pub mod pin;
 pub mod prepared;
 pub mod registry;
 pub mod relay;

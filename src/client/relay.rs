@@ -32,6 +32,7 @@ use super::orphan::{Loss, Next, Orphan};
 use super::prepared::{names_statement, Tracker};
 use super::scan::{Scan, ServerSide, Stop};
 use crate::config::PoolMode;
+use crate::pool::listen::Subscription;
 use crate::pool::{Pool, PoolError, Server};
 use crate::protocol::exchange::Disposition;
 use crate::protocol::framing::{Header, HEADER_LEN};
@@ -113,6 +114,9 @@ pub struct Session {
     shutdown_seen: bool,
     /// Transaction mode: what the client is still owed after its server was lost.
     orphan: Option<Orphan>,
+    /// Transaction mode: the channels the client listens on through the pool's listening
+    /// connection (made at its first LISTEN).
+    notifications: Option<Subscription>,
 }
 
 pub struct SessionArgs {
@@ -153,17 +157,20 @@ impl Session {
             a.pool.statements.clone(),
         );
         let readers = a.readers.filter(|_| transaction_mode);
+        let read_only_client = a.params.startup_read_only();
+        let mut scan = Scan::new(
+            a.leftover,
+            tracker,
+            a.params,
+            a.max_message,
+            transaction_mode,
+        );
+        scan.pin = super::pin::Pin::new(a.pool.pinning());
         Session {
-            read_only_client: a.params.startup_read_only(),
+            read_only_client,
             home: a.pool.clone(),
             readers,
-            scan: Scan::new(
-                a.leftover,
-                tracker,
-                a.params,
-                a.max_message,
-                transaction_mode,
-            ),
+            scan,
             pool: a.pool,
             mode,
             client: a.client,
@@ -185,6 +192,7 @@ impl Session {
             shutdown: a.shutdown,
             shutdown_seen: false,
             orphan: None,
+            notifications: None,
         }
     }
 
@@ -224,6 +232,9 @@ impl Session {
             }
 
             if self.answer_prepare_locally() {
+                continue;
+            }
+            if self.orphan.is_none() && self.answer_listen_locally().await {
                 continue;
             }
 
@@ -272,7 +283,18 @@ impl Session {
                 }
             }
 
-            let wake = poll_fn(|cx| self.poll_linked(cx)).await;
+            let wake = loop {
+                let wake = poll_fn(|cx| self.poll_linked(cx)).await;
+                // A pinned client's server leaves it only once nothing is left on it.
+                if matches!(wake, Wake::Released) && self.scan.pin.probe_due() {
+                    match self.probe_pin().await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => break Wake::ServerGone(Some(e)),
+                    }
+                }
+                break wake;
+            };
             match wake {
                 Wake::Released => {
                     let server = self.unlink();
@@ -299,6 +321,10 @@ impl Session {
                     };
                     let in_copy = x.in_copy();
                     let fatal = self.scan.server_fatal.take();
+                    // A pinned client's session state went with the server: it is told, as a
+                    // session-mode client would be.
+                    let pinned = self.scan.pin.pinned();
+                    self.set_unpinned();
                     // Nothing is owed by a server that is gone: nothing to cancel.
                     server.exchange.reset();
                     self.pool.lost(server, fatal.as_ref());
@@ -306,6 +332,7 @@ impl Session {
                     // Transaction mode: the client keeps its connection if both directions
                     // are between messages (what it sent in full went to the lost server).
                     if self.mode == PoolMode::Transaction
+                        && !pinned
                         && !in_copy
                         && self.scan.s.scan.at_boundary()
                         && self.scan.c.scan.at_boundary()
@@ -369,10 +396,20 @@ impl Session {
     async fn wait_for_request(&mut self) -> Option<End> {
         let whole = self.orphan.as_ref().is_some_and(Orphan::wants_whole);
         loop {
+            if let Some(end) = self.notifications_lost().await {
+                return Some(end);
+            }
             match Header::parse(&self.scan.c.buf, self.scan.max_message) {
                 Err(e) => return Some(self.fatal_protocol(&e.to_string()).await),
                 Ok(Some(h)) if h.tag == frontend::TERMINATE => return Some(End::ClientGone),
-                Ok(Some(h)) if !whole || self.scan.c.buf.len() >= h.frame_len() => return None,
+                // A short Query is read whole before a server is taken for it (it may be a
+                // LISTEN, answered here).
+                Ok(Some(h))
+                    if !(whole || h.tag == frontend::QUERY && h.frame_len() <= LISTEN_MAX)
+                        || self.scan.c.buf.len() >= h.frame_len() =>
+                {
+                    return None
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => {}
             }
@@ -394,6 +431,12 @@ impl Session {
                         self.shutdown_seen = true;
                         return Some(self.shut_down().await);
                     }
+                    m = next_notification(&mut self.notifications) => {
+                        if self.deliver_notification(m).await.is_err() {
+                            return Some(End::ClientGone);
+                        }
+                        continue;
+                    }
                 }
             }
             self.scan.c.reserve();
@@ -405,6 +448,11 @@ impl Session {
                 _ = self.shutdown_signal.as_mut() => {
                     self.shutdown_seen = true;
                     return Some(self.shut_down().await);
+                }
+                m = next_notification(&mut self.notifications) => {
+                    if self.deliver_notification(m).await.is_err() {
+                        return Some(End::ClientGone);
+                    }
                 }
             }
         }
@@ -497,6 +545,7 @@ impl Session {
             secret: server.backend_secret,
             gate: server.cancels.clone(),
         });
+        self.scan.pin.use_limit(&self.pool.pins);
         self.scan.server_fatal = None;
         self.scan.block_change = None;
         self.scan.read_only_error = false;
@@ -543,6 +592,9 @@ impl Session {
             return;
         }
         match self.mode {
+            PoolMode::Transaction if self.scan.pin.pinned() => {
+                self.reset_pinned(server).await;
+            }
             PoolMode::Transaction => self.pool.checkin(server),
             PoolMode::Session => {
                 // A session leaves state behind: reset it before anyone else gets the server.
@@ -558,6 +610,58 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A pinned client left: its server goes back only once `server_reset_query` has left
+    /// nothing of the client's session state on it (asked again after the reset).
+    async fn reset_pinned(&mut self, mut server: Server) {
+        self.set_unpinned();
+        let limit = Duration::from_secs(10);
+        let reset = match server.reset_session(&self.server_reset_query, limit).await {
+            // The reset may have dropped prepared statements iampool made there.
+            Ok(()) => server.session_state_left(limit).await,
+            Err(e) => Err(e),
+        };
+        server.statements = Default::default();
+        match reset {
+            Ok(0) => self.pool.checkin(server),
+            Ok(left) => {
+                debug!(backend_pid = server.backend_pid, left = %session_state::names(left),
+                    "server_reset_query left a pinned client's session state; closing the server");
+                self.pool.discard(server);
+            }
+            Err(e) => {
+                debug!(backend_pid = server.backend_pid, error = %e,
+                    "resetting a pinned server failed; closing it");
+                self.pool.discard(server);
+            }
+        }
+    }
+
+    /// Asks the linked server what session state its pinned client still has there.
+    /// Ok(true): the client keeps the server.
+    async fn probe_pin(&mut self) -> io::Result<bool> {
+        let server = self.server.as_mut().expect("linked");
+        let left = server
+            .session_state_left(Duration::from_secs(10))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let was = self.scan.pin.reasons();
+        let pinned = self.scan.pin.probed(left);
+        self.cancel.set_pinned(self.scan.pin.reasons());
+        if pinned && was == 0 {
+            debug!(database = %self.pool.database, reasons = %session_state::names(left),
+                "client pinned to its server for its session state");
+        } else if !pinned {
+            debug!(database = %self.pool.database, "client unpinned: its session state is gone");
+        }
+        Ok(pinned)
+    }
+
+    /// The client's pin ends (its server is lost or reset).
+    fn set_unpinned(&mut self) {
+        self.scan.pin.unpin();
+        self.cancel.set_pinned(0);
     }
 
     /// Reads and drops the server's answers to a client that is gone, until nothing is owed.
@@ -590,6 +694,8 @@ impl Session {
             && self.scan.s.scan.at_boundary()
             && self.scan.s.buf.len() == self.scan.s.ready
             && self.scan.server_fatal.is_none()
+            // A pinned client keeps its server; whether it still must is asked first.
+            && (!self.scan.pin.pinned() || self.scan.pin.probe_due())
     }
 
     /// Drives both directions while a server is linked.
@@ -668,11 +774,25 @@ impl Session {
             }
             // Transaction mode notices shutdown when the server is released; session mode,
             // whose server stays linked between transactions, must be told here.
-            if self.mode == PoolMode::Session
+            if (self.mode == PoolMode::Session || self.scan.pin.pinned())
                 && !self.shutdown_seen
                 && self.shutdown_signal.as_mut().poll(cx).is_ready()
             {
                 self.shutdown_seen = true;
+            }
+            // A pinned client between transactions gets the notifications of the channels
+            // it listens on through the pool, as an idle one does.
+            if let Some(sub) = self.notifications.as_mut() {
+                let at_rest = self.server.as_ref().is_some_and(|s| s.exchange.at_rest());
+                if at_rest
+                    && self.scan.s.scan.at_boundary()
+                    && self.scan.s.buf.len() == self.scan.s.ready
+                {
+                    if let Poll::Ready(Some(m)) = sub.rx.poll_recv(cx) {
+                        super::prepared::Staging::staged(&mut self.scan.s).extend_from_slice(&m);
+                        continue;
+                    }
+                }
             }
             if self.shutdown_seen
                 && self.server.as_ref().is_some_and(|s| s.exchange.at_rest())
@@ -729,6 +849,13 @@ impl Session {
         if self.scan.session_state != 0 {
             let kinds = self.scan.take_session_state();
             self.note_session_state(kinds);
+        }
+        // A pinned client's UNLISTEN goes to its server, and ends its listening through
+        // the pool too.
+        for channel in self.scan.unlistened.drain(..) {
+            if let Some(sub) = self.notifications.as_mut() {
+                sub.unlisten(channel.as_deref());
+            }
         }
         match result {
             Ok(()) => None,
@@ -803,11 +930,111 @@ impl Session {
         {
             return false;
         }
-        self.scan.c.buf.advance(p.frame_len() + sync.frame_len());
+        let parse = self.scan.c.buf.split_to(p.frame_len());
+        self.scan.pin_note_parse(&parse[HEADER_LEN..]);
+        self.scan.c.buf.advance(sync.frame_len());
         let out = super::prepared::Staging::staged(&mut self.scan.s);
         out.extend_from_slice(&[backend::PARSE_COMPLETE, 0, 0, 0, 4]);
         messages::ready_for_query(out, TxStatus::Idle);
         true
+    }
+
+    /// Unlinked, the client sent exactly `LISTEN name` or `UNLISTEN name|*` as a simple
+    /// Query: answered here, through the pool's listening connection, without taking a
+    /// server (the answer to a LISTEN waits until that connection listens too).
+    async fn answer_listen_locally(&mut self) -> bool {
+        if self.mode != PoolMode::Transaction {
+            return false;
+        }
+        let buf = &self.scan.c.buf;
+        let Ok(Some(h)) = Header::parse(buf, self.scan.max_message) else {
+            return false;
+        };
+        if h.tag != frontend::QUERY || h.frame_len() > LISTEN_MAX || buf.len() < h.frame_len() {
+            return false;
+        }
+        let body = &buf[HEADER_LEN..h.frame_len()];
+        if !matches!(body.trim_ascii_start().first(), Some(b) if matches!(b | 0x20, b'l' | b'u')) {
+            return false;
+        }
+        let Some((listen, channel)) = crate::pool::listen::listen_statement(body) else {
+            return false;
+        };
+        self.scan.c.buf.advance(h.frame_len());
+        let hub = &self.home.notifications;
+        let sub = self.notifications.get_or_insert_with(|| hub.subscribe());
+        let mut out = BytesMut::new();
+        match (listen, channel) {
+            (true, Some(channel)) => match sub.listen(&channel).await {
+                Ok(()) => messages::command_complete(&mut out, "LISTEN"),
+                Err(e) => messages::error_response(
+                    &mut out,
+                    Severity::Error,
+                    sqlstate::CONNECTION_FAILURE,
+                    &format!("LISTEN failed: {e}"),
+                ),
+            },
+            (_, channel) => {
+                sub.unlisten(channel.as_deref());
+                messages::command_complete(&mut out, "UNLISTEN");
+            }
+        }
+        messages::ready_for_query(&mut out, TxStatus::Idle);
+        super::prepared::Staging::staged(&mut self.scan.s).extend_from_slice(&out);
+        true
+    }
+
+    /// Writes a notification (and any others already queued) to the idle client.
+    async fn deliver_notification(&mut self, first: bytes::Bytes) -> io::Result<()> {
+        let mut out = BytesMut::from(&first[..]);
+        if let Some(sub) = self.notifications.as_mut() {
+            while out.len() < 64 * 1024 {
+                match sub.rx.try_recv() {
+                    Ok(m) => out.extend_from_slice(&m),
+                    Err(_) => break,
+                }
+            }
+        }
+        self.client.write_all(&out).await?;
+        self.client.flush().await
+    }
+
+    /// The client's notifications are no longer complete (its queue overflowed, or the
+    /// listening connection was lost): its session ends with an error that says so, as a
+    /// listener's own lost connection would end it.
+    async fn notifications_lost(&mut self) -> Option<End> {
+        use crate::pool::listen::{LOST_CONNECTION, LOST_OVERFLOW};
+        let lost = self.notifications.as_ref().map_or(0, |s| s.lost());
+        let (code, message) = match lost {
+            LOST_OVERFLOW => (
+                sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                format!(
+                    "terminating connection: more than {} notifications were waiting for this \
+                     client, which did not read them; notifications were lost. Reconnect and \
+                     LISTEN again",
+                    crate::pool::listen::CLIENT_QUEUE
+                ),
+            ),
+            LOST_CONNECTION => (
+                sqlstate::CONNECTION_FAILURE,
+                "terminating connection: iampool's listening server connection was lost, so \
+                 notifications may have been lost. Reconnect and LISTEN again"
+                    .to_owned(),
+            ),
+            _ => return None,
+        };
+        // What was delivered before the loss still goes first.
+        while let Some(m) = self
+            .notifications
+            .as_mut()
+            .and_then(|s| s.rx.try_recv().ok())
+        {
+            if self.client.write_all(&m).await.is_err() {
+                return Some(End::ClientGone);
+            }
+        }
+        self.send_fatal(code, &message).await;
+        Some(End::ServerGone)
     }
 
     /// Statements created session state that transaction mode cannot carry: count them, and
@@ -819,6 +1046,10 @@ impl Session {
                 continue;
             }
             self.pool.metrics.session_state(kind);
+            if self.scan.pin.enabled() && session_state::PINS & bit != 0 {
+                // The client keeps its server for it (see `probe_pin`).
+                continue;
+            }
             if self.session_state_seen & bit == 0 {
                 self.session_state_seen |= bit;
                 tracing::warn!(
@@ -876,6 +1107,21 @@ impl Session {
         }
         self.send_fatal(&code, &msg).await;
         Some(End::PoolError)
+    }
+}
+
+/// Queries at most this long are read whole before a server is taken (LISTEN is answered
+/// without one).
+const LISTEN_MAX: usize = 512;
+
+/// The next notification for a client that listens; never, for one that does not.
+async fn next_notification(sub: &mut Option<Subscription>) -> bytes::Bytes {
+    match sub.as_mut() {
+        Some(s) => match s.rx.recv().await {
+            Some(m) => m,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -10,15 +10,17 @@
 use bytes::Bytes;
 
 use super::half::Half;
+use super::pin::Pin;
 use super::prepared::{
     drops_statements, names_statement, write_made, ClientAction, QueryAction, Staging, Tracker,
 };
 use crate::protocol::exchange::{Answer, ClientMsg, Exchange, Made};
 use crate::protocol::framing::{Header, Step, HEADER_LEN};
 use crate::protocol::messages::{
-    backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, ErrorFields, TxStatus,
+    self, backend, frontend, parse_error_fields, parse_parameter_status, sqlstate, ErrorFields,
+    Severity, TxStatus,
 };
-use crate::protocol::session_state::{self, Setting};
+use crate::protocol::session_state::{self, Effects, Setting};
 use crate::protocol::statements::ServerStatements;
 use crate::server::params::SessionParams;
 use std::collections::VecDeque;
@@ -113,6 +115,13 @@ pub struct Scan {
     pub readies: u32,
     /// This client, as the owner of settings it changes on a server.
     pub client_id: u64,
+    /// Whether the client keeps its server for session state it made there.
+    pub pin: Pin,
+    /// Named statements whose execution creates or may remove session state.
+    pin_names: PinNames,
+    /// UNLISTEN statements (None: `*`) sent as simple queries: the relay ends listening
+    /// through the pool on those channels too.
+    pub unlistened: Vec<Option<String>>,
     /// SET and RESET statements sent and not yet answered, in order, each with the number of
     /// the request it belongs to: recorded for replay when its CommandComplete comes.
     pending_sets: VecDeque<(u64, Setting, String)>,
@@ -150,6 +159,9 @@ impl Scan {
             request_started: false,
             readies: 0,
             client_id: next_client_id(),
+            pin: Pin::default(),
+            pin_names: PinNames::default(),
+            unlistened: Vec::new(),
             pending_sets: VecDeque::new(),
             named_sets: Vec::new(),
             requests_sent: 0,
@@ -202,6 +214,26 @@ impl Scan {
             self.request_started = true;
             if tag == frontend::QUERY || tag == frontend::PARSE {
                 let end = (pos + len).min(self.c.buf.len());
+                let effects = match self.transaction_mode {
+                    true => session_state::effects(statement_text(
+                        tag,
+                        &self.c.buf[pos + HEADER_LEN..end],
+                    )),
+                    false => Effects::default(),
+                };
+                let refused = self.pin.enabled()
+                    && (effects.kinds | u8::from(effects.drops) != 0
+                        || tag == frontend::PARSE && self.pin_names.any())
+                    && self.pin_on_sql(tag, pos + HEADER_LEN, end, effects);
+                if !refused {
+                    self.session_state |= effects.kinds;
+                }
+                if effects.drops && tag == frontend::QUERY {
+                    let body = &self.c.buf[pos + HEADER_LEN..end];
+                    if let Some((false, channel)) = crate::pool::listen::listen_statement(body) {
+                        self.unlistened.push(channel);
+                    }
+                }
                 let body = &self.c.buf[pos + HEADER_LEN..end];
                 let text = statement_text(tag, body);
                 if tag == frontend::PARSE && !self.named_sets.is_empty() {
@@ -209,7 +241,7 @@ impl Scan {
                     let name = &body[..body.iter().position(|&b| b == 0).unwrap_or(0)];
                     self.named_sets.retain(|(n, _, _)| n.as_slice() != name);
                 }
-                if self.transaction_mode && session_state::changes_settings(text) {
+                if effects.settings && !refused {
                     srv.params.note_settings_changed_by(self.client_id);
                     // One SET or RESET alone is replayed on the client's next servers once
                     // it has succeeded: a Query, an unnamed Parse (executed in this batch), or a
@@ -240,7 +272,6 @@ impl Scan {
                     end < pos + len,
                     &mut self.tracker,
                     self.transaction_mode,
-                    &mut self.session_state,
                     srv,
                 );
                 if let Some(command) = sql {
@@ -253,6 +284,13 @@ impl Scan {
             }
             let mut pos = pos;
             let end = (pos + len).min(self.c.buf.len());
+            if tag == frontend::BIND
+                && self.transaction_mode
+                && self.pin.enabled()
+                && self.pin_names.any()
+            {
+                self.pin_on_bind(pos + HEADER_LEN, end);
+            }
             if tag == frontend::BIND && !self.named_sets.is_empty() {
                 let bind = self.c.buf[pos + HEADER_LEN..end].to_vec();
                 self.bind_of_named_set(&bind);
@@ -304,6 +342,79 @@ impl Scan {
             self.c.ready += self.c.scan.consume_message(header, avail);
         }
         Ok(())
+    }
+
+    /// A Query or Parse (its body at `start..end`) in a pinning pool, which creates or may
+    /// remove session state: one that creates takes a pin slot, or is refused (its first
+    /// word overwritten so that the server fails it; returns true); one that may remove
+    /// state has the server asked again. A named statement does either only when a Bind
+    /// executes it.
+    fn pin_on_sql(&mut self, tag: u8, start: usize, end: usize, effects: Effects) -> bool {
+        let creates = effects.kinds & session_state::PINS != 0;
+        let body = &self.c.buf[start..end];
+        let name_len = body.len() - statement_text(tag, body).len();
+        if tag == frontend::PARSE && name_len > 1 {
+            let name = &body[..name_len - 1];
+            let effect = (creates || effects.drops).then_some(creates);
+            self.pin_names.remember(name, effect);
+            return false;
+        }
+        if creates {
+            if !self.pin.on_creating() {
+                self.pin
+                    .refuse_statement(&mut self.c.buf[start + name_len..end]);
+                return true;
+            }
+        } else if effects.drops {
+            self.pin.on_may_drop();
+        }
+        false
+    }
+
+    /// A Bind (`start..end`, its body or the start of it) in a pinning pool: executing a
+    /// named statement that creates session state takes a pin slot, or is refused (its
+    /// statement name overwritten so that the server fails it).
+    fn pin_on_bind(&mut self, start: usize, end: usize) {
+        let body = &self.c.buf[start..end];
+        let Some(portal_end) = memchr::memchr(0, body) else {
+            return;
+        };
+        let name_start = portal_end + 1;
+        let Some(len) = memchr::memchr(0, &body[name_start..]) else {
+            return;
+        };
+        let name = &body[name_start..name_start + len];
+        let creates = match self.pin_names.effect(name) {
+            Some(creates) => creates,
+            // Names past the list's capacity may be anything: asked about after the fact.
+            None if self.pin_names.overflow && !name.is_empty() => {
+                self.pin.on_may_drop();
+                return;
+            }
+            None => return,
+        };
+        if !creates {
+            self.pin.on_may_drop();
+        } else if !self.pin.on_creating() {
+            let at = start + name_start;
+            self.pin.refuse_bind(&mut self.c.buf[at..at + len]);
+        }
+    }
+
+    /// A named Parse answered without a server (the pool has the statement): remembered as
+    /// one that creates or removes session state, like any other.
+    pub fn pin_note_parse(&mut self, body: &[u8]) {
+        if !self.transaction_mode || !self.pin.enabled() {
+            return;
+        }
+        let text = statement_text(frontend::PARSE, body);
+        let name = &body[..body.len() - text.len()];
+        if name.len() > 1 {
+            let e = session_state::effects(text);
+            let creates = e.kinds & session_state::PINS != 0;
+            let effect = (creates || e.drops).then_some(creates);
+            self.pin_names.remember(&name[..name.len() - 1], effect);
+        }
     }
 
     /// A Bind (its body, or the start of it) of one of the client's named SET statements:
@@ -367,6 +478,7 @@ impl Scan {
             self.traffic.bytes_out += len as u64;
             let mut status = None;
             let mut hold = false;
+            let mut replace = None;
             match header.tag {
                 backend::READY_FOR_QUERY => {
                     let Some(s) = body.first().copied().and_then(TxStatus::from_byte) else {
@@ -379,6 +491,7 @@ impl Scan {
                     // The request is answered: a SET of it that did not complete failed.
                     let answered = self.requests_answered;
                     self.requests_answered += 1;
+                    self.pin.request_answered();
                     while self
                         .pending_sets
                         .front()
@@ -446,6 +559,8 @@ impl Scan {
                     if fields.is_fatal() {
                         hold = self.transaction_mode;
                         self.server_fatal = Some(fields);
+                    } else {
+                        replace = self.pin.replacement(&fields);
                     }
                 }
                 backend::PARSE_COMPLETE => {
@@ -466,6 +581,15 @@ impl Scan {
                 // The answer to an injected message (complete, 5 bytes), or a FATAL held
                 // back (complete: errors are inspected whole): never forwarded.
                 self.s.drop_message(len);
+            } else if let Some(message) = replace {
+                // A refused statement's syntax error: iampool's reason in its place.
+                self.s.drop_message(len);
+                messages::error_response(
+                    self.s.staged(),
+                    Severity::Error,
+                    sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                    &message,
+                );
             } else {
                 let avail = self.s.buf.len() - pos;
                 self.s.ready += self.s.scan.consume_message(header, avail);
@@ -509,16 +633,12 @@ fn on_sql(
     partial: bool,
     tracker: &mut Tracker,
     transaction_mode: bool,
-    seen: &mut u8,
     srv: &mut ServerSide<'_>,
 ) -> Option<&'static str> {
     let sql = statement_text(tag, body);
     if !transaction_mode {
         // Session mode: the server's state is the client's, and is reset when it leaves.
         return None;
-    }
-    if let Some(kind) = session_state::kind(sql) {
-        *seen |= 1 << kind;
     }
     if !drops_statements(sql) {
         return None;
@@ -554,6 +674,43 @@ fn statement_text(tag: u8, body: &[u8]) -> &[u8] {
 
 /// A client's named SET statements remembered for replay.
 const MAX_NAMED_SETS: usize = 16;
+
+/// A client's named statements remembered as creating or removing session state.
+const MAX_PIN_NAMES: usize = 64;
+
+/// A client's named statements whose execution creates session state (true) or may remove
+/// it (false). Past [`MAX_PIN_NAMES`], every other named statement counts as one that may
+/// remove state (asked about after the fact).
+#[derive(Debug, Default)]
+struct PinNames {
+    names: Vec<(Vec<u8>, bool)>,
+    overflow: bool,
+}
+
+impl PinNames {
+    /// A Parse of `name`: what its statement does now (None: neither).
+    fn remember(&mut self, name: &[u8], effect: Option<bool>) {
+        self.names.retain(|(n, _)| n.as_slice() != name);
+        if let Some(creates) = effect {
+            if self.names.len() < MAX_PIN_NAMES {
+                self.names.push((name.to_vec(), creates));
+            } else {
+                self.overflow = true;
+            }
+        }
+    }
+
+    fn effect(&self, name: &[u8]) -> Option<bool> {
+        self.names
+            .iter()
+            .find(|(n, _)| n.as_slice() == name)
+            .map(|(_, c)| *c)
+    }
+
+    fn any(&self) -> bool {
+        !self.names.is_empty() || self.overflow
+    }
+}
 
 /// A process-wide unique id per client session (never 0).
 fn next_client_id() -> u64 {

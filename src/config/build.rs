@@ -11,7 +11,7 @@ use super::error::{ConfigError, ConfigErrors, Origin, Problem};
 use super::keys::{self, DefaultValue, Key};
 use super::load::{Inputs, Layer, Setting};
 use super::value::{self, Named, Raw};
-use super::{AuthType, ClientTls, Config, LogFormat, UserSecret};
+use super::{AuthType, ClientTls, Config, LogFormat, SessionStateMode, UserSecret};
 
 /// Marks a value whose mistake is already recorded in the [`Reader`].
 #[derive(Debug)]
@@ -144,6 +144,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let idle_transaction_timeout = r.req(g, "idle_transaction_timeout", value::optional_duration);
     let max_message_size = r.req(g, "max_message_size", message_size);
     let server_reset_query = r.req(g, "server_reset_query", value::text);
+    let session_state = r.req(g, "session_state", value::named::<SessionStateMode>);
+    let max_pinned_servers = r.get(g, "max_pinned_servers", usize_count);
     let auth_type = r.req(g, "auth_type", value::named::<AuthType>);
     let auth_file = r.get(g, "auth_file", value::path);
     let (client_tls, client_tls_cert_file, client_tls_key_file) = client_tls(r, g);
@@ -186,6 +188,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         idle_transaction_timeout: idle_transaction_timeout?,
         max_message_size: max_message_size?,
         server_reset_query: server_reset_query?,
+        session_state: session_state?,
+        max_pinned_servers: max_pinned_servers?,
         auth_type: auth_type?,
         auth_file: auth_file.as_ref().map_err(|_| Reported)?.clone(),
         users: users?,

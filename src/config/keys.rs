@@ -5,7 +5,8 @@
 
 use super::value::Named;
 use super::{
-    AuthType, ClientTls, LoadBalanceHosts, LogFormat, PoolMode, SslMode, TargetSessionAttrs,
+    AuthType, ClientTls, LoadBalanceHosts, LogFormat, PoolMode, SessionStateMode, SslMode,
+    TargetSessionAttrs,
 };
 
 /// Where a key may be set.
@@ -235,6 +236,15 @@ pub static KEYS: &[Key] = &[
         .default("DISCARD ALL")
         .help("Run on a server connection before it goes back to the pool in session mode; empty for none")
         .example("RESET ALL"),
+    Key::new("session_state", "session-state", Kind::Choice(SessionStateMode::NAMES), POOLS)
+        .default("pin")
+        .help("Transaction mode, a client that makes session state no other server can carry (a temporary table, a session advisory lock, a WITH HOLD cursor, SQL PREPARE, a LISTEN inside a transaction): pin keeps its server for it until the state is gone (DISCARD ALL, DROP, unlock, DEALLOCATE, CLOSE, UNLISTEN) or the client leaves, then resets it with server_reset_query; warn only logs a warning and hands the server on with the state, as PgBouncer does")
+        .example("warn"),
+    Key::new("max_pinned_servers", "max-pinned-servers", Kind::Count, POOLS)
+        .derived("half of each pool's pool_size, at least 1")
+        .unit("server connections per pool")
+        .help("Most servers of one pool that clients may keep for their session state (session_state = pin); a statement that would pin one more fails with 53400 and the client keeps its connection")
+        .example("4"),
     Key::new("server_connect_timeout", "server-connect-timeout", Kind::Duration, TIMEOUTS)
         .default("15s")
         .help("Give up opening a server connection (TCP, TLS and login) after this long")

@@ -115,6 +115,17 @@ pub enum TargetSessionAttrs {
     PreferStandby,
 }
 
+/// What transaction mode does with a client that makes session state no other server can
+/// carry (temporary tables, session advisory locks, WITH HOLD cursors, SQL PREPARE, a LISTEN
+/// that reaches a server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionStateMode {
+    /// The client keeps its server until the state is gone (up to max_pinned_servers).
+    Pin,
+    /// A warning only, and the server goes back to the pool with the state (PgBouncer).
+    Warn,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -250,6 +261,9 @@ pub struct Config {
     pub idle_transaction_timeout: Option<Duration>,
     pub max_message_size: usize,
     pub server_reset_query: String,
+    pub session_state: SessionStateMode,
+    /// Servers each pool lets clients pin; None: half of the pool's pool_size, at least 1.
+    pub max_pinned_servers: Option<usize>,
     pub auth_type: AuthType,
     pub auth_file: Option<PathBuf>,
     /// Client users: from `[users.NAME]`, the auth file, and upstream URLs that carry a password.

@@ -91,6 +91,8 @@ fn global_value(c: &Config, name: &str) -> Option<Shown> {
         "server_lifetime_jitter" => duration(c.server_lifetime_jitter),
         "server_idle_timeout" => duration(c.server_idle_timeout),
         "server_reset_query" => string(c.server_reset_query.clone()),
+        "session_state" => string(c.session_state.name()),
+        "max_pinned_servers" => c.max_pinned_servers.and_then(integer),
         "server_connect_timeout" => duration(c.server_connect_timeout),
         "server_login_retry" => duration(c.server_login_retry),
         "query_wait_timeout" => duration(c.query_wait_timeout),

@@ -10,7 +10,8 @@ use std::time::Duration;
 use super::error::Problem;
 use super::keys::{Key, Kind};
 use super::{
-    AuthType, ClientTls, LoadBalanceHosts, LogFormat, PoolMode, SslMode, TargetSessionAttrs,
+    AuthType, ClientTls, LoadBalanceHosts, LogFormat, PoolMode, SessionStateMode, SslMode,
+    TargetSessionAttrs,
 };
 
 /// A value before parsing: text from env, a flag or a URL, or a value from the TOML file.
@@ -460,6 +461,7 @@ named!(PoolMode { Transaction => "transaction", Session => "session" });
 named!(AuthType { ScramSha256 => "scram-sha-256", Md5 => "md5", Trust => "trust" });
 named!(ClientTls { Disable => "disable", Allow => "allow", Require => "require" });
 named!(LogFormat { Text => "text", Json => "json" });
+named!(SessionStateMode { Pin => "pin", Warn => "warn" });
 named!(TargetSessionAttrs {
     Any => "any",
     ReadWrite => "read-write",

@@ -64,6 +64,16 @@ impl Collector for PoolsCollector {
             "How long the longest-waiting client has waited so far",
             l,
         );
+        let pinned = gauge(
+            "iampool_pool_servers_pinned",
+            "Server connections kept by transaction-mode clients for session state no other server can carry (temporary tables, session advisory locks, WITH HOLD cursors, SQL PREPARE, LISTEN)",
+            l,
+        );
+        let pinned_limit = gauge(
+            "iampool_pool_servers_pinned_limit",
+            "max_pinned_servers: most servers of the pool clients may pin",
+            l,
+        );
         let paused = gauge(
             "iampool_pool_paused",
             "1 while the pool is paused (admin PAUSE)",
@@ -134,6 +144,10 @@ impl Collector for PoolsCollector {
                 .with_label_values(&[db, user])
                 .set(st.longest_wait.as_secs_f64());
             paused.with_label_values(&[db, user]).set(st.paused as i64);
+            pinned.with_label_values(&[db, user]).set(st.pinned as i64);
+            pinned_limit
+                .with_label_values(&[db, user])
+                .set(st.max_pinned as i64);
             if let Some(auth) = pool.connector().iam() {
                 let s = auth.stats();
                 signed.with_label_values(&[db, user]).inc_by(s.signed);
@@ -173,6 +187,8 @@ impl Collector for PoolsCollector {
         out.extend(servers.collect());
         out.extend(size.collect());
         out.extend(limit.collect());
+        out.extend(pinned.collect());
+        out.extend(pinned_limit.collect());
         out.extend(longest.collect());
         out.extend(paused.collect());
         for c in [&signed, &cache, &refreshes, &errors, &invalidated] {

@@ -7,6 +7,10 @@
 //! `min_pool_size` open.
 
 mod janitor;
+pub mod listen;
+mod pins;
+
+pub use pins::PinLimit;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +38,10 @@ pub struct PoolSettings {
     pub query_wait_timeout: Duration,
     pub idle_timeout: Duration,
     pub login_retry: Duration,
+    /// Transaction mode: clients with session state keep their server (else they are only
+    /// warned about, as PgBouncer does).
+    pub pin_session_state: bool,
+    pub max_pinned_servers: usize,
 }
 
 #[derive(Debug, Error, Clone)]
@@ -184,6 +192,9 @@ pub struct PoolStatus {
     /// Logged-in client sessions of this pool, and those holding a server right now.
     pub sessions: usize,
     pub linked_clients: usize,
+    /// Servers kept by clients for their session state, and the most allowed.
+    pub pinned: usize,
+    pub max_pinned: usize,
     pub longest_wait: Duration,
     pub paused: bool,
     /// A login has succeeded since the last failure (or none was tried yet and none failed).
@@ -204,6 +215,10 @@ pub struct Pool {
     pub linked: AtomicUsize,
     /// Named statements that prepared successfully on a server of this pool.
     pub statements: Arc<crate::protocol::statements::KnownStatements>,
+    /// Servers pinned to clients for their session state, and the limit.
+    pub pins: Arc<PinLimit>,
+    /// LISTEN/NOTIFY for transaction-mode clients: one listening connection for all.
+    pub notifications: Arc<listen::Hub>,
 }
 
 impl Pool {
@@ -214,7 +229,8 @@ impl Pool {
         metrics: PoolMetrics,
     ) -> Arc<Pool> {
         let user = connector.upstream.user.clone();
-        Arc::new(Pool {
+        let pins = Arc::new(PinLimit::new(settings.max_pinned_servers));
+        Arc::new_cyclic(|pool| Pool {
             database,
             user,
             connector,
@@ -240,6 +256,8 @@ impl Pool {
             sessions: AtomicUsize::new(0),
             linked: AtomicUsize::new(0),
             statements: Default::default(),
+            pins,
+            notifications: listen::Hub::new(pool.clone()),
         })
     }
 
@@ -251,9 +269,18 @@ impl Pool {
         self.lock().settings.mode
     }
 
+    /// The pin slots for a new transaction-mode session, if this pool pins clients with
+    /// session state.
+    pub fn pinning(&self) -> Option<Arc<PinLimit>> {
+        let st = self.lock();
+        (st.settings.mode == PoolMode::Transaction && st.settings.pin_session_state)
+            .then(|| self.pins.clone())
+    }
+
     /// Applies reloaded settings; a smaller pool shrinks as connections come back.
     pub fn update_settings(self: &Arc<Self>, settings: PoolSettings) {
         let mut st = self.lock();
+        self.pins.set_max(settings.max_pinned_servers);
         st.settings = settings;
         self.grow_for_waiters(&mut st);
     }
@@ -273,6 +300,8 @@ impl Pool {
             mode: Some(st.settings.mode),
             sessions: self.sessions.load(Ordering::Relaxed),
             linked_clients: self.linked.load(Ordering::Relaxed),
+            pinned: self.pins.pinned(),
+            max_pinned: self.pins.max(),
             longest_wait: live
                 .map(|w| now.duration_since(w.since))
                 .max()

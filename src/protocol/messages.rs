@@ -79,6 +79,9 @@ pub mod sqlstate {
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 }
 
 /// Transaction status carried by ReadyForQuery.

@@ -1,11 +1,11 @@
-//! Statements that leave session state behind, which transaction mode cannot carry from one
-//! server to the next (LISTEN, SQL PREPARE, temporary tables, session advisory locks,
-//! WITH HOLD cursors).
+//! What statements do to a session beyond their transaction, seen from their text without a
+//! SQL parser: settings a client changes (replayed on its next servers), session state that
+//! transaction mode cannot carry from one server to the next (LISTEN, SQL PREPARE, temporary
+//! tables, session advisory locks, WITH HOLD cursors; such a client is pinned to its
+//! server), and statements that may remove that state.
 //!
-//! This runs on every simple Query and every Parse in transaction mode, so it is built to
-//! cost a few byte comparisons for ordinary SQL: it looks at the first word, and only for
-//! `SELECT` and `DECLARE` searches further, by a byte search for a character every needle
-//! contains rather than a comparison at every position.
+//! [`effects`] runs on every simple Query and every Parse in transaction mode, so it costs
+//! one byte search over the text and a few byte comparisons per statement.
 
 /// Kinds of session state, as metric label values.
 pub const KINDS: [&str; 6] = [
@@ -17,26 +17,107 @@ pub const KINDS: [&str; 6] = [
     "session_set_unreported",
 ];
 
-/// The kind of session state SQL text (a Query body or a Parse's statement) creates, as an
-/// index into [`KINDS`].
-#[inline]
-pub fn kind(sql: &[u8]) -> Option<usize> {
-    let text = sql.trim_ascii_start();
-    // Only these first letters can start a statement of interest.
-    match text.first()? | 0x20 {
-        b'l' | b'p' | b'c' | b's' | b'd' => {}
-        _ => return None,
-    }
-    let word_end = text
+/// The kinds (bits over [`KINDS`]) that pin a transaction-mode client to its server:
+/// everything but a session-level SET, which is replayed instead.
+pub const PINS: u8 = 0b1_1111;
+
+/// The names of the kinds in `bits`, comma-separated (for SHOW CLIENTS and logs).
+pub fn names(bits: u8) -> String {
+    KINDS
         .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .unwrap_or(text.len());
-    let (word, rest) = text.split_at(word_end);
-    if word.eq_ignore_ascii_case(b"listen") {
-        Some(0)
-    } else if word.eq_ignore_ascii_case(b"prepare") {
-        Some(1)
-    } else if word.eq_ignore_ascii_case(b"create") {
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, k)| *k)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What SQL text (a Query body or a Parse's statement, any of its `;`-separated statements)
+/// may do to the session, for transaction mode. It errs on the side of yes (a `;` inside a
+/// string can start a "statement"): a yes costs a server reset, or a question to the server.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Effects {
+    /// Kinds of session state created (bits over [`KINDS`]).
+    pub kinds: u8,
+    /// May change settings for good: `SET` (not `SET LOCAL`, `SET TRANSACTION` or
+    /// `SET CONSTRAINTS`, which end with the transaction), `RESET`, or a `SELECT` that calls
+    /// `set_config`.
+    pub settings: bool,
+    /// May remove session state: `DISCARD`, `DEALLOCATE`, `DROP`, `CLOSE`, `UNLISTEN`, the
+    /// end of a transaction block (what it created may end with it), or a `SELECT` that
+    /// calls `pg_advisory_unlock` / `pg_advisory_unlock_all`.
+    pub drops: bool,
+}
+
+/// Each kind's bit (its index in [`KINDS`]).
+const LISTEN: u8 = 1 << 0;
+const SQL_PREPARE: u8 = 1 << 1;
+const TEMP_TABLE: u8 = 1 << 2;
+const ADVISORY_LOCK: u8 = 1 << 3;
+const WITH_HOLD_CURSOR: u8 = 1 << 4;
+
+/// This runs on every simple Query and every Parse in transaction mode, so it costs one byte
+/// search over the text for `;` (a next statement) and `(` (a call), and a look at the first
+/// word of each statement; only a `SELECT` is searched further (for advisory lock calls, by
+/// a byte search for the `v` every such name has).
+pub fn effects(sql: &[u8]) -> Effects {
+    let mut e = Effects::default();
+    let mut select = first_word(sql, &mut e);
+    let mut from = 0;
+    for at in memchr::memchr2_iter(b';', b'(', sql) {
+        if sql[at] == b';' {
+            if select {
+                advisory(&sql[from..at], &mut e);
+            }
+            from = at + 1;
+            select = first_word(&sql[from..], &mut e);
+        } else if select && !e.settings && names_set_config(&sql[..at]) {
+            e.settings = true;
+        }
+    }
+    if select {
+        advisory(&sql[from..], &mut e);
+    }
+    e
+}
+
+/// Looks at a statement's first words; true for a `SELECT` (searched further by the caller).
+#[inline]
+fn first_word(statement: &[u8], e: &mut Effects) -> bool {
+    let text = statement.trim_ascii_start();
+    // One byte rules out most statements (INSERT, UPDATE, BEGIN, WITH, FETCH, ...).
+    let text = match text.first() {
+        Some(b'-' | b'/') => skip_comments(text),
+        Some(b)
+            if matches!(
+                b | 0x20,
+                b's' | b'r' | b'l' | b'p' | b'c' | b'd' | b'e' | b'a' | b'u'
+            ) =>
+        {
+            text
+        }
+        _ => return false,
+    };
+    let (first, rest) = word(text);
+    let is = |w: &[u8]| first.eq_ignore_ascii_case(w);
+    if is(b"select") {
+        return true;
+    }
+    let (second, _) = word(rest.trim_ascii_start());
+    let second_is = |w: &[u8]| second.eq_ignore_ascii_case(w);
+    if is(b"set") {
+        e.settings |=
+            !(second_is(b"local") || second_is(b"transaction") || second_is(b"constraints"));
+    } else if is(b"reset") {
+        e.settings = true;
+    } else if is(b"listen") {
+        e.kinds |= LISTEN;
+    } else if is(b"prepare") {
+        // PREPARE TRANSACTION is two-phase commit, not a statement.
+        if !second_is(b"transaction") {
+            e.kinds |= SQL_PREPARE;
+        }
+    } else if is(b"create") {
         let next = rest.trim_ascii_start();
         let temp = [
             b"temp".as_slice(),
@@ -46,79 +127,28 @@ pub fn kind(sql: &[u8]) -> Option<usize> {
         ]
         .iter()
         .any(|p| starts_with_ci(next, p));
-        temp.then_some(2)
-    } else if word.eq_ignore_ascii_case(b"select") {
-        // Session-level advisory locks (the _xact_ variants end with the transaction).
-        advisory_lock(rest).then_some(3)
-    } else if word.eq_ignore_ascii_case(b"declare") {
-        with_hold(rest).then_some(4)
-    } else {
-        None
-    }
-}
-
-/// Whether SQL text may change the session's settings for good: a statement (any of those
-/// separated by `;`) that is `SET` (not `SET LOCAL`, `SET TRANSACTION` or `SET CONSTRAINTS`,
-/// which end with the transaction), `RESET`, or a `SELECT` that calls `set_config`. It errs on
-/// the side of yes (a `;` inside a string can start a "statement"); a server it says yes for
-/// is reset before another client gets it. Costs a byte search for `;` for ordinary SQL.
-pub fn changes_settings(sql: &[u8]) -> bool {
-    // One pass over the text for `;` (a next statement) and `(` (a call, in a SELECT).
-    let mut select = match statement_start(sql) {
-        Start::Changes => return true,
-        Start::Select => true,
-        Start::Other => false,
-    };
-    for at in memchr::memchr2_iter(b';', b'(', sql) {
-        if sql[at] == b';' {
-            select = match statement_start(&sql[at + 1..]) {
-                Start::Changes => return true,
-                Start::Select => true,
-                Start::Other => false,
-            };
-        } else if select && names_set_config(&sql[..at]) {
-            return true;
+        if temp {
+            e.kinds |= TEMP_TABLE;
         }
+    } else if is(b"declare") {
+        if with_hold(rest) {
+            e.kinds |= WITH_HOLD_CURSOR;
+        }
+    } else {
+        const DROPPING: [&[u8]; 9] = [
+            b"discard",
+            b"deallocate",
+            b"drop",
+            b"close",
+            b"unlisten",
+            b"commit",
+            b"end",
+            b"rollback",
+            b"abort",
+        ];
+        e.drops |= DROPPING.iter().any(|w| is(w));
     }
     false
-}
-
-/// How a statement starts, for [`changes_settings`].
-enum Start {
-    /// `SET` (session-level) or `RESET`.
-    Changes,
-    /// `SELECT`: a `set_config(` in it changes a setting.
-    Select,
-    Other,
-}
-
-#[inline]
-fn statement_start(statement: &[u8]) -> Start {
-    let text = statement.trim_ascii_start();
-    // Only SET, RESET, SELECT (and a leading comment) matter: one byte decides for the rest.
-    let text = match text.first() {
-        Some(b'-' | b'/') => skip_comments(text),
-        Some(b) if matches!(b | 0x20, b's' | b'r') => text,
-        _ => return Start::Other,
-    };
-    let (first, rest) = word(text);
-    if first.eq_ignore_ascii_case(b"reset") {
-        return Start::Changes;
-    }
-    if first.eq_ignore_ascii_case(b"set") {
-        let (second, _) = word(rest.trim_ascii_start());
-        let ends_with_transaction = [b"local".as_slice(), b"transaction", b"constraints"]
-            .iter()
-            .any(|w| second.eq_ignore_ascii_case(w));
-        return match ends_with_transaction {
-            true => Start::Other,
-            false => Start::Changes,
-        };
-    }
-    match first.eq_ignore_ascii_case(b"select") {
-        true => Start::Select,
-        false => Start::Other,
-    }
 }
 
 /// Whether the text before a `(` ends with the name `set_config` (any case, `pg_catalog.`
@@ -239,23 +269,25 @@ fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// `pg_advisory_lock` or `pg_try_advisory_lock` anywhere in `s`, in any case. A 'v' is rare
-/// in SQL and every candidate has one at a known place, so only those are tried.
-fn advisory_lock(s: &[u8]) -> bool {
-    const WORD: &[u8] = b"advisory_lock";
-    memchr::memchr2_iter(b'v', b'V', s).any(|v| {
+/// Session-level advisory lock calls in a SELECT: `pg_advisory_lock`, `pg_try_advisory_lock`
+/// (and their `_shared` forms) create state; `pg_advisory_unlock` and
+/// `pg_advisory_unlock_all` may remove it (the `_xact_` forms end with the transaction). A
+/// 'v' is rare in SQL and every candidate has one at a known place, so only those are tried.
+fn advisory(s: &[u8], e: &mut Effects) {
+    for v in memchr::memchr2_iter(b'v', b'V', s) {
         let Some(at) = v.checked_sub(2) else {
-            return false;
+            continue;
         };
-        if !starts_with_ci(&s[at..], WORD) {
-            return false;
-        }
-        let before = &s[..at];
+        let (before, after) = s.split_at(at);
         let ends = |p: &[u8]| {
             before.len() >= p.len() && before[before.len() - p.len()..].eq_ignore_ascii_case(p)
         };
-        ends(b"pg_") || ends(b"pg_try_")
-    })
+        if starts_with_ci(after, b"advisory_lock") && (ends(b"pg_") || ends(b"pg_try_")) {
+            e.kinds |= ADVISORY_LOCK;
+        } else if starts_with_ci(after, b"advisory_unlock") && ends(b"pg_") {
+            e.drops = true;
+        }
+    }
 }
 
 fn with_hold(s: &[u8]) -> bool {
@@ -270,7 +302,10 @@ mod tests {
 
     #[test]
     fn detects_session_state_cheaply() {
-        let k = |s: &str| kind(s.as_bytes()).map(|i| KINDS[i]);
+        let k = |s: &str| match effects(s.as_bytes()).kinds {
+            0 => None,
+            bits => Some(KINDS[bits.trailing_zeros() as usize]),
+        };
         assert_eq!(k("LISTEN chan"), Some("listen"));
         assert_eq!(k("  prepare p as select 1"), Some("sql_prepare"));
         assert_eq!(k("create temp table t(a int)"), Some("temp_table"));
@@ -293,12 +328,50 @@ mod tests {
             Some("with_hold_cursor")
         );
         assert_eq!(k("declare c cursor for select 1"), None);
+        assert_eq!(k("PREPARE TRANSACTION 'x'"), None);
+        assert_eq!(
+            k("BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT"),
+            Some("with_hold_cursor")
+        );
+        assert_eq!(k("select 1; create temp table t()"), Some("temp_table"));
         assert_eq!(k("select 1"), None);
         assert_eq!(k("update t set a = 1"), None);
         assert_eq!(k("select a from pgbench_accounts where aid = $1"), None);
         assert_eq!(k(""), None);
         assert_eq!(k("   "), None);
         assert_eq!(k("_"), None);
+    }
+
+    #[test]
+    fn statements_that_may_drop_state() {
+        for sql in [
+            "DISCARD ALL",
+            "discard temp",
+            "DEALLOCATE p",
+            "drop table t",
+            "CLOSE c",
+            "UNLISTEN *",
+            "COMMIT",
+            "end",
+            "ROLLBACK",
+            "select pg_advisory_unlock(1)",
+            "SELECT PG_ADVISORY_UNLOCK_ALL()",
+            "/* x */ drop table t",
+        ] {
+            assert!(effects(sql.as_bytes()).drops, "{sql:?}");
+        }
+        for sql in [
+            "select 1",
+            "insert into t values (1)",
+            "dropped",
+            "",
+            "begin",
+            "select pg_advisory_lock(1)",
+        ] {
+            assert!(!effects(sql.as_bytes()).drops, "{sql:?}");
+        }
+        assert_eq!(names(0b1100), "temp_table,advisory_lock");
+        assert_eq!(names(0), "");
     }
 
     #[test]
@@ -368,7 +441,7 @@ mod tests {
             "/* app */ SET search_path = x",
             "-- note\nset role x",
         ] {
-            assert!(changes_settings(sql.as_bytes()), "{sql:?}");
+            assert!(effects(sql.as_bytes()).settings, "{sql:?}");
         }
         for sql in [
             "SET LOCAL search_path = x",
@@ -381,7 +454,7 @@ mod tests {
             "settle",
             "",
         ] {
-            assert!(!changes_settings(sql.as_bytes()), "{sql:?}");
+            assert!(!effects(sql.as_bytes()).settings, "{sql:?}");
         }
     }
 }

@@ -61,6 +61,8 @@ struct Answers {
     reported: Vec<(String, String)>,
     /// CommandComplete tags, in order.
     commands: Vec<String>,
+    /// The first DataRow's values as text (None for NULL).
+    row: Vec<Option<Vec<u8>>>,
 }
 
 impl ServerConn {
@@ -193,6 +195,40 @@ impl ServerConn {
         }
     }
 
+    /// Asks this idle server which kinds of session state it holds (bits over
+    /// [`crate::protocol::session_state::KINDS`]), for a pinned client.
+    pub async fn session_state_left(&mut self, limit: Duration) -> Result<u8, SessionError> {
+        let sql = crate::client::pin::PROBE_SQL;
+        let answers = match tokio::time::timeout(limit, self.run_own(sql)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(SessionError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("asking the server for its session state took longer than {limit:?}"),
+                )))
+            }
+        };
+        let mut bits = 0u8;
+        for (i, v) in answers.row.iter().enumerate() {
+            match v.as_deref() {
+                Some(b"t") => bits |= 1 << i,
+                Some(b"f") => {}
+                other => {
+                    return Err(SessionError::BadState(format!(
+                        "session state probe answered {other:?}"
+                    )))
+                }
+            }
+        }
+        if answers.row.len() != 5 {
+            return Err(SessionError::BadState(format!(
+                "session state probe answered {} columns",
+                answers.row.len()
+            )));
+        }
+        Ok(bits)
+    }
+
     /// Sends one of iampool's own statements and reads the answers up to ReadyForQuery,
     /// which must say idle.
     async fn run_own(&mut self, sql: &str) -> Result<Answers, SessionError> {
@@ -255,8 +291,31 @@ impl ServerConn {
                     let f = parse_error_fields(&body);
                     error = Some((f.code, f.message));
                 }
+                backend::DATA_ROW if answers.row.is_empty() => {
+                    answers.row = data_row(&body)
+                        .ok_or_else(|| SessionError::BadState("malformed DataRow".into()))?;
+                }
                 _ => {}
             }
         }
     }
+}
+
+/// A DataRow body's values (None for NULL).
+fn data_row(body: &[u8]) -> Option<Vec<Option<Vec<u8>>>> {
+    let n = u16::from_be_bytes(body.get(..2)?.try_into().ok()?) as usize;
+    let mut at = 2;
+    let mut values = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let v = body.get(at..at + len as usize)?;
+        at += len as usize;
+        values.push(Some(v.to_vec()));
+    }
+    Some(values)
 }

@@ -38,6 +38,8 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         idle_transaction_timeout: None,
         max_message_size: 64 << 20,
         server_reset_query: "DISCARD ALL".into(),
+        session_state: iampool::config::SessionStateMode::Pin,
+        max_pinned_servers: None,
         auth_type: AuthType::ScramSha256,
         auth_file: None,
         users,

@@ -176,3 +176,296 @@ async fn a_clients_settings_follow_it_to_other_servers() {
     other.batch_execute("COMMIT").await.unwrap();
     assert!(running.shutdown().await);
 }
+
+/// How many servers of the test database's pool are pinned now.
+fn pinned(running: &iampool::app::Running, db: &str) -> usize {
+    running.shared().pool(db).expect("pool").status().pinned
+}
+
+/// Temporary tables, session advisory locks, WITH HOLD cursors and SQL PREPARE pin their
+/// client to its server (pool_size 2, so max_pinned_servers 1): the client sees its state
+/// on every later transaction, the other clients never see it, a second client's pinning
+/// statement is refused (53400, simple and extended protocol) without losing its connection,
+/// and the pin ends when the state is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_its_client_until_it_is_gone() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("pin");
+    let mut config = pooler::config(pg, &db);
+    config.databases[0].pool_size = 2;
+    let running = start(config).await;
+    let addr = running.local_addr();
+    let temp_tables = "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()";
+    let locks =
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()";
+
+    let a = connect(addr, &db).await;
+    let b = connect(addr, &db).await;
+    let c = connect(addr, &db).await;
+
+    a.batch_execute("CREATE TEMP TABLE mine (v int); INSERT INTO mine VALUES (1)")
+        .await
+        .unwrap();
+    let pid = one(&a, "SELECT pg_backend_pid()").await;
+    assert_eq!(pinned(&running, &db.name), 1);
+    // A keeps its server and its table, transaction after transaction, whatever B and C do.
+    for _ in 0..5 {
+        assert_eq!(one(&b, temp_tables).await, "0");
+        assert_eq!(one(&c, temp_tables).await, "0");
+        assert_ne!(one(&b, "SELECT pg_backend_pid()").await, pid);
+        assert_eq!(one(&a, "SELECT count(*) FROM mine").await, "1");
+        assert_eq!(one(&a, "SELECT pg_backend_pid()").await, pid);
+    }
+
+    // The one pin slot is A's: B's pinning statements fail, and B keeps its connection.
+    let e = b
+        .batch_execute("CREATE TEMP TABLE theirs (v int)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "53400", "{e:?}");
+    assert!(pooler::message(&e).contains("max_pinned_servers"), "{e:?}");
+    let e = b
+        .query("SELECT pg_advisory_lock($1)", &[&7i64])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "53400", "extended protocol: {e:?}");
+    assert_eq!(one(&b, locks).await, "0");
+    assert_eq!(one(&b, "SELECT 1").await, "1");
+    // Inside a transaction the refusal fails the transaction, as an error would.
+    b.batch_execute("BEGIN").await.unwrap();
+    let e = b
+        .batch_execute("SELECT pg_advisory_lock(8)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "53400");
+    let e = b.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "25P02");
+    b.batch_execute("ROLLBACK").await.unwrap();
+
+    // A session lock (extended protocol) keeps A pinned after its table is dropped.
+    a.query("SELECT pg_advisory_lock($1)", &[&42i64])
+        .await
+        .unwrap();
+    a.batch_execute("DROP TABLE mine").await.unwrap();
+    assert_eq!(one(&a, "SELECT 1").await, "1");
+    assert_eq!(pinned(&running, &db.name), 1);
+    assert_eq!(one(&a, locks).await, "1");
+    assert_eq!(one(&a, "SELECT pg_backend_pid()").await, pid);
+    assert_eq!(one(&c, locks).await, "0", "no other client holds A's lock");
+    a.query("SELECT pg_advisory_unlock($1)", &[&42i64])
+        .await
+        .unwrap();
+    // The server is asked what is left once the unlock's answer is out: by the time the
+    // client's next statement is answered, it has been.
+    assert_eq!(one(&a, "SELECT 1").await, "1");
+    assert_eq!(pinned(&running, &db.name), 0, "nothing left: unpinned");
+
+    // Now B may pin: a WITH HOLD cursor outlives its transaction, until it is closed.
+    b.batch_execute(
+        "BEGIN; DECLARE cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g; COMMIT",
+    )
+    .await
+    .unwrap();
+    assert_eq!(pinned(&running, &db.name), 1);
+    assert_eq!(one(&b, "FETCH cur").await, "1");
+    assert_eq!(one(&c, "SELECT count(*) FROM pg_cursors").await, "0");
+    assert_eq!(one(&b, "FETCH cur").await, "2");
+    b.batch_execute("CLOSE cur").await.unwrap();
+    assert_eq!(one(&b, "SELECT 1").await, "1");
+    assert_eq!(pinned(&running, &db.name), 0);
+
+    // SQL PREPARE, until DEALLOCATE.
+    c.batch_execute("PREPARE two AS SELECT 2").await.unwrap();
+    assert_eq!(pinned(&running, &db.name), 1);
+    assert_eq!(one(&c, "EXECUTE two").await, "2");
+    assert_eq!(
+        one(
+            &a,
+            "SELECT count(*) FROM pg_prepared_statements WHERE from_sql"
+        )
+        .await,
+        "0"
+    );
+    assert_eq!(one(&c, "EXECUTE two").await, "2");
+    c.batch_execute("DEALLOCATE two").await.unwrap();
+    assert_eq!(one(&c, "SELECT 1").await, "1");
+    assert_eq!(pinned(&running, &db.name), 0);
+
+    // A client that leaves pinned: its server is reset before anyone else gets it.
+    a.batch_execute("CREATE TEMP TABLE gone (v int); SELECT pg_advisory_lock(9)")
+        .await
+        .unwrap();
+    assert_eq!(pinned(&running, &db.name), 1);
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while pinned(&running, &db.name) != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the pin ends with its client");
+    for client in [&b, &c] {
+        for _ in 0..3 {
+            assert_eq!(one(client, temp_tables).await, "0");
+            assert_eq!(one(client, locks).await, "0");
+        }
+    }
+    assert!(running.shutdown().await);
+}
+
+/// `session_state = "warn"` keeps PgBouncer's behaviour: nothing pins, and the next client
+/// on the server sees the temporary table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warn_mode_hands_the_server_on_as_pgbouncer_does() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("warnmode");
+    let mut config = pooler::config(pg, &db);
+    config.databases[0].pool_size = 1;
+    config.session_state = iampool::config::SessionStateMode::Warn;
+    let running = start(config).await;
+    let addr = running.local_addr();
+    let a = connect(addr, &db).await;
+    let b = connect(addr, &db).await;
+    a.batch_execute("CREATE TEMP TABLE left_behind (v int)")
+        .await
+        .unwrap();
+    assert_eq!(pinned(&running, &db.name), 0);
+    assert_eq!(
+        one(
+            &b,
+            "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
+        )
+        .await,
+        "1"
+    );
+    drop(a);
+    assert!(running.shutdown().await);
+}
+
+/// A client connection whose notifications arrive on a channel.
+async fn listener(
+    addr: std::net::SocketAddr,
+    db: &crate::support::pg::TestDb,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let (client, mut conn) = pooler::client_config(addr, db)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through iampool");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>) -> (String, String) {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a notification")
+        .expect("the connection is open")
+}
+
+/// LISTEN/NOTIFY between clients of one transaction-mode pool of 2 servers: listeners take
+/// no server while they wait, each gets the notifications of its own channels (sent by
+/// other clients and by itself, in a transaction that commits, not one that rolls back),
+/// UNLISTEN and leaving stop them, and the pool's one listening connection goes once
+/// nobody listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_and_notify_work_in_transaction_mode() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("notify");
+    let mut config = pooler::config(pg, &db);
+    config.databases[0].pool_size = 2;
+    let running = start(config).await;
+    let addr = running.local_addr();
+    let hub = running
+        .shared()
+        .pool(&db.name)
+        .expect("pool")
+        .notifications
+        .clone();
+
+    let (a, mut a_rx) = listener(addr, &db).await;
+    let (b, mut b_rx) = listener(addr, &db).await;
+    a.batch_execute("LISTEN jobs").await.unwrap();
+    a.batch_execute("LISTEN \"Mixed\"").await.unwrap();
+    b.batch_execute("listen JOBS").await.unwrap();
+    assert_eq!(hub.channels(), 2);
+    assert_eq!(pinned(&running, &db.name), 0, "listeners hold no server");
+
+    // Both pool servers stay free for everyone else while they listen.
+    let others: Vec<_> = futures_util::future::join_all((0..4).map(|_| connect(addr, &db))).await;
+    for c in &others {
+        assert_eq!(one(c, "SELECT 1").await, "1");
+    }
+    let sender = &others[0];
+    sender.batch_execute("NOTIFY jobs, 'one'").await.unwrap();
+    assert_eq!(next(&mut a_rx).await, ("jobs".into(), "one".into()));
+    assert_eq!(next(&mut b_rx).await, ("jobs".into(), "one".into()));
+    sender
+        .batch_execute("SELECT pg_notify('Mixed', 'two')")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut a_rx).await, ("Mixed".into(), "two".into()));
+    // A rolled-back NOTIFY is never delivered; a committed one after it is.
+    sender
+        .batch_execute("BEGIN; NOTIFY jobs, 'never'; ROLLBACK")
+        .await
+        .unwrap();
+    sender
+        .batch_execute("BEGIN; NOTIFY jobs, 'three'; COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut a_rx).await, ("jobs".into(), "three".into()));
+    assert_eq!(next(&mut b_rx).await, ("jobs".into(), "three".into()));
+    // A listener's own NOTIFY comes back to it, as PostgreSQL delivers it.
+    b.batch_execute("NOTIFY jobs, 'from b'").await.unwrap();
+    assert_eq!(next(&mut b_rx).await, ("jobs".into(), "from b".into()));
+    assert_eq!(next(&mut a_rx).await, ("jobs".into(), "from b".into()));
+
+    b.batch_execute("UNLISTEN jobs").await.unwrap();
+    sender.batch_execute("NOTIFY jobs, 'four'").await.unwrap();
+    assert_eq!(next(&mut a_rx).await, ("jobs".into(), "four".into()));
+    sender
+        .batch_execute("NOTIFY \"Mixed\", 'five'")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut a_rx).await, ("Mixed".into(), "five".into()));
+    assert!(b_rx.try_recv().is_err(), "b no longer listens");
+    assert_eq!(one(&b, "SELECT 1").await, "1");
+    assert!(b_rx.try_recv().is_err(), "b no longer listens");
+
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while hub.channels() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a client that leaves stops listening");
+    // The listening connection has gone: only the pool's own servers are left.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let n = one(sender, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend'").await;
+            if n.parse::<usize>().unwrap() <= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the listening connection closes once nobody listens");
+    drop(b);
+    assert!(running.shutdown().await);
+}
