@@ -469,3 +469,95 @@ async fn listen_and_notify_work_in_transaction_mode() {
     drop(b);
     assert!(running.shutdown().await);
 }
+
+/// psql as the first client on a pool of one server: its settings, application_name, time
+/// zone, temporary table and advisory lock hold for its whole session; the next client on
+/// that same server sees none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_session_state_never_reaches_the_next_client() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("psqlpin");
+    pg.psql_db(
+        &db.name,
+        &format!(
+            "CREATE SCHEMA elsewhere AUTHORIZATION {}",
+            quote_ident(&db.user)
+        ),
+    );
+    let mut config = pooler::config(pg, &db);
+    config.databases[0].pool_size = 1;
+    let running = start(config).await;
+    let addr = running.local_addr();
+    let b = connect(addr, &db).await;
+    let b_app = one(&b, "SHOW application_name").await;
+
+    let statements = [
+        "SET search_path TO elsewhere",
+        "SET application_name = 'from_psql'",
+        "SET TIME ZONE 'Asia/Tokyo'",
+        "SET statement_timeout = '9876ms'",
+        "CREATE TEMP TABLE psql_t (v int)",
+        "INSERT INTO psql_t VALUES (1), (2)",
+        "SELECT pg_advisory_lock(11)",
+        "SELECT current_setting('search_path') || ' ' || current_setting('application_name') \
+         || ' ' || current_setting('TimeZone') || ' ' || current_setting('statement_timeout') \
+         || ' ' || (SELECT count(*) FROM psql_t) || ' ' || (SELECT count(*) FROM pg_locks \
+         WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+    ];
+    let (db2, port) = (db.clone(), addr.port());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new("psql");
+        cmd.env("PGPASSWORD", &db2.password).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            &db2.user,
+            "-d",
+            &db2.name,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+        ]);
+        for s in statements {
+            cmd.args(["-c", s]);
+        }
+        cmd.output().expect("psql runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().last(),
+        Some("elsewhere from_psql Asia/Tokyo 9876ms 2 1"),
+        "psql keeps its own state: {stdout}"
+    );
+    // psql has left; B gets the same (only) server, reset.
+    assert_eq!(one(&b, "SHOW search_path").await, "\"$user\", public");
+    assert_eq!(one(&b, "SHOW application_name").await, b_app);
+    assert_ne!(one(&b, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(one(&b, "SHOW statement_timeout").await, "0");
+    assert_eq!(
+        one(
+            &b,
+            "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
+        )
+        .await,
+        "0"
+    );
+    assert_eq!(
+        one(
+            &b,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        )
+        .await,
+        "0"
+    );
+    assert!(running.shutdown().await);
+}
