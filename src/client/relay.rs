@@ -62,6 +62,8 @@ enum Wake {
     ServerProtocol(String),
     IdleInTransaction,
     Shutdown,
+    /// A pinned client's server could not say what session state is left on it.
+    ProbeFailed(String),
 }
 
 /// How the session ended (for logs and metrics).
@@ -290,7 +292,7 @@ impl Session {
                     match self.probe_pin().await {
                         Ok(true) => continue,
                         Ok(false) => {}
-                        Err(e) => break Wake::ServerGone(Some(e)),
+                        Err(e) => break Wake::ProbeFailed(e.to_string()),
                     }
                 }
                 break wake;
@@ -375,6 +377,21 @@ impl Session {
                     )
                     .await;
                     return End::ProtocolError;
+                }
+                Wake::ProbeFailed(why) => {
+                    // The server is not known to be gone (a failover sign), only unusable.
+                    let server = self.unlink();
+                    self.set_unpinned();
+                    self.pool.discard(server);
+                    self.send_fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        &format!(
+                            "terminating connection: iampool could not ask the server what \
+                             session state this client has left on it ({why})"
+                        ),
+                    )
+                    .await;
+                    return End::ServerGone;
                 }
                 Wake::IdleInTransaction => {
                     self.send_fatal(
