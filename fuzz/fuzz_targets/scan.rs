@@ -8,15 +8,21 @@
 //!   the client with an ERROR and keeps its connection);
 //! - a message the scanner holds back to see whole never exceeds `max_message_size`, and
 //!   once the stream ends nothing but an incomplete message is left unforwarded;
+//! - with pinning on (half the inputs, with a limit nothing reaches), the pin's own parsing
+//!   of Query, Parse and Bind messages never panics and changes no byte;
 //! - the server is never released (`Disposition::Clean`) while a ReadyForQuery is owed:
 //!   every Query, FunctionCall and Sync sent has had its ReadyForQuery, the last one said
 //!   idle (`I`), and no COPY started in between.
 #![no_main]
 
 use bytes::{Buf, BytesMut};
+use std::sync::Arc;
+
 use iampool::client::half::Half;
+use iampool::client::pin::Pin;
 use iampool::client::prepared::Tracker;
 use iampool::client::scan::{Scan, ServerSide, Stop};
+use iampool::pool::PinLimit;
 use iampool::protocol::exchange::{Disposition, Exchange};
 use iampool::protocol::framing::{Header, HEADER_LEN};
 use iampool::protocol::messages::parse_error_fields;
@@ -90,6 +96,12 @@ fuzz_target!(|data: &[u8]| {
         max_message,
         transaction_mode,
     );
+    // Half the inputs pin clients that make session state (with room for every pin, so
+    // nothing is refused and the bytes stay the client's): the pin bookkeeping sees the same
+    // arbitrary messages.
+    if transaction_mode && max_message % 2 == 1 {
+        scan.pin = Pin::new(Some(Arc::new(PinLimit::new(usize::MAX))));
+    }
     let client_parts = split(client, &client_sizes);
     let server_parts = split(server, &server_sizes);
     let (mut ci, mut si) = (0, 0);
