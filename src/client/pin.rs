@@ -11,6 +11,7 @@
 //!
 //! [`session_state::kind`]: crate::protocol::session_state::kind
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::pool::PinLimit;
@@ -48,9 +49,10 @@ pub struct Pin {
     reasons: u8,
     /// Something may have created or removed state since the last probe.
     probe_due: bool,
-    /// A refused statement is in flight: the server's error for it (SQLSTATE, and text its
-    /// message contains) is to be replaced.
-    refusing: Option<(&'static str, String)>,
+    /// Refused statements in flight, oldest first: the number of the request each is in,
+    /// and the server's error for it (SQLSTATE, and text its message contains), which is to
+    /// be replaced.
+    refusing: VecDeque<(u64, &'static str, String)>,
 }
 
 impl Pin {
@@ -60,7 +62,7 @@ impl Pin {
             held: false,
             reasons: 0,
             probe_due: false,
-            refusing: None,
+            refusing: VecDeque::new(),
         }
     }
 
@@ -96,23 +98,26 @@ impl Pin {
 
     /// Overwrites the start of a refused statement's text (at least [`REFUSED_WORD`] long,
     /// its NUL included) so that the server fails it with a syntax error.
-    pub fn refuse_statement(&mut self, text: &mut [u8]) {
+    /// `request` is the number of the request it is part of.
+    pub fn refuse_statement(&mut self, request: u64, text: &mut [u8]) {
         if text.len() > REFUSED_WORD.len() {
             text[..REFUSED_WORD.len()].copy_from_slice(REFUSED_WORD);
             let word = std::str::from_utf8(REFUSED_WORD).unwrap_or_default().trim();
-            self.refusing = Some((sqlstate::SYNTAX_ERROR, format!("\"{word}\"")));
+            self.refusing
+                .push_back((request, sqlstate::SYNTAX_ERROR, format!("\"{word}\"")));
         }
     }
 
     /// Overwrites the statement name of a refused Bind (not empty) so that the server fails
     /// it: no such statement.
-    pub fn refuse_bind(&mut self, name: &mut [u8]) {
+    pub fn refuse_bind(&mut self, request: u64, name: &mut [u8]) {
         if name.is_empty() {
             return;
         }
         name.fill(REFUSED_NAME_BYTE);
         let name = String::from_utf8_lossy(name);
-        self.refusing = Some((UNDEFINED_STATEMENT, format!("\"{name}\"")));
+        self.refusing
+            .push_back((request, UNDEFINED_STATEMENT, format!("\"{name}\"")));
     }
 
     /// A statement that may remove session state is about to go to the server.
@@ -161,11 +166,11 @@ impl Pin {
     /// An ErrorResponse from the server: when it is the syntax error of a refused
     /// statement, the error the client gets instead.
     pub fn replacement(&mut self, fields: &ErrorFields) -> Option<String> {
-        let (code, needle) = self.refusing.as_ref()?;
+        let (_, code, needle) = self.refusing.front()?;
         if fields.code != *code || !fields.message.contains(needle.as_str()) {
             return None;
         }
-        self.refusing = None;
+        self.refusing.pop_front();
         let max = self.limit.as_ref().map_or(0, |l| l.max());
         Some(format!(
             "this statement would pin the client to its server connection (it creates session \
@@ -176,9 +181,16 @@ impl Pin {
         ))
     }
 
-    /// The request that carried a refused statement is answered.
-    pub fn request_answered(&mut self) {
-        self.refusing = None;
+    /// Request number `answered` is answered (ReadyForQuery): a refusal in it that the
+    /// server did not fail (skipped after an earlier error) is over.
+    pub fn request_answered(&mut self, answered: u64) {
+        while self
+            .refusing
+            .front()
+            .is_some_and(|(r, _, _)| *r <= answered)
+        {
+            self.refusing.pop_front();
+        }
     }
 }
 
@@ -209,7 +221,7 @@ mod tests {
         assert!(a.pinned() && a.probe_due());
         assert!(!b.on_creating(), "the one slot is a's");
         let mut text = *b"LISTEN x\0";
-        b.refuse_statement(&mut text);
+        b.refuse_statement(0, &mut text);
         assert_eq!(&text, b"iampool \0");
         assert!(b.replacement(&syntax_error()).is_some());
         assert!(b.replacement(&syntax_error()).is_none(), "replaced once");
@@ -239,7 +251,7 @@ mod tests {
         let mut q = Pin::new(Some(Arc::new(PinLimit::new(0))));
         assert!(!q.on_creating());
         let mut name = *b"s1";
-        q.refuse_bind(&mut name);
+        q.refuse_bind(0, &mut name);
         assert_eq!(&name, b"~~");
         assert!(
             q.replacement(&other).is_none(),
@@ -250,6 +262,13 @@ mod tests {
             message: "prepared statement \"~~\" does not exist".into(),
             ..ErrorFields::default()
         };
+        // Pipelined: the refusal is in request 3; the answer to request 2 leaves it pending.
+        let mut name = *b"s1";
+        q.refuse_bind(3, &mut name);
+        q.request_answered(2);
         assert!(q.replacement(&missing).is_some());
+        q.refuse_bind(4, &mut name);
+        q.request_answered(4);
+        assert!(q.replacement(&missing).is_none(), "request 4 is over");
     }
 }

@@ -362,7 +362,7 @@ impl Scan {
         if creates {
             if !self.pin.on_creating() {
                 self.pin
-                    .refuse_statement(&mut self.c.buf[start + name_len..end]);
+                    .refuse_statement(self.requests_sent, &mut self.c.buf[start + name_len..end]);
                 return true;
             }
         } else if effects.drops {
@@ -397,7 +397,8 @@ impl Scan {
             self.pin.on_may_drop();
         } else if !self.pin.on_creating() {
             let at = start + name_start;
-            self.pin.refuse_bind(&mut self.c.buf[at..at + len]);
+            self.pin
+                .refuse_bind(self.requests_sent, &mut self.c.buf[at..at + len]);
         }
     }
 
@@ -491,7 +492,7 @@ impl Scan {
                     // The request is answered: a SET of it that did not complete failed.
                     let answered = self.requests_answered;
                     self.requests_answered += 1;
-                    self.pin.request_answered();
+                    self.pin.request_answered(answered);
                     while self
                         .pending_sets
                         .front()

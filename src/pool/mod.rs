@@ -544,6 +544,7 @@ impl Pool {
 
     /// Stops handing out connections, fails waiters and closes idle connections.
     pub fn close(self: &Arc<Self>) {
+        self.notifications.close();
         let mut st = self.lock();
         st.closed = true;
         for w in st.waiters.drain(..) {

@@ -231,6 +231,13 @@ async fn session_state_pins_its_client_until_it_is_gone() {
     assert_eq!(code(&e), "53400", "extended protocol: {e:?}");
     assert_eq!(one(&b, locks).await, "0");
     assert_eq!(one(&b, "SELECT 1").await, "1");
+    // Pipelined behind another request, the refusal is still the one replaced.
+    let (first, refused) = tokio::join!(
+        b.simple_query("SELECT 1"),
+        b.simple_query("CREATE TEMP TABLE pipelined (v int)")
+    );
+    assert!(first.is_ok(), "{first:?}");
+    assert_eq!(code(&refused.unwrap_err()), "53400");
     // Inside a transaction the refusal fails the transaction, as an error would.
     b.batch_execute("BEGIN").await.unwrap();
     let e = b
