@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 
 use super::build;
 use super::cli::{self, CliCommand, CliInput};
 use super::error::{unknown_fix, ConfigError, ConfigErrors, Origin, Problem};
 use super::keys::{self, KEYS};
+use super::pgbouncer::{self, Section};
 use super::value::Raw;
 use super::{url, Command, Loaded, Secret};
 
@@ -162,11 +163,22 @@ fn clap_error(error: &clap::Error) -> ConfigError {
         .next()
         .unwrap_or("invalid arguments")
         .trim_start_matches("error: ");
+    let pgbouncer_fix = match (error.kind(), error.get(ContextKind::InvalidArg)) {
+        (ErrorKind::UnknownArgument, Some(ContextValue::String(flag))) => {
+            let name = flag.trim_start_matches('-').replace('-', "_");
+            let name = name.split('=').next().unwrap_or_default();
+            pgbouncer::hint(name, Section::Pgbouncer, &|key| {
+                keys::key(key).map_or_else(|| key.to_string(), |key| format!("--{}", key.flag))
+            })
+        }
+        _ => None,
+    };
     let fix = rendered
         .lines()
         .map(str::trim)
         .find_map(|line| line.strip_prefix("tip: "))
         .unwrap_or("run iampool --help to see every flag");
+    let fix = pgbouncer_fix.as_deref().unwrap_or(fix);
     ConfigError {
         key: "command line".into(),
         source: "arguments".into(),
@@ -395,10 +407,12 @@ fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
                         .chain(["databases", "users"]);
                     let otherwise =
                         unknown_key_fix(&name, "remove it; iampool --help lists every key");
+                    let fix = pgbouncer::hint(&name, Section::Pgbouncer, &str::to_string)
+                        .unwrap_or_else(|| unknown_fix(&name, candidates, &otherwise));
                     inputs.errors.push(ConfigError::new(
                         name.clone(),
                         &file_origin,
-                        Problem::new("unknown key", unknown_fix(&name, candidates, &otherwise)),
+                        Problem::new("unknown key", fix),
                     ));
                 }
             },
@@ -421,6 +435,10 @@ fn sub_tables(
     errors: &mut Vec<ConfigError>,
 ) -> Vec<(String, toml::Table)> {
     let fix = format!("write [{section}.NAME] tables");
+    let fix_for = |name: &str, value: &toml::Value| match (section, value) {
+        ("databases", toml::Value::String(_)) => pgbouncer_style_fix(name),
+        _ => fix.clone(),
+    };
     let toml::Value::Table(table) = value else {
         errors.push(ConfigError::new(
             section,
@@ -433,14 +451,21 @@ fn sub_tables(
     for (name, value) in table {
         match value {
             toml::Value::Table(table) => tables.push((name, table)),
-            _ => errors.push(ConfigError::new(
+            other => errors.push(ConfigError::new(
                 format!("{section}.{name}"),
                 origin,
-                Problem::new("is not a table", fix.clone()),
+                Problem::new("is not a table", fix_for(&name, &other)),
             )),
         }
     }
     tables
+}
+
+/// For `[databases]` `NAME = "host=..."`, PgBouncer's way of writing a database.
+fn pgbouncer_style_fix(name: &str) -> String {
+    format!(
+        "write [databases.{name}] with upstream = \"host=... dbname=... user=...\" (the string PgBouncer takes here)"
+    )
 }
 
 /// A string secret from the file; the value itself never reaches a message.
@@ -505,11 +530,14 @@ fn file_databases(value: toml::Value, path: &Path, inputs: &mut Inputs) {
                             .filter(|key| key.is_per_database())
                             .map(|key| key.name)
                             .chain(["upstream", "password"]);
-                        let fix = unknown_fix(
-                            &key_name,
-                            candidates,
-                            "remove it, or set it at the top level if it applies to every database",
-                        );
+                        let fix = pgbouncer::hint(&key_name, Section::Databases, &str::to_string)
+                            .unwrap_or_else(|| {
+                                unknown_fix(
+                                    &key_name,
+                                    candidates,
+                                    "remove it, or set it at the top level if it applies to every database",
+                                )
+                            });
                         inputs.errors.push(ConfigError::new(
                             label,
                             &origin,
@@ -534,7 +562,10 @@ fn file_users(value: toml::Value, path: &Path, inputs: &mut Inputs) {
                 given = true;
                 password = secret(&label, value, &origin, &mut inputs.errors);
             } else {
-                let fix = unknown_fix(&key_name, ["password"], "a user has only a password");
+                let fix = pgbouncer::hint(&key_name, Section::Users, &str::to_string)
+                    .unwrap_or_else(|| {
+                        unknown_fix(&key_name, ["password"], "a user has only a password")
+                    });
                 inputs.errors.push(ConfigError::new(
                     label,
                     &origin,

@@ -11,6 +11,7 @@ mod database;
 mod error;
 pub mod keys;
 mod load;
+pub mod pgbouncer;
 mod render;
 #[cfg(test)]
 mod tests;

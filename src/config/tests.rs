@@ -229,6 +229,55 @@ fn unknown_keys_are_rejected_with_suggestions() {
 }
 
 #[test]
+fn pgbouncer_keys_are_answered_with_the_iampool_key() {
+    let toml = file(
+        "default_pool_size = 20\nlisten_port = 6432\npidfile = \"/run/p.pid\"\nauth_hba_file = \"/etc/hba\"\n\
+         [databases.app]\nupstream = \"host=h dbname=app user=u reserve_pool=3\"\nserver_lifetime = 60\ntimezone = \"UTC\"\n\
+         [users.bob]\npassword = \"x\"\npool_mode = \"session\"\n",
+    );
+    let all = errors(&["--config", path(&toml)], &[]);
+    let fix = |key: &str| {
+        all.iter()
+            .find(|e| e.key == key)
+            .map(|e| e.fix.clone())
+            .unwrap_or_else(|| panic!("{key}: {all:#?}"))
+    };
+    assert_eq!(
+        all.iter().find(|e| e.key == "default_pool_size").unwrap().to_string(),
+        format!(
+            "default_pool_size (from {}): unknown key; PgBouncer's default_pool_size is iampool's pool_size",
+            path(&toml)
+        )
+    );
+    assert!(fix("listen_port").starts_with("PgBouncer's listen_port is iampool's listen: "));
+    assert!(fix("pidfile").contains("not needed by iampool"));
+    assert!(fix("auth_hba_file").contains("no HBA rules"));
+    assert!(fix("databases.app.reserve_pool").contains("PgBouncer's reserve_pool"));
+    assert!(fix("databases.app.server_lifetime").contains("set it at the top level"));
+    assert!(fix("databases.app.timezone").contains("iampool's options"));
+    assert!(fix("users.bob.pool_mode").contains("no per-user settings"));
+    assert_eq!(all.len(), 8, "{all:#?}");
+
+    let e = one_error(
+        &["--default-pool-size", "5", "--upstream", "postgres://u@h/d"],
+        &[],
+    );
+    assert_eq!(
+        e.fix,
+        "PgBouncer's default_pool_size is iampool's --pool-size"
+    );
+    let e = one_error(
+        &["--listen-addr=0.0.0.0", "--upstream", "postgres://u@h/d"],
+        &[],
+    );
+    assert!(
+        e.fix
+            .starts_with("PgBouncer's listen_addr is iampool's --listen: "),
+        "{e}"
+    );
+}
+
+#[test]
 fn iam_rules() {
     let config = Config::from_args(
         &[
