@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Inject(args) => inject(&args),
+        Command::ImportPgbouncer(args) => ExitCode::from(iampool::config::import::run(&args)),
         Command::Run => {
             let config = loaded.config.expect("run has a configuration");
             let log_reloader = init_logging(&config.log_level, config.log_format);

@@ -115,6 +115,13 @@ where
                 sources: BTreeMap::new(),
             });
         }
+        CliCommand::ImportPgbouncer(ref args) => {
+            return Ok(Loaded {
+                command: Command::ImportPgbouncer(args.clone()),
+                config: None,
+                sources: BTreeMap::new(),
+            });
+        }
         CliCommand::Run => Command::Run,
         CliCommand::CheckConfig => Command::CheckConfig,
     };
@@ -125,6 +132,15 @@ where
         config: Some(config),
         sources,
     })
+}
+
+/// `text` loaded as the configuration file at `path`, with no environment and no flags:
+/// what `iampool --config PATH` would make of it in an empty environment.
+pub(crate) fn load_text(text: &str, path: &Path) -> Result<super::Config, ConfigErrors> {
+    let mut inputs = Inputs::default();
+    read_text(text, path, &mut inputs);
+    inputs.watched.push(path.to_path_buf());
+    build::build(inputs).map(|(config, _)| config)
 }
 
 fn check_signing_time(time: Option<&str>) -> Result<(), ConfigErrors> {
@@ -359,7 +375,6 @@ fn unknown_key_fix(name: &str, otherwise: &str) -> String {
 }
 
 fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
-    let file_origin = Origin::File(path.to_path_buf());
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) => {
@@ -374,18 +389,29 @@ fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
             return;
         }
     };
+    read_text(&text, path, inputs);
+}
+
+/// The settings of a configuration file's text.
+fn read_text(text: &str, path: &Path, inputs: &mut Inputs) {
+    let file_origin = Origin::File(path.to_path_buf());
     // The error's own Display quotes the offending line, which may hold a password.
-    let table = match toml::from_str::<toml::Table>(&text) {
+    let table = match toml::from_str::<toml::Table>(text) {
         Ok(table) => table,
         Err(e) => {
             let at = e
                 .span()
-                .map(|span| line_and_column(&text, span.start))
+                .map(|span| line_and_column(text, span.start))
                 .unwrap_or_default();
+            let fix = if looks_like_pgbouncer_ini(text) {
+                "this looks like a pgbouncer.ini: iampool import-pgbouncer FILE writes the iampool configuration it means"
+            } else {
+                "fix the TOML syntax"
+            };
             inputs.errors.push(ConfigError::new(
                 "config",
                 &file_origin,
-                Problem::new(format!("{at}{}", e.message()), "fix the TOML syntax"),
+                Problem::new(format!("{at}{}", e.message()), fix),
             ));
             return;
         }
@@ -407,8 +433,13 @@ fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
                         .chain(["databases", "users"]);
                     let otherwise =
                         unknown_key_fix(&name, "remove it; iampool --help lists every key");
-                    let fix = pgbouncer::hint(&name, Section::Pgbouncer, &str::to_string)
-                        .unwrap_or_else(|| unknown_fix(&name, candidates, &otherwise));
+                    let fix = match name.as_str() {
+                        "pgbouncer" | "peers" => format!(
+                            "[{name}] is a pgbouncer.ini section: iampool import-pgbouncer FILE converts a pgbouncer.ini"
+                        ),
+                        _ => pgbouncer::hint(&name, Section::Pgbouncer, &str::to_string)
+                            .unwrap_or_else(|| unknown_fix(&name, candidates, &otherwise)),
+                    };
                     inputs.errors.push(ConfigError::new(
                         name.clone(),
                         &file_origin,
@@ -418,6 +449,12 @@ fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
             },
         }
     }
+}
+
+/// A `[pgbouncer]` or `[databases]` section with `name = value` lines TOML cannot read.
+fn looks_like_pgbouncer_ini(text: &str) -> bool {
+    text.lines()
+        .any(|line| matches!(line.trim(), "[pgbouncer]" | "[databases]" | "[peers]"))
 }
 
 fn line_and_column(text: &str, offset: usize) -> String {
@@ -464,7 +501,7 @@ fn sub_tables(
 /// For `[databases]` `NAME = "host=..."`, PgBouncer's way of writing a database.
 fn pgbouncer_style_fix(name: &str) -> String {
     format!(
-        "write [databases.{name}] with upstream = \"host=... dbname=... user=...\" (the string PgBouncer takes here)"
+        "write [databases.{name}] with upstream = \"host=... dbname=... user=...\" (the string PgBouncer takes here); iampool import-pgbouncer converts a pgbouncer.ini"
     )
 }
 

@@ -9,6 +9,7 @@ mod cli;
 mod conninfo;
 mod database;
 mod error;
+pub mod import;
 pub mod keys;
 mod load;
 pub mod pgbouncer;
@@ -293,6 +294,18 @@ pub enum Command {
     Token(TokenArgs),
     /// Add the sidecar to Kubernetes YAML; no configuration is loaded.
     Inject(InjectArgs),
+    /// Write the iampool configuration a pgbouncer.ini means; no configuration is loaded.
+    ImportPgbouncer(ImportArgs),
+}
+
+/// Arguments of `iampool import-pgbouncer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportArgs {
+    pub ini: PathBuf,
+    /// PgBouncer's auth_file, when not the one pgbouncer.ini names.
+    pub userlist: Option<PathBuf>,
+    /// Where the configuration goes; stdout when unset.
+    pub output: Option<PathBuf>,
 }
 
 /// Arguments of `iampool inject`.
@@ -374,6 +387,11 @@ impl Config {
                 fix: "use Config::load for the token command".into(),
             }])
         })
+    }
+
+    /// `text` read as the configuration file at `path`, with no environment and no flags.
+    pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Config, ConfigErrors> {
+        load::load_text(text, path)
     }
 
     /// The effective configuration as TOML with secrets redacted. Without provenance; use

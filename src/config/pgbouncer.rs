@@ -1,11 +1,11 @@
 //! PgBouncer's settings and what iampool makes of each: the one table that the hint for a
-//! PgBouncer key in an iampool configuration and the README's "Coming from PgBouncer" table
-//! are read from.
+//! PgBouncer key in an iampool configuration, `iampool import-pgbouncer` and the README's
+//! "Coming from PgBouncer" table are all read from.
 //!
 //! The table lists every setting of PgBouncer 1.25's `[pgbouncer]`, `[databases]`, `[users]`
 //! and `[peers]` sections. A setting iampool plans but lacks is [`Fate::NotYet`] with the key
-//! it is planned under: once that key is in the key table, the hint names it, without an
-//! edit here (then make it a [`Fate::Key`] and regenerate the
+//! it is planned under: once that key is in the key table, the hint names it and the import
+//! carries the setting, without an edit here (then make it a [`Fate::Key`] and regenerate the
 //! README with `UPDATE_EXAMPLE=1 cargo test --lib config::`).
 
 use std::fmt::Write;

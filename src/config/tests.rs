@@ -278,6 +278,24 @@ fn pgbouncer_keys_are_answered_with_the_iampool_key() {
 }
 
 #[test]
+fn a_pgbouncer_ini_given_as_the_file_points_to_the_import() {
+    let ini = file("[databases]\napp = host=db dbname=app\n[pgbouncer]\nlisten_port = 6432\n");
+    let all = errors(&["--config", path(&ini)], &[]);
+    let e = all
+        .iter()
+        .find(|e| e.key == "config")
+        .expect("a TOML error");
+    assert!(e.fix.contains("iampool import-pgbouncer"), "{e}");
+    let quoted = file("[databases]\napp = \"host=db dbname=app user=u\"\n");
+    let all = errors(&["--config", path(&quoted)], &[]);
+    let e = all
+        .iter()
+        .find(|e| e.key == "databases.app")
+        .expect("an error on it");
+    assert!(e.fix.contains("[databases.app] with upstream = "), "{e}");
+}
+
+#[test]
 fn iam_rules() {
     let config = Config::from_args(
         &[
@@ -712,6 +730,32 @@ fn commands() {
     let e = Config::from_args(&["--pool-sise", "3"], &[]).unwrap_err();
     assert_eq!(e.0.len(), 1);
     assert!(e.0[0].fix.contains("--pool-size"), "{e}");
+}
+
+#[test]
+fn import_pgbouncer_command_loads_no_configuration() {
+    let loaded = Config::load(
+        [
+            "iampool",
+            "import-pgbouncer",
+            "pgbouncer.ini",
+            "users.txt",
+            "-o",
+            "out.toml",
+        ],
+        [("IAMPOOL_POOL_SIZE".to_string(), "not a number".to_string())],
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.command,
+        Command::ImportPgbouncer(ImportArgs {
+            ini: "pgbouncer.ini".into(),
+            userlist: Some("users.txt".into()),
+            output: Some("out.toml".into()),
+        })
+    );
+    assert!(loaded.config.is_none());
+    assert!(Config::load(["iampool", "import-pgbouncer"], Vec::new()).is_err());
 }
 
 #[test]
