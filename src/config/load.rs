@@ -58,6 +58,8 @@ pub(crate) struct Inputs {
     pub databases: Vec<TableDatabase>,
     pub users: Vec<TableUser>,
     pub errors: Vec<ConfigError>,
+    /// Mistakes that do not stop a start (unknown `IAMPOOL_*` variables).
+    pub warnings: Vec<ConfigError>,
     /// Files whose contents are part of the configuration (the TOML file, `IAMPOOL_<KEY>_FILE`
     /// sources): a change to one is a reason to reload.
     pub watched: Vec<PathBuf>,
@@ -106,6 +108,7 @@ where
                 command: Command::Token(args.clone()),
                 config: None,
                 sources: BTreeMap::new(),
+                warnings: Vec::new(),
             });
         }
         CliCommand::Inject(ref args) => {
@@ -113,6 +116,7 @@ where
                 command: Command::Inject(args.clone()),
                 config: None,
                 sources: BTreeMap::new(),
+                warnings: Vec::new(),
             });
         }
         CliCommand::ImportPgbouncer(ref args) => {
@@ -120,17 +124,20 @@ where
                 command: Command::ImportPgbouncer(args.clone()),
                 config: None,
                 sources: BTreeMap::new(),
+                warnings: Vec::new(),
             });
         }
         CliCommand::Run => Command::Run,
         CliCommand::CheckConfig => Command::CheckConfig,
     };
-    let inputs = gather(&cli, env);
+    let mut inputs = gather(&cli, env);
+    let warnings = std::mem::take(&mut inputs.warnings);
     let (config, sources) = build::build(inputs)?;
     Ok(Loaded {
         command,
         config: Some(config),
         sources,
+        warnings,
     })
 }
 
@@ -214,7 +221,7 @@ pub(crate) fn gather(cli: &CliInput, env: impl IntoIterator<Item = (String, Stri
             }
         }
     }
-    let (env_layer, env_config) = environment(env, &mut inputs.errors, &mut inputs.watched);
+    let (env_layer, env_config) = environment(env, &mut inputs);
 
     let config_path = match (&cli.config, env_config) {
         (Some(path), _) => Some((path.clone(), Origin::Flag("--config".into()))),
@@ -245,14 +252,21 @@ fn global_setting(name: &'static str, raw: Raw, origin: Origin) -> Setting {
 }
 
 /// `IAMPOOL_<KEY>` settings, `IAMPOOL_<KEY>_FILE` (the value is that file's contents, for
-/// secrets mounted from a Kubernetes Secret) and `IAMPOOL_CONFIG`; any other `IAMPOOL_*`
-/// variable is an error, except the service links Kubernetes injects for a Service named
-/// `iampool`. Empty variables count as unset.
+/// secrets mounted from a Kubernetes Secret) and `IAMPOOL_CONFIG`. Any other `IAMPOOL_*`
+/// variable is ignored with a warning (a wrapper's `IAMPOOL_BIN` is no setting), except a
+/// per-database key, which is an error (its intent is plain, and ignoring `IAMPOOL_AUTH=iam`
+/// would sign in another way); the service links Kubernetes injects for a Service named
+/// `iampool` are ignored silently. Empty variables count as unset.
 fn environment(
     env: impl IntoIterator<Item = (String, String)>,
-    errors: &mut Vec<ConfigError>,
-    watched: &mut Vec<PathBuf>,
+    inputs: &mut Inputs,
 ) -> (BTreeMap<&'static str, Setting>, Option<String>) {
+    let Inputs {
+        errors,
+        warnings,
+        watched,
+        ..
+    } = inputs;
     let mut layer = BTreeMap::new();
     let mut config = None;
     let mut from_files = Vec::new();
@@ -276,21 +290,10 @@ fn environment(
                 );
             }
             None if file_key(&name).is_some() => from_files.push((var, value)),
-            None => {
-                let candidates = KEYS.iter().filter(|k| k.is_global()).map(|k| k.name);
-                let fix = match super::error::did_you_mean(&name, candidates) {
-                    Some(close) => format!("did you mean IAMPOOL_{}?", close.to_ascii_uppercase()),
-                    None => {
-                        unknown_key_fix(&name, "unset it; iampool --help lists every IAMPOOL_<KEY>")
-                    }
-                };
-                errors.push(ConfigError {
-                    key: name,
-                    source: var,
-                    message: "unknown environment variable".into(),
-                    fix,
-                });
-            }
+            None => match unknown_variable(name, var) {
+                Unknown::Error(error) => errors.push(error),
+                Unknown::Warning(warning) => warnings.push(warning),
+            },
         }
     }
     for (var, path) in from_files {
@@ -324,6 +327,50 @@ fn environment(
         }
     }
     (layer, config)
+}
+
+enum Unknown {
+    Error(ConfigError),
+    Warning(ConfigError),
+}
+
+/// An `IAMPOOL_<NAME>` that sets nothing: an error when it names a key (in the wrong case, or
+/// one set per database), otherwise a warning with the nearest fix.
+fn unknown_variable(name: String, var: String) -> Unknown {
+    let env_var = |key: &str| format!("IAMPOOL_{}", key.to_ascii_uppercase());
+    if let Some(key) = keys::key(&name) {
+        let fix = if key.is_global() {
+            format!("write it in upper case: {}", key.env_var())
+        } else {
+            unknown_key_fix(&name, "")
+        };
+        return Unknown::Error(ConfigError {
+            key: name,
+            source: var,
+            message: "unknown environment variable".into(),
+            fix,
+        });
+    }
+    let candidates = || KEYS.iter().filter(|k| k.is_global()).map(|k| k.name);
+    let fix = pgbouncer::hint(&name, Section::Pgbouncer, &env_var)
+        .or_else(|| {
+            super::error::did_you_mean(&name, candidates())
+                .map(|close| format!("did you mean {}?", env_var(close)))
+        })
+        .or_else(|| {
+            let stem = name.strip_suffix("_file")?;
+            super::error::did_you_mean(stem, candidates())
+                .map(|close| format!("did you mean {}_FILE?", env_var(close)))
+        })
+        .unwrap_or_else(|| {
+            "if it was meant as a setting, iampool --help lists every IAMPOOL_<KEY>".into()
+        });
+    Unknown::Warning(ConfigError {
+        key: name,
+        source: var,
+        message: "unknown environment variable, ignored".into(),
+        fix,
+    })
 }
 
 /// The key `IAMPOOL_<KEY>_FILE` sets, for a lower-cased suffix `<key>_file` that is not itself

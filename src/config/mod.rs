@@ -344,6 +344,8 @@ pub struct Loaded {
     /// Where each effective value came from, by key: `listen`, `databases.app.sslmode`,
     /// `databases.app.password`, `users.alice`. Values not listed are defaults.
     pub sources: BTreeMap<String, Origin>,
+    /// Mistakes that do not stop the start (an unknown `IAMPOOL_*` variable): to be logged.
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Loaded {
