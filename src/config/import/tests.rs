@@ -402,3 +402,111 @@ fn every_converted_setting_is_taken_by_hand() {
         );
     }
 }
+
+#[test]
+fn arbitrary_input_is_an_error_or_a_report_never_a_panic() {
+    // Lines built by a small deterministic generator from what pgbouncer.ini is made of.
+    let sections = [
+        "[databases]",
+        "[pgbouncer]",
+        "[users]",
+        "[peers]",
+        "[",
+        "[x]",
+    ];
+    let names = [
+        "app",
+        "*",
+        "'my db'",
+        "\"q\"\"d\"",
+        "iampool",
+        "listen_addr",
+        "listen_port",
+        "auth_type",
+        "auth_file",
+        "pool_mode",
+        "default_pool_size",
+        "max_packet_size",
+        "verbose",
+        "client_tls_sslmode",
+        "unix_socket_dir",
+        "query_wait_timeout",
+        "reserve_pool_size",
+        "admin_users",
+        "server_lifetime",
+        "bogus",
+        "1",
+        "",
+    ];
+    let values = [
+        "",
+        "0",
+        "1",
+        "-1",
+        "0x1f",
+        "99999",
+        "5.5",
+        "session",
+        "statement",
+        "hba",
+        "md5",
+        "any",
+        "verify-full",
+        "*",
+        "localhost",
+        "127.0.0.1,::1",
+        "@sock",
+        "/",
+        "a,b",
+        "é",
+        "\u{1}x",
+        "host=h user=u",
+        "host=h,i dbname='d b' user=u password=p pool_size=2",
+        "host=/tmp user=u",
+        "host=h user=u timezone='A B' load_balance_hosts=round-robin",
+        "host=h user=u pool_mode=statement reserve_pool=1 max_db_connections=3",
+        "host=h user=u password='x",
+        "pool_size=1",
+        "=x",
+        "host=h port=0 user=u",
+    ];
+    let files = Files::new();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let mut loaded = 0;
+    for _ in 0..300 {
+        let mut text = String::from("[databases]\nbase = host=h user=u\n[pgbouncer]\n");
+        for _ in 0..next(8) {
+            match next(5) {
+                0 => text.push_str(sections[next(sections.len())]),
+                1 => text.push_str(&format!("; {}", values[next(values.len())])),
+                _ => text.push_str(&format!(
+                    "{} = {}",
+                    names[next(names.len())],
+                    values[next(values.len())]
+                )),
+            }
+            text.push('\n');
+        }
+        let ini = files.write("fuzz.ini", &text);
+        match import(&ini, None, None) {
+            Ok(imported) => {
+                let _ = imported.report.to_string();
+                if let Err(e) = toml::from_str::<toml::Table>(&imported.toml) {
+                    panic!("{e}\n{text:?}\n{}", imported.toml);
+                }
+                loaded += usize::from(imported.config.is_some());
+            }
+            Err(errors) => assert!(!errors.is_empty()),
+        }
+    }
+    assert!(
+        loaded > 10,
+        "the generator should make some configurations that load: {loaded}"
+    );
+}

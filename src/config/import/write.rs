@@ -33,19 +33,27 @@ fn toml_key(name: &str) -> String {
     }
 }
 
+/// Text for a comment line: TOML comments take no control characters but tab.
+fn comment(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect()
+}
+
 fn items(out: &mut String, items: &[Item]) {
     let mut sorted: Vec<&Item> = items.iter().collect();
     sorted.sort_by_key(|item| rank(item));
     for item in sorted {
-        let _ = writeln!(out, "# {}", item.from.replace('\n', " "));
+        let _ = writeln!(out, "# {}", comment(&item.from));
         let _ = writeln!(out, "{} = {}", item.key, item.value);
     }
 }
 
 pub fn toml_text(plan: &Plan, source: &str) -> String {
     let mut out = format!(
-        "# iampool configuration written by `iampool import-pgbouncer` from {source}.\n\
-         # The import's report (stderr) says what was carried over, what differs and what was not.\n"
+        "# iampool configuration written by `iampool import-pgbouncer` from {}.\n\
+         # The import's report (stderr) says what was carried over, what differs and what was not.\n",
+        comment(source)
     );
     if plan
         .databases
@@ -57,7 +65,8 @@ pub fn toml_text(plan: &Plan, source: &str) -> String {
     out.push('\n');
     items(&mut out, &plan.globals);
     for database in &plan.databases {
-        let _ = writeln!(out, "\n# {} [databases] {}", database.at, database.name);
+        let from = format!("{} [databases] {}", database.at, database.name);
+        let _ = writeln!(out, "\n# {}", comment(&from));
         let _ = writeln!(out, "[databases.{}]", toml_key(&database.name));
         items(&mut out, &database.items);
     }
