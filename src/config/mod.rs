@@ -8,6 +8,7 @@ mod build;
 mod cli;
 mod conninfo;
 mod database;
+mod env;
 mod error;
 pub mod import;
 pub mod keys;

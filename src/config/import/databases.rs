@@ -50,25 +50,11 @@ impl Import<'_> {
 
     fn database(&mut self, entry: &Entry) -> Option<Database> {
         let name = entry.key.as_str();
-        let at = Some(&entry.at);
-        if name == "*" {
-            self.report.note(
-                Kind::NotCarried,
-                at,
-                "* (the fallback database): iampool serves only the databases it lists, each one pool with its own upstream login; add an entry for each database clients use",
-            );
-            return None;
-        }
-        if crate::client::console::is_console_database(name) {
-            self.report.note(
-                Kind::NotCarried,
-                at,
-                format!("[databases] {name}: iampool's admin console answers to {name}; give the database another name"),
-            );
+        if !self.servable(entry) {
             return None;
         }
         let pairs = match ini::pairs(&entry.value) {
-            Ok(pairs) => pairs,
+            Ok(pairs) => last_wins(pairs),
             Err(message) => {
                 self.error(
                     &entry.at,
@@ -83,7 +69,6 @@ impl Import<'_> {
             at: entry.at.clone(),
             items: Vec::new(),
         };
-        let pairs = last_wins(pairs);
         let mut parts = Parts::default();
         for (keyword, text) in &pairs {
             let slot = match keyword.as_str() {
@@ -104,6 +89,44 @@ impl Import<'_> {
             secret: false,
         });
         self.password(&mut database, entry, &parts);
+        let several_hosts = parts.host.as_deref().is_some_and(|h| h.contains(','));
+        self.settings(&mut database, entry, pairs, several_hosts);
+        Some(database)
+    }
+
+    /// Whether the entry names a database iampool can serve under that name.
+    fn servable(&mut self, entry: &Entry) -> bool {
+        let name = entry.key.as_str();
+        let at = Some(&entry.at);
+        if name == "*" {
+            self.report.note(
+                Kind::NotCarried,
+                at,
+                "* (the fallback database): iampool serves only the databases it lists, each one pool with its own upstream login; add an entry for each database clients use",
+            );
+            return false;
+        }
+        if crate::client::console::is_console_database(name) {
+            self.report.note(
+                Kind::NotCarried,
+                at,
+                format!("[databases] {name}: iampool's admin console answers to {name}; give the database another name"),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// The entry's keywords besides the upstream's parts.
+    fn settings(
+        &mut self,
+        database: &mut Database,
+        entry: &Entry,
+        pairs: Vec<(String, String)>,
+        several_hosts: bool,
+    ) {
+        let name = database.name.clone();
+        let at = Some(&entry.at);
         let mut options = Vec::new();
         let mut hosts_order = None;
         for (keyword, text) in pairs {
@@ -112,7 +135,7 @@ impl Import<'_> {
                 "pool_mode" => {
                     let what = format!("{name}: pool_mode");
                     if let Some(mode) = self.mode(entry, &what, &text) {
-                        push(&mut database, "pool_mode", mode, entry, &keyword);
+                        push(database, "pool_mode", mode, entry, &keyword);
                     }
                 }
                 "load_balance_hosts" => hosts_order = Some(text),
@@ -125,7 +148,7 @@ impl Import<'_> {
                     options.push((keyword, text));
                 }
                 _ => match pgbouncer::setting(&keyword, Section::Databases) {
-                    Some(setting) => self.keyword(&mut database, entry, setting, &text),
+                    Some(setting) => self.keyword(database, entry, setting, &text),
                     None => {
                         let known = pgbouncer::SETTINGS
                             .iter()
@@ -144,20 +167,18 @@ impl Import<'_> {
                 },
             }
         }
-        let several_hosts = parts.host.as_deref().is_some_and(|h| h.contains(','));
-        self.hosts_order(&mut database, entry, hosts_order, several_hosts);
+        self.hosts_order(database, entry, hosts_order, several_hosts);
         if !options.is_empty() {
             let names: Vec<&str> = options.iter().map(|(k, _)| k.as_str()).collect();
             let words: Vec<String> = options.iter().map(|(k, v)| value::option(k, v)).collect();
             push(
-                &mut database,
+                database,
                 "options",
                 toml::Value::String(words.join(" ")),
                 entry,
                 &names.join(", "),
             );
         }
-        Some(database)
     }
 
     /// A keyword through the table: to the database's iampool key, or a note.

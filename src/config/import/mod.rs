@@ -3,6 +3,7 @@
 //!
 //! The written configuration is checked with iampool's own loader before it is handed out.
 
+mod auth;
 mod convert;
 mod databases;
 mod ini;
