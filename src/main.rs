@@ -24,6 +24,9 @@ fn main() -> ExitCode {
     };
     match loaded.command {
         Command::CheckConfig => {
+            for warning in &loaded.warnings {
+                eprintln!("iampool: warning: {warning}");
+            }
             print!("{}", loaded.render_redacted());
             ExitCode::SUCCESS
         }
@@ -41,9 +44,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Inject(args) => inject(&args),
+        Command::ImportPgbouncer(args) => ExitCode::from(iampool::config::import::run(&args)),
         Command::Run => {
             let config = loaded.config.expect("run has a configuration");
             let log_reloader = init_logging(&config.log_level, config.log_format);
+            // The environment does not change while iampool runs, so a reload would only
+            // repeat these: they are logged once, at start.
+            for warning in &loaded.warnings {
+                warn!(source = %warning.source, fix = %warning.fix, "{}", warning.message);
+            }
             // RELOAD and SIGHUP re-read the same file, environment and flags.
             let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
             let source: ConfigSource = Box::new(move || {

@@ -48,7 +48,8 @@ pub struct LineError {
 }
 
 /// Every `"user" "secret"` line of an auth file, and every malformed line.
-/// Blank lines and lines starting with `;` or `#` are comments; `""` inside quotes is one `"`.
+/// Blank lines and lines starting with `;` or `#` are comments; `""` inside quotes is one `"`;
+/// what follows the secret after a space is ignored, as PgBouncer ignores further fields.
 pub fn parse(text: &str) -> (Vec<(String, UserSecret)>, Vec<LineError>) {
     let mut users: Vec<(String, UserSecret)> = Vec::new();
     let mut errors = Vec::new();
@@ -97,10 +98,10 @@ fn parse_line(line: &str) -> Result<(String, String), Problem> {
             LINE_FIX,
         )
     })?;
-    let rest = rest.trim();
-    if !(rest.is_empty() || rest.starts_with(';') || rest.starts_with('#')) {
+    // Text run on from the closing quote is a quoting mistake, not another field.
+    if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
         return Err(Problem::new(
-            format!("unexpected text after the secret of user {user:?}"),
+            format!("unexpected text right after the secret of user {user:?}"),
             LINE_FIX,
         ));
     }
@@ -134,7 +135,7 @@ mod tests {
     #[test]
     fn parses_quotes_escapes_and_comments() {
         let text = format!(
-            "; comment\n# another\n\n\"alice\" \"plain pw\"\n  \"bo\"\"b\"   \"md5{}\" ; trailing\n\"carol\" \"{SCRAM}\"\n\"dave\" \"say \"\"hi\"\"\"\n",
+            "; comment\n# another\n\n\"alice\" \"plain pw\"\n  \"bo\"\"b\"   \"md5{}\" ; trailing\n\"carol\" \"{SCRAM}\" \"a further field\" 42\n\"dave\" \"say \"\"hi\"\"\"\n",
             "0123456789abcdef0123456789abcdef"
         );
         let (users, errors) = parse(&text);
@@ -161,7 +162,7 @@ mod tests {
 
     #[test]
     fn bad_lines_report_line_numbers_without_secrets() {
-        let text = "\"ok\" \"fine\"\nalice hunter2\n\"bob\" \"hunter2\" extra\n\"carol\" \"hunter2\n\"ok\" \"again\"\n";
+        let text = "\"ok\" \"fine\"\nalice hunter2\n\"bob\" \"hunter2\"extra\n\"carol\" \"hunter2\n\"ok\" \"again\"\n";
         let (users, errors) = parse(text);
         assert_eq!(users.len(), 1);
         let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();

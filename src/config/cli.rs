@@ -6,7 +6,7 @@
 use clap::{Arg, ArgAction, ArgMatches};
 
 use super::keys::{DefaultValue, Key, Kind, KEYS};
-use super::{InjectArgs, TokenArgs};
+use super::{ImportArgs, InjectArgs, TokenArgs};
 
 /// What the command line asked for, before any value is parsed.
 pub(crate) struct CliInput {
@@ -22,6 +22,7 @@ pub(crate) enum CliCommand {
     CheckConfig,
     Token(TokenArgs),
     Inject(InjectArgs),
+    ImportPgbouncer(ImportArgs),
 }
 
 const PRECEDENCE: &str = "\
@@ -48,7 +49,8 @@ pub fn command() -> clap::Command {
         .after_help(PRECEDENCE)
         .subcommand(check)
         .subcommand(token_command())
-        .subcommand(inject_command());
+        .subcommand(inject_command())
+        .subcommand(import_command());
     with_key_args(root)
 }
 
@@ -168,6 +170,51 @@ fn inject_command() -> clap::Command {
         .arg(text("cpu-request", "CPU", "The sidecar's CPU request").default_value(DEFAULT_CPU_REQUEST))
         .arg(text("memory-request", "SIZE", "The sidecar's memory request").default_value(DEFAULT_MEMORY_REQUEST))
         .arg(text("memory-limit", "SIZE", "The sidecar's memory limit").default_value(DEFAULT_MEMORY_LIMIT))
+}
+
+fn import_command() -> clap::Command {
+    let path =
+        |id: &'static str| Arg::new(id).value_parser(clap::value_parser!(std::path::PathBuf));
+    clap::Command::new("import-pgbouncer")
+        .about("Write the iampool configuration a pgbouncer.ini means (TOML, to stdout), and on stderr what was carried over, what was changed and what could not be, and why")
+        .after_help(
+            "Example: iampool import-pgbouncer /etc/pgbouncer/pgbouncer.ini -o iampool.toml\n\
+             %include files are read as PgBouncer reads them. The users of the auth file (the \
+             USERLIST given, else pgbouncer.ini's auth_file) stay in that file, which iampool \
+             reads as PgBouncer does; a password PgBouncer would take from it for a server login \
+             is written into the database's table. No password appears in the report.\n\
+             Exit status: 0 when the configuration is written and loads; 1 when it is written \
+             but does not load here as it is (the report says why, e.g. a file that exists only \
+             on the PgBouncer host); 2 when nothing is written (a mistake in the input, with its \
+             file and line)",
+        )
+        .arg(
+            path("ini")
+                .value_name("PGBOUNCER_INI")
+                .required(true)
+                .help("PgBouncer's configuration file"),
+        )
+        .arg(
+            path("userlist")
+                .value_name("USERLIST")
+                .help("PgBouncer's auth file (default: the auth_file pgbouncer.ini names)"),
+        )
+        .arg(
+            path("output")
+                .long("output")
+                .short('o')
+                .value_name("FILE")
+                .help("Write the configuration here (mode 0600) instead of stdout"),
+        )
+}
+
+fn import_args(matches: &ArgMatches) -> ImportArgs {
+    let path = |id: &str| matches.get_one::<std::path::PathBuf>(id).cloned();
+    ImportArgs {
+        ini: path("ini").unwrap_or_default(),
+        userlist: path("userlist"),
+        output: path("output"),
+    }
 }
 
 fn inject_args(matches: &ArgMatches) -> InjectArgs {
@@ -293,6 +340,9 @@ where
         }
         Some(("token", sub)) => input.command = CliCommand::Token(token_args(sub)),
         Some(("inject", sub)) => input.command = CliCommand::Inject(inject_args(sub)),
+        Some(("import-pgbouncer", sub)) => {
+            input.command = CliCommand::ImportPgbouncer(import_args(sub));
+        }
         _ => {}
     }
     Ok(input)

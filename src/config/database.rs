@@ -568,7 +568,12 @@ fn database_layer(
                         "remove it; iampool --help lists the keys, which are the keywords besides host, port, user, password and dbname",
                     ),
                 };
-                let fix = unknown_fix(param, candidates, otherwise);
+                let fix = super::pgbouncer::hint(
+                    param,
+                    super::pgbouncer::Section::Databases,
+                    &str::to_string,
+                )
+                .unwrap_or_else(|| unknown_fix(param, candidates, otherwise));
                 r.report(
                     &label,
                     url_origin,

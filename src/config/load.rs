@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 
 use super::build;
 use super::cli::{self, CliCommand, CliInput};
+use super::env;
 use super::error::{unknown_fix, ConfigError, ConfigErrors, Origin, Problem};
 use super::keys::{self, KEYS};
+use super::pgbouncer::{self, Section};
 use super::value::Raw;
 use super::{url, Command, Loaded, Secret};
 
@@ -57,6 +59,8 @@ pub(crate) struct Inputs {
     pub databases: Vec<TableDatabase>,
     pub users: Vec<TableUser>,
     pub errors: Vec<ConfigError>,
+    /// Mistakes that do not stop a start (unknown `IAMPOOL_*` variables).
+    pub warnings: Vec<ConfigError>,
     /// Files whose contents are part of the configuration (the TOML file, `IAMPOOL_<KEY>_FILE`
     /// sources): a change to one is a reason to reload.
     pub watched: Vec<PathBuf>,
@@ -105,6 +109,7 @@ where
                 command: Command::Token(args.clone()),
                 config: None,
                 sources: BTreeMap::new(),
+                warnings: Vec::new(),
             });
         }
         CliCommand::Inject(ref args) => {
@@ -112,18 +117,38 @@ where
                 command: Command::Inject(args.clone()),
                 config: None,
                 sources: BTreeMap::new(),
+                warnings: Vec::new(),
+            });
+        }
+        CliCommand::ImportPgbouncer(ref args) => {
+            return Ok(Loaded {
+                command: Command::ImportPgbouncer(args.clone()),
+                config: None,
+                sources: BTreeMap::new(),
+                warnings: Vec::new(),
             });
         }
         CliCommand::Run => Command::Run,
         CliCommand::CheckConfig => Command::CheckConfig,
     };
-    let inputs = gather(&cli, env);
+    let mut inputs = gather(&cli, env);
+    let warnings = std::mem::take(&mut inputs.warnings);
     let (config, sources) = build::build(inputs)?;
     Ok(Loaded {
         command,
         config: Some(config),
         sources,
+        warnings,
     })
+}
+
+/// `text` loaded as the configuration file at `path`, with no environment and no flags:
+/// what `iampool --config PATH` would make of it in an empty environment.
+pub(crate) fn load_text(text: &str, path: &Path) -> Result<super::Config, ConfigErrors> {
+    let mut inputs = Inputs::default();
+    read_text(text, path, &mut inputs);
+    inputs.watched.push(path.to_path_buf());
+    build::build(inputs).map(|(config, _)| config)
 }
 
 fn check_signing_time(time: Option<&str>) -> Result<(), ConfigErrors> {
@@ -162,11 +187,22 @@ fn clap_error(error: &clap::Error) -> ConfigError {
         .next()
         .unwrap_or("invalid arguments")
         .trim_start_matches("error: ");
+    let pgbouncer_fix = match (error.kind(), error.get(ContextKind::InvalidArg)) {
+        (ErrorKind::UnknownArgument, Some(ContextValue::String(flag))) => {
+            let name = flag.trim_start_matches('-').replace('-', "_");
+            let name = name.split('=').next().unwrap_or_default();
+            pgbouncer::hint(name, Section::Pgbouncer, &|key| {
+                keys::key(key).map_or_else(|| key.to_string(), |key| format!("--{}", key.flag))
+            })
+        }
+        _ => None,
+    };
     let fix = rendered
         .lines()
         .map(str::trim)
         .find_map(|line| line.strip_prefix("tip: "))
         .unwrap_or("run iampool --help to see every flag");
+    let fix = pgbouncer_fix.as_deref().unwrap_or(fix);
     ConfigError {
         key: "command line".into(),
         source: "arguments".into(),
@@ -186,7 +222,7 @@ pub(crate) fn gather(cli: &CliInput, env: impl IntoIterator<Item = (String, Stri
             }
         }
     }
-    let (env_layer, env_config) = environment(env, &mut inputs.errors, &mut inputs.watched);
+    let (env_layer, env_config) = env::environment(env, &mut inputs);
 
     let config_path = match (&cli.config, env_config) {
         (Some(path), _) => Some((path.clone(), Origin::Flag("--config".into()))),
@@ -208,7 +244,7 @@ pub(crate) fn gather(cli: &CliInput, env: impl IntoIterator<Item = (String, Stri
     inputs
 }
 
-fn global_setting(name: &'static str, raw: Raw, origin: Origin) -> Setting {
+pub(crate) fn global_setting(name: &'static str, raw: Raw, origin: Origin) -> Setting {
     Setting {
         raw,
         origin,
@@ -216,127 +252,8 @@ fn global_setting(name: &'static str, raw: Raw, origin: Origin) -> Setting {
     }
 }
 
-/// `IAMPOOL_<KEY>` settings, `IAMPOOL_<KEY>_FILE` (the value is that file's contents, for
-/// secrets mounted from a Kubernetes Secret) and `IAMPOOL_CONFIG`; any other `IAMPOOL_*`
-/// variable is an error, except the service links Kubernetes injects for a Service named
-/// `iampool`. Empty variables count as unset.
-fn environment(
-    env: impl IntoIterator<Item = (String, String)>,
-    errors: &mut Vec<ConfigError>,
-    watched: &mut Vec<PathBuf>,
-) -> (BTreeMap<&'static str, Setting>, Option<String>) {
-    let mut layer = BTreeMap::new();
-    let mut config = None;
-    let mut from_files = Vec::new();
-    for (var, value) in env {
-        let Some(suffix) = var.strip_prefix("IAMPOOL_") else {
-            continue;
-        };
-        if value.is_empty() || is_kubernetes_service_link(suffix, &value) {
-            continue;
-        }
-        if suffix == "CONFIG" {
-            config = Some(value);
-            continue;
-        }
-        let name = suffix.to_ascii_lowercase();
-        match keys::key(&name).filter(|key| key.is_global() && key.env_var() == var) {
-            Some(key) => {
-                layer.insert(
-                    key.name,
-                    global_setting(key.name, Raw::Text(value), Origin::Env(var)),
-                );
-            }
-            None if file_key(&name).is_some() => from_files.push((var, value)),
-            None => {
-                let candidates = KEYS.iter().filter(|k| k.is_global()).map(|k| k.name);
-                let fix = match super::error::did_you_mean(&name, candidates) {
-                    Some(close) => format!("did you mean IAMPOOL_{}?", close.to_ascii_uppercase()),
-                    None => {
-                        unknown_key_fix(&name, "unset it; iampool --help lists every IAMPOOL_<KEY>")
-                    }
-                };
-                errors.push(ConfigError {
-                    key: name,
-                    source: var,
-                    message: "unknown environment variable".into(),
-                    fix,
-                });
-            }
-        }
-    }
-    for (var, path) in from_files {
-        let key = file_key(&var["IAMPOOL_".len()..].to_ascii_lowercase()).expect("checked above");
-        watched.push(PathBuf::from(&path));
-        if let Some(direct) = layer.get(key.name) {
-            errors.push(ConfigError {
-                key: key.name.into(),
-                source: var.clone(),
-                message: format!("both {var} and {} are set", direct.origin),
-                fix: format!("keep one of them: {var} names a file holding the value"),
-            });
-            continue;
-        }
-        match read_value_file(Path::new(&path)) {
-            Ok(value) => {
-                layer.insert(
-                    key.name,
-                    global_setting(key.name, Raw::Text(value), Origin::Env(var)),
-                );
-            }
-            Err(e) => errors.push(ConfigError {
-                key: key.name.into(),
-                source: var.clone(),
-                message: format!("cannot read {path}: {e}"),
-                fix: format!(
-                    "mount the file there (e.g. from a Kubernetes Secret), or set {} instead",
-                    key.env_var()
-                ),
-            }),
-        }
-    }
-    (layer, config)
-}
-
-/// The key `IAMPOOL_<KEY>_FILE` sets, for a lower-cased suffix `<key>_file` that is not itself
-/// a key (`auth_file` is one; `auth_file_file` would name a file holding its path).
-fn file_key(name: &str) -> Option<&'static keys::Key> {
-    let stem = name.strip_suffix("_file")?;
-    keys::key(stem).filter(|key| key.is_global())
-}
-
-/// A value kept in a file: its contents without the line ends that editors and `echo` add.
-fn read_value_file(path: &Path) -> std::io::Result<String> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
-}
-
-/// `SERVICE_HOST`, `SERVICE_PORT[_NAME]`, `PORT=tcp://...`, `PORT_6432_TCP[_PROTO|_PORT|_ADDR]`:
-/// set in every pod of a namespace with a Service named `iampool`, so they cannot be typos.
-fn is_kubernetes_service_link(suffix: &str, value: &str) -> bool {
-    if suffix == "SERVICE_HOST" || suffix.starts_with("SERVICE_PORT") {
-        return true;
-    }
-    if suffix == "PORT" {
-        return ["tcp://", "udp://", "sctp://"]
-            .iter()
-            .any(|scheme| value.starts_with(scheme));
-    }
-    let Some(rest) = suffix.strip_prefix("PORT_") else {
-        return false;
-    };
-    let mut parts = rest.splitn(3, '_');
-    let port = parts.next().unwrap_or_default();
-    let protocol = parts.next().unwrap_or_default();
-    let field = parts.next();
-    !port.is_empty()
-        && port.bytes().all(|b| b.is_ascii_digit())
-        && ["TCP", "UDP", "SCTP"].contains(&protocol)
-        && field.is_none_or(|field| ["PROTO", "PORT", "ADDR"].contains(&field))
-}
-
 /// Fix for an unknown global key that is really a per-database-only key.
-fn unknown_key_fix(name: &str, otherwise: &str) -> String {
+pub(crate) fn unknown_key_fix(name: &str, otherwise: &str) -> String {
     match keys::key(name) {
         Some(key) if !key.is_global() => format!(
             "{name} is set per database: add ?{name}={} to the upstream URL or set it in [databases.NAME]",
@@ -347,7 +264,6 @@ fn unknown_key_fix(name: &str, otherwise: &str) -> String {
 }
 
 fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
-    let file_origin = Origin::File(path.to_path_buf());
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) => {
@@ -362,18 +278,29 @@ fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
             return;
         }
     };
+    read_text(&text, path, inputs);
+}
+
+/// The settings of a configuration file's text.
+fn read_text(text: &str, path: &Path, inputs: &mut Inputs) {
+    let file_origin = Origin::File(path.to_path_buf());
     // The error's own Display quotes the offending line, which may hold a password.
-    let table = match toml::from_str::<toml::Table>(&text) {
+    let table = match toml::from_str::<toml::Table>(text) {
         Ok(table) => table,
         Err(e) => {
             let at = e
                 .span()
-                .map(|span| line_and_column(&text, span.start))
+                .map(|span| line_and_column(text, span.start))
                 .unwrap_or_default();
+            let fix = if looks_like_pgbouncer_ini(text) {
+                "this looks like a pgbouncer.ini: iampool import-pgbouncer FILE writes the iampool configuration it means"
+            } else {
+                "fix the TOML syntax"
+            };
             inputs.errors.push(ConfigError::new(
                 "config",
                 &file_origin,
-                Problem::new(format!("{at}{}", e.message()), "fix the TOML syntax"),
+                Problem::new(format!("{at}{}", e.message()), fix),
             ));
             return;
         }
@@ -395,15 +322,28 @@ fn read_file(path: &Path, path_origin: &Origin, inputs: &mut Inputs) {
                         .chain(["databases", "users"]);
                     let otherwise =
                         unknown_key_fix(&name, "remove it; iampool --help lists every key");
+                    let fix = match name.as_str() {
+                        "pgbouncer" | "peers" => format!(
+                            "[{name}] is a pgbouncer.ini section: iampool import-pgbouncer FILE converts a pgbouncer.ini"
+                        ),
+                        _ => pgbouncer::hint(&name, Section::Pgbouncer, &str::to_string)
+                            .unwrap_or_else(|| unknown_fix(&name, candidates, &otherwise)),
+                    };
                     inputs.errors.push(ConfigError::new(
                         name.clone(),
                         &file_origin,
-                        Problem::new("unknown key", unknown_fix(&name, candidates, &otherwise)),
+                        Problem::new("unknown key", fix),
                     ));
                 }
             },
         }
     }
+}
+
+/// A `[pgbouncer]` or `[databases]` section with `name = value` lines TOML cannot read.
+fn looks_like_pgbouncer_ini(text: &str) -> bool {
+    text.lines()
+        .any(|line| matches!(line.trim(), "[pgbouncer]" | "[databases]" | "[peers]"))
 }
 
 fn line_and_column(text: &str, offset: usize) -> String {
@@ -421,6 +361,10 @@ fn sub_tables(
     errors: &mut Vec<ConfigError>,
 ) -> Vec<(String, toml::Table)> {
     let fix = format!("write [{section}.NAME] tables");
+    let fix_for = |name: &str, value: &toml::Value| match (section, value) {
+        ("databases", toml::Value::String(_)) => pgbouncer_style_fix(name),
+        _ => fix.clone(),
+    };
     let toml::Value::Table(table) = value else {
         errors.push(ConfigError::new(
             section,
@@ -433,14 +377,21 @@ fn sub_tables(
     for (name, value) in table {
         match value {
             toml::Value::Table(table) => tables.push((name, table)),
-            _ => errors.push(ConfigError::new(
+            other => errors.push(ConfigError::new(
                 format!("{section}.{name}"),
                 origin,
-                Problem::new("is not a table", fix.clone()),
+                Problem::new("is not a table", fix_for(&name, &other)),
             )),
         }
     }
     tables
+}
+
+/// For `[databases]` `NAME = "host=..."`, PgBouncer's way of writing a database.
+fn pgbouncer_style_fix(name: &str) -> String {
+    format!(
+        "write [databases.{name}] with upstream = \"host=... dbname=... user=...\" (the string PgBouncer takes here); iampool import-pgbouncer converts a pgbouncer.ini"
+    )
 }
 
 /// A string secret from the file; the value itself never reaches a message.
@@ -505,11 +456,14 @@ fn file_databases(value: toml::Value, path: &Path, inputs: &mut Inputs) {
                             .filter(|key| key.is_per_database())
                             .map(|key| key.name)
                             .chain(["upstream", "password"]);
-                        let fix = unknown_fix(
-                            &key_name,
-                            candidates,
-                            "remove it, or set it at the top level if it applies to every database",
-                        );
+                        let fix = pgbouncer::hint(&key_name, Section::Databases, &str::to_string)
+                            .unwrap_or_else(|| {
+                                unknown_fix(
+                                    &key_name,
+                                    candidates,
+                                    "remove it, or set it at the top level if it applies to every database",
+                                )
+                            });
                         inputs.errors.push(ConfigError::new(
                             label,
                             &origin,
@@ -534,7 +488,10 @@ fn file_users(value: toml::Value, path: &Path, inputs: &mut Inputs) {
                 given = true;
                 password = secret(&label, value, &origin, &mut inputs.errors);
             } else {
-                let fix = unknown_fix(&key_name, ["password"], "a user has only a password");
+                let fix = pgbouncer::hint(&key_name, Section::Users, &str::to_string)
+                    .unwrap_or_else(|| {
+                        unknown_fix(&key_name, ["password"], "a user has only a password")
+                    });
                 inputs.errors.push(ConfigError::new(
                     label,
                     &origin,

@@ -8,9 +8,12 @@ mod build;
 mod cli;
 mod conninfo;
 mod database;
+mod env;
 mod error;
+pub mod import;
 pub mod keys;
 mod load;
+pub mod pgbouncer;
 mod render;
 #[cfg(test)]
 mod tests;
@@ -306,6 +309,18 @@ pub enum Command {
     Token(TokenArgs),
     /// Add the sidecar to Kubernetes YAML; no configuration is loaded.
     Inject(InjectArgs),
+    /// Write the iampool configuration a pgbouncer.ini means; no configuration is loaded.
+    ImportPgbouncer(ImportArgs),
+}
+
+/// Arguments of `iampool import-pgbouncer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportArgs {
+    pub ini: PathBuf,
+    /// PgBouncer's auth_file, when not the one pgbouncer.ini names.
+    pub userlist: Option<PathBuf>,
+    /// Where the configuration goes; stdout when unset.
+    pub output: Option<PathBuf>,
 }
 
 /// Arguments of `iampool inject`.
@@ -344,6 +359,8 @@ pub struct Loaded {
     /// Where each effective value came from, by key: `listen`, `databases.app.sslmode`,
     /// `databases.app.password`, `users.alice`. Values not listed are defaults.
     pub sources: BTreeMap<String, Origin>,
+    /// Mistakes that do not stop the start (an unknown `IAMPOOL_*` variable): to be logged.
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Loaded {
@@ -387,6 +404,11 @@ impl Config {
                 fix: "use Config::load for the token command".into(),
             }])
         })
+    }
+
+    /// `text` read as the configuration file at `path`, with no environment and no flags.
+    pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Config, ConfigErrors> {
+        load::load_text(text, path)
     }
 
     /// The effective configuration as TOML with secrets redacted. Without provenance; use

@@ -209,10 +209,8 @@ fn unknown_keys_are_rejected_with_suggestions() {
     let toml = file(
         "pool_sise = 3\nauth = \"iam\"\n[databases.app]\nupstream = \"postgres://u@h/d\"\nsslmod = \"require\"\n[users.bob]\npasword = \"x\"\n",
     );
-    let all = errors(
-        &["--config", path(&toml)],
-        &[("IAMPOOL_POOL_SIZ", "3"), ("IAMPOOL_CONFIG", "ignored")],
-    );
+    let env = [("IAMPOOL_POOL_SIZ", "3"), ("IAMPOOL_CONFIG", "ignored")];
+    let all = errors(&["--config", path(&toml)], &env);
     let find = |key: &str| {
         all.iter()
             .find(|e| e.key == key)
@@ -220,12 +218,124 @@ fn unknown_keys_are_rejected_with_suggestions() {
     };
     assert_eq!(find("pool_sise").fix, "did you mean pool_size?");
     assert!(find("auth").fix.contains("?auth=iam"), "{all:#?}");
-    assert_eq!(find("pool_siz").fix, "did you mean IAMPOOL_POOL_SIZE?");
-    assert_eq!(find("pool_siz").source, "IAMPOOL_POOL_SIZ");
     assert_eq!(find("databases.app.sslmod").fix, "did you mean sslmode?");
     assert_eq!(find("users.bob.pasword").fix, "did you mean password?");
     assert_eq!(find("users.bob.password").message, "is missing");
-    assert_eq!(all.len(), 6, "{all:#?}");
+    assert_eq!(all.len(), 5, "{all:#?}");
+    // A variable is a warning, with the same suggestion.
+    let loaded = Config::load(
+        ["iampool", "--upstream", "postgres://u@h/d"],
+        [("IAMPOOL_POOL_SIZ".to_string(), "3".to_string())],
+    );
+    let warned = &loaded.unwrap().warnings;
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert_eq!(warned[0].fix, "did you mean IAMPOOL_POOL_SIZE?");
+    assert_eq!(warned[0].source, "IAMPOOL_POOL_SIZ");
+}
+
+/// The warnings of a load that succeeds.
+fn warnings(args: &[&str], env: &[(&str, &str)]) -> Vec<ConfigError> {
+    let args = std::iter::once("iampool").chain(args.iter().copied());
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    match Config::load(args, env) {
+        Ok(loaded) => loaded.warnings,
+        Err(errors) => panic!("expected a configuration, got {errors}"),
+    }
+}
+
+#[test]
+fn unknown_variables_warn_while_misplaced_keys_stay_errors() {
+    let upstream = ("IAMPOOL_UPSTREAM", "postgres://u@h/d");
+    let w = warnings(&[], &[upstream, ("IAMPOOL_BIN", "/usr/local/bin/iampool")]);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert_eq!(
+        w[0].to_string(),
+        "bin (from IAMPOOL_BIN): unknown environment variable, ignored; if it was meant as a setting, iampool --help lists every IAMPOOL_<KEY>"
+    );
+    let w = warnings(&[], &[upstream, ("IAMPOOL_DEFAULT_POOL_SIZE", "20")]);
+    assert_eq!(
+        w[0].fix,
+        "PgBouncer's default_pool_size is iampool's IAMPOOL_POOL_SIZE"
+    );
+    // Keys iampool has, in the wrong place or case: the intent is plain, so not ignored.
+    let e = one_error(&[], &[upstream, ("IAMPOOL_AUTH", "iam")]);
+    assert!(e.fix.contains("?auth=iam"), "{e}");
+    let e = one_error(&[], &[upstream, ("IAMPOOL_pool_size", "3")]);
+    assert_eq!(e.fix, "write it in upper case: IAMPOOL_POOL_SIZE");
+    // Files and flags stay strict.
+    let toml = file("upstream = \"postgres://u@h/d\"\nbin = 1\n");
+    assert_eq!(one_error(&["--config", path(&toml)], &[]).key, "bin");
+    assert_eq!(
+        one_error(&["--bin", "1", "--upstream", "postgres://u@h/d"], &[]).key,
+        "command line"
+    );
+}
+
+#[test]
+fn pgbouncer_keys_are_answered_with_the_iampool_key() {
+    let toml = file(
+        "default_pool_size = 20\nlisten_port = 6432\npidfile = \"/run/p.pid\"\nauth_hba_file = \"/etc/hba\"\n\
+         [databases.app]\nupstream = \"host=h dbname=app user=u reserve_pool=3\"\nserver_lifetime = 60\ntimezone = \"UTC\"\n\
+         [users.bob]\npassword = \"x\"\npool_mode = \"session\"\n",
+    );
+    let all = errors(&["--config", path(&toml)], &[]);
+    let fix = |key: &str| {
+        all.iter()
+            .find(|e| e.key == key)
+            .map(|e| e.fix.clone())
+            .unwrap_or_else(|| panic!("{key}: {all:#?}"))
+    };
+    assert_eq!(
+        all.iter().find(|e| e.key == "default_pool_size").unwrap().to_string(),
+        format!(
+            "default_pool_size (from {}): unknown key; PgBouncer's default_pool_size is iampool's pool_size",
+            path(&toml)
+        )
+    );
+    assert!(fix("listen_port").starts_with("PgBouncer's listen_port is iampool's listen: "));
+    assert!(fix("pidfile").contains("not needed by iampool"));
+    assert!(fix("auth_hba_file").contains("no HBA rules"));
+    assert!(fix("databases.app.reserve_pool").contains("PgBouncer's reserve_pool"));
+    assert!(fix("databases.app.server_lifetime").contains("set it at the top level"));
+    assert!(fix("databases.app.timezone").contains("iampool's options"));
+    assert!(fix("users.bob.pool_mode").contains("no per-user settings"));
+    assert_eq!(all.len(), 8, "{all:#?}");
+
+    let e = one_error(
+        &["--default-pool-size", "5", "--upstream", "postgres://u@h/d"],
+        &[],
+    );
+    assert_eq!(
+        e.fix,
+        "PgBouncer's default_pool_size is iampool's --pool-size"
+    );
+    let e = one_error(
+        &["--listen-addr=0.0.0.0", "--upstream", "postgres://u@h/d"],
+        &[],
+    );
+    assert!(
+        e.fix
+            .starts_with("PgBouncer's listen_addr is iampool's --listen: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_pgbouncer_ini_given_as_the_file_points_to_the_import() {
+    let ini = file("[databases]\napp = host=db dbname=app\n[pgbouncer]\nlisten_port = 6432\n");
+    let all = errors(&["--config", path(&ini)], &[]);
+    let e = all
+        .iter()
+        .find(|e| e.key == "config")
+        .expect("a TOML error");
+    assert!(e.fix.contains("iampool import-pgbouncer"), "{e}");
+    let quoted = file("[databases]\napp = \"host=db dbname=app user=u\"\n");
+    let all = errors(&["--config", path(&quoted)], &[]);
+    let e = all
+        .iter()
+        .find(|e| e.key == "databases.app")
+        .expect("an error on it");
+    assert!(e.fix.contains("[databases.app] with upstream = "), "{e}");
 }
 
 #[test]
@@ -666,6 +776,32 @@ fn commands() {
 }
 
 #[test]
+fn import_pgbouncer_command_loads_no_configuration() {
+    let loaded = Config::load(
+        [
+            "iampool",
+            "import-pgbouncer",
+            "pgbouncer.ini",
+            "users.txt",
+            "-o",
+            "out.toml",
+        ],
+        [("IAMPOOL_POOL_SIZE".to_string(), "not a number".to_string())],
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.command,
+        Command::ImportPgbouncer(ImportArgs {
+            ini: "pgbouncer.ini".into(),
+            userlist: Some("users.txt".into()),
+            output: Some("out.toml".into()),
+        })
+    );
+    assert!(loaded.config.is_none());
+    assert!(Config::load(["iampool", "import-pgbouncer"], Vec::new()).is_err());
+}
+
+#[test]
 fn example_file_is_a_working_configuration() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/iampool.example.toml");
     let config = Config::from_args(&["--config", example], &[]).unwrap();
@@ -711,15 +847,16 @@ fn kubernetes_service_links_are_not_unknown_keys() {
         ("IAMPOOL_PORT_6432_TCP_ADDR", "10.0.0.1"),
         ("IAMPOOL_UPSTREAM", "postgres://u@h/d"),
     ];
-    assert!(Config::from_args(&[], &env).is_ok());
-    let e = one_error(
+    assert!(warnings(&[], &env).is_empty());
+    let w = warnings(
         &[],
         &[
             ("IAMPOOL_PORT", "6432"),
             ("IAMPOOL_UPSTREAM", "postgres://u@h/d"),
         ],
     );
-    assert_eq!(e.source, "IAMPOOL_PORT");
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert_eq!(w[0].source, "IAMPOOL_PORT");
 }
 
 #[test]
@@ -778,12 +915,13 @@ fn key_file_variables_name_the_problem() {
     assert!(e.fix.contains("or set IAMPOOL_UPSTREAM instead"), "{e}");
 
     // A typo in front of _FILE is still an unknown variable, with a suggestion.
-    let typo = errors(
+    let typo = warnings(
         &["--upstream", "postgres://u@h/d"],
         &[("IAMPOOL_UPSTRAEM_FILE", "x")],
     );
     assert_eq!(typo.len(), 1, "{typo:#?}");
-    assert_eq!(typo[0].message, "unknown environment variable");
+    assert_eq!(typo[0].message, "unknown environment variable, ignored");
+    assert_eq!(typo[0].fix, "did you mean IAMPOOL_UPSTREAM_FILE?");
 }
 
 #[test]

@@ -17,6 +17,7 @@ mod iam;
 mod inject;
 mod observability;
 mod pgbench;
+mod pgbouncer_import;
 mod pooler;
 mod prepared;
 mod session_state;
