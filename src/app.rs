@@ -28,6 +28,7 @@ use crate::metrics::{Metrics, PoolsCollector};
 use crate::pool::{Pool, PoolSettings};
 use crate::server::auth::Password;
 use crate::server::connect::{Connector, Target};
+use crate::server::listing::ServerList;
 use crate::server::login_limit::LoginLimiter;
 use crate::stream::Stream;
 
@@ -383,6 +384,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // AWS configuration is loaded once per region and shared by every IAM upstream.
     let iam_registry = crate::iam::IamRegistry::default();
     let mut pools = HashMap::new();
+    // Server connection ids, unique across pools (the admin console's SHOW SERVERS).
+    let server_ids = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for db in &config.databases {
         let u = &db.upstream;
         if let UpstreamAuth::Iam(iam) = &u.auth {
@@ -433,6 +436,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             connector,
             pool_settings(&config, db),
             pool_metrics,
+            Arc::new(ServerList::new(server_ids.clone())),
         );
         pool.spawn_janitor();
         pools.insert(db.name.clone(), pool);

@@ -35,6 +35,59 @@ impl Stream {
         .map(|a| a.ip())
     }
 
+    /// The socket's file descriptor (the TCP socket under TLS).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::TlsServer(s) => s.get_ref().0.as_raw_fd(),
+            Stream::TlsClient(s) => s.get_ref().0.as_raw_fd(),
+        }
+    }
+
+    /// This end's address (None for a unix socket).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Stream::Tcp(s) => s.local_addr().ok(),
+            Stream::TlsServer(s) => s.get_ref().0.local_addr().ok(),
+            Stream::TlsClient(s) => s.get_ref().0.local_addr().ok(),
+            Stream::Unix(_) => None,
+        }
+    }
+
+    /// The TLS session as the admin console describes it, in the shape PgBouncer uses:
+    /// `version/cipher suite/key exchange`, e.g. `TLSv1.3/TLS_AES_256_GCM_SHA384/ECDH=X25519`.
+    /// Empty without TLS.
+    pub fn tls_description(&self) -> String {
+        let state: &rustls::CommonState = match self {
+            Stream::TlsServer(s) => s.get_ref().1,
+            Stream::TlsClient(s) => s.get_ref().1,
+            Stream::Tcp(_) | Stream::Unix(_) => return String::new(),
+        };
+        let version = match state.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+            Some(v) => format!("{v:?}"),
+            None => "-".to_owned(),
+        };
+        // rustls names TLS 1.3 suites TLS13_*; the IANA (and OpenSSL) name is TLS_*.
+        let cipher = state
+            .negotiated_cipher_suite()
+            .map(|s| {
+                let name = format!("{:?}", s.suite());
+                match name.strip_prefix("TLS13_") {
+                    Some(rest) => format!("TLS_{rest}"),
+                    None => name,
+                }
+            })
+            .unwrap_or_else(|| "-".to_owned());
+        match state.negotiated_key_exchange_group() {
+            Some(g) => format!("{version}/{cipher}/ECDH={:?}", g.name()),
+            None => format!("{version}/{cipher}"),
+        }
+    }
+
     /// Waits until the socket has something to read, without a buffer to read into, so an
     /// idle connection holds none. `false` for TLS streams, whose decrypted bytes may
     /// already wait inside the TLS layer: read those with a buffer.

@@ -362,6 +362,17 @@ async fn login(
         return Ok((user, database, Target::Admin(role), params));
     };
 
+    // Admin DISABLE, answered as PostgreSQL answers for a database that allows no
+    // connections; checked after authentication, like the console.
+    if pool.is_disabled() {
+        return Err(Fatal(
+            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "database \"{database}\" is not currently accepting connections (admin DISABLE)"
+            ),
+        ));
+    }
+
     // The welcome: the server's parameters with the client's own values on top.
     let welcome = pool.welcome_params().await.map_err(|e| {
         let code: &'static str = match e.sqlstate() {

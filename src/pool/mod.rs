@@ -13,7 +13,7 @@ mod pins;
 pub use pins::PinLimit;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::metrics::PoolMetrics;
 use crate::protocol::messages::ErrorFields;
 use crate::server::conn::IdleCheck;
 use crate::server::connect::ServerParamList;
+use crate::server::listing::{ServerList, ServerState};
 use crate::server::{Connector, LoginError, ServerConn};
 
 /// The reloadable part of a pool's configuration.
@@ -65,6 +66,9 @@ pub enum PoolError {
     },
     #[error("pool is shutting down")]
     Closed,
+    /// Admin KILL: the waiting client is refused, and its session is ended.
+    #[error("terminating connection due to administrator command (KILL)")]
+    Killed,
 }
 
 impl PoolError {
@@ -77,7 +81,9 @@ impl PoolError {
             PoolError::Unavailable { .. } => {
                 crate::protocol::messages::sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH
             }
-            PoolError::Closed => crate::protocol::messages::sqlstate::ADMIN_SHUTDOWN,
+            PoolError::Closed | PoolError::Killed => {
+                crate::protocol::messages::sqlstate::ADMIN_SHUTDOWN
+            }
         }
     }
 }
@@ -197,6 +203,8 @@ pub struct PoolStatus {
     pub max_pinned: usize,
     pub longest_wait: Duration,
     pub paused: bool,
+    /// Admin DISABLE: new clients are refused.
+    pub disabled: bool,
     /// A login has succeeded since the last failure (or none was tried yet and none failed).
     pub last_login_ok: bool,
     pub warmed: bool,
@@ -219,14 +227,20 @@ pub struct Pool {
     pub pins: Arc<PinLimit>,
     /// LISTEN/NOTIFY for transaction-mode clients: one listening connection for all.
     pub notifications: Arc<listen::Hub>,
+    /// Every server connection of the pool, for the admin console.
+    pub servers: Arc<ServerList>,
+    /// Admin DISABLE: new clients are refused until ENABLE.
+    disabled: AtomicBool,
 }
 
 impl Pool {
+    /// `servers` is the list the pool's connections enter (for the admin console).
     pub fn new(
         database: String,
         connector: Connector,
         settings: PoolSettings,
         metrics: PoolMetrics,
+        servers: Arc<ServerList>,
     ) -> Arc<Pool> {
         let user = connector.upstream.user.clone();
         let pins = Arc::new(PinLimit::new(settings.max_pinned_servers));
@@ -258,6 +272,8 @@ impl Pool {
             statements: Default::default(),
             pins,
             notifications: listen::Hub::new(pool.clone()),
+            servers,
+            disabled: AtomicBool::new(false),
         })
     }
 
@@ -307,6 +323,7 @@ impl Pool {
                 .max()
                 .unwrap_or_default(),
             paused: st.paused,
+            disabled: self.is_disabled(),
             last_login_ok: st.last_error.is_none(),
             warmed: self
                 .welcome
@@ -341,6 +358,7 @@ impl Pool {
                 match conn.check_idle() {
                     IdleCheck::Healthy if !conn.expired(clock) => {
                         self.metrics.wait.observe(0.0);
+                        conn.set_state(ServerState::Active, clock);
                         return Ok(conn);
                     }
                     IdleCheck::Gone { fatal } => {
@@ -414,7 +432,10 @@ impl Pool {
     /// the cancel cannot reach the next client's query.
     pub fn checkin(self: &Arc<Self>, mut conn: Server) {
         if conn.cancels.busy() {
-            self.lock().being_canceled += 1;
+            let mut st = self.lock();
+            st.being_canceled += 1;
+            conn.set_state(ServerState::BeingCanceled, st.clock);
+            drop(st);
             let pool = self.clone();
             tokio::spawn(async move {
                 let delivered = tokio::time::timeout(CANCEL_HOLD, conn.cancels.wait()).await;
@@ -502,7 +523,8 @@ impl Pool {
     /// they come back) and the time until a server answers again is measured. Each new
     /// login resolves the host name again and checks the server's role.
     fn failover_locked(self: &Arc<Self>, st: &mut State, conn: &ServerConn, sign: &str) {
-        if st.retired_before.is_some_and(|t| conn.created_at <= t) {
+        // A connection an administrator cut (KILL) went away for that reason alone.
+        if conn.killed() || st.retired_before.is_some_and(|t| conn.created_at <= t) {
             return;
         }
         if st.failover.is_none() {
@@ -590,6 +612,49 @@ impl Pool {
         self.retire_locked(&mut st);
     }
 
+    /// Admin DISABLE / ENABLE: whether new clients are refused.
+    pub fn set_disabled(&self, disabled: bool) {
+        self.disabled.store(disabled, Ordering::Relaxed);
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::Relaxed)
+    }
+
+    /// Admin KILL: pauses the pool (clients that come wait for RESUME), refuses the clients
+    /// waiting now, closes idle connections and cuts the sockets of those in use, so their
+    /// clients lose them at once; returns how many were cut. Ending the pool's client
+    /// sessions is the caller's part.
+    pub fn kill(self: &Arc<Self>) -> usize {
+        let mut st = self.lock();
+        st.paused = true;
+        for w in st.waiters.drain(..) {
+            let _ = w.tx.send(Err(PoolError::Killed));
+        }
+        self.retire_locked(&mut st);
+        drop(st);
+        self.servers.cut(|s| s.state() != ServerState::Closing)
+    }
+
+    /// Whether a connection is marked to close when it comes back (RECONNECT, a failover):
+    /// PgBouncer's `close_needed`.
+    pub fn close_needed(&self, created: Instant) -> bool {
+        self.lock().retired_before.is_some_and(|t| created <= t)
+    }
+
+    /// Admin WAIT_CLOSE: resolves once no connection marked to close is left, closing ones
+    /// included (their backends have gone).
+    pub async fn wait_close(&self) {
+        loop {
+            let retired_before = self.lock().retired_before;
+            let Some(t) = retired_before else { return };
+            if !self.servers.snapshot().iter().any(|s| s.created() <= t) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn retire_locked(self: &Arc<Self>, st: &mut State) {
         st.retired_before = Some(Instant::now());
         while let Some(conn) = st.idle.pop_front() {
@@ -601,12 +666,14 @@ impl Pool {
     fn deliver(self: &Arc<Self>, st: &mut State, mut conn: Server) {
         // Paused: the connection waits in the idle list (a popped waiter would be dropped).
         while let Some(w) = (!st.paused).then(|| st.waiters.pop_front()).flatten() {
+            conn.set_state(ServerState::Active, st.clock);
             match w.tx.send(Ok(conn)) {
                 Ok(()) => return,
                 Err(Ok(back)) => conn = back,
                 Err(Err(_)) => unreachable!("only connections are sent here"),
             }
         }
+        conn.set_state(ServerState::Idle, st.clock);
         st.idle.push_front(conn);
     }
 
@@ -615,6 +682,7 @@ impl Pool {
     /// and the connection read to its end.
     fn forget(self: &Arc<Self>, st: &mut State, conn: Server) {
         st.closing += 1;
+        conn.set_state(ServerState::Closing, st.clock);
         debug!(pool = %self.database, backend_pid = conn.backend_pid, "closing server connection");
         let pool = self.clone();
         tokio::spawn(async move {
@@ -690,7 +758,8 @@ impl Pool {
         st.connecting -= 1;
         match result {
             Ok((conn, params)) => {
-                let conn = Box::new(conn);
+                let mut conn = Box::new(conn);
+                self.servers.enter(&mut conn);
                 st.last_error = None;
                 st.backoff = None;
                 if let Some((detected, sign)) = st.failover.take() {

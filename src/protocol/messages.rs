@@ -82,6 +82,7 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 }
 
 /// Transaction status carried by ReadyForQuery.

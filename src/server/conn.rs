@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::cancel::CancelGate;
+use super::listing::{Listed, ServerState};
 use super::params::SessionParams;
 use crate::protocol::exchange::Exchange;
 use crate::protocol::framing::{Header, HEADER_LEN};
@@ -19,6 +20,10 @@ use crate::stream::Stream;
 /// A server connection, owned by exactly one place at a time: the pool's idle list, a
 /// client's relay, or the task closing it.
 pub struct ServerConn {
+    /// What the admin console sees of it (set by the pool at login). It must stay the first
+    /// field: it is dropped, ending the listing, before `stream` closes the socket, which is
+    /// what lets the console cut a listed socket safely (see `listing::ServerList::cut`).
+    pub(crate) listing: Option<Listed>,
     pub stream: Stream,
     pub id: u64,
     /// The upstream backend's BackendKeyData, for forwarding cancels.
@@ -91,6 +96,18 @@ impl ServerConn {
         IdleCheck::Gone {
             fatal: (!fields.code.is_empty()).then_some(fields),
         }
+    }
+
+    /// Records a transition for the admin console (the pool makes them all).
+    pub(crate) fn set_state(&self, state: ServerState, now: Instant) {
+        if let Some(l) = &self.listing {
+            l.set(state, now, self.statements.len());
+        }
+    }
+
+    /// Cut by an administrator (KILL): its end says nothing about the server.
+    pub fn killed(&self) -> bool {
+        self.listing.as_ref().is_some_and(|l| l.info.killed())
     }
 
     pub fn expired(&self, now: Instant) -> bool {

@@ -498,6 +498,7 @@ impl Connector {
             leftover.put_slice(&buf);
         }
         let conn = ServerConn {
+            listing: None,
             stream,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             backend_pid,

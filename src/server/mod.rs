@@ -4,6 +4,7 @@ pub mod auth;
 pub mod cancel;
 pub mod conn;
 pub mod connect;
+pub mod listing;
 pub mod login_limit;
 pub mod params;
 pub mod role;
