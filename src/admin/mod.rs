@@ -48,6 +48,7 @@ pub async fn serve(ctx: Arc<dyn Context>, login: ConsoleLogin) {
         buf,
         role,
         user,
+        slot,
     } = login;
     session::Console {
         ctx,
@@ -55,6 +56,7 @@ pub async fn serve(ctx: Arc<dyn Context>, login: ConsoleLogin) {
         buf,
         role,
         user,
+        slot,
     }
     .run()
     .await

@@ -12,6 +12,7 @@ use super::command::{self, SyntaxError};
 use super::execute::{self, code};
 use super::reply;
 use super::{Context, Role};
+use crate::client::cancel::{CancelSlot, Ending};
 use crate::protocol::messages::{self, frontend, sqlstate, BodyReader, DecodeError, Severity};
 use crate::stream::{read_message, Stream};
 
@@ -28,6 +29,8 @@ pub struct Console {
     pub buf: BytesMut,
     pub role: Role,
     pub user: String,
+    /// The client's slot: iampool's shutdown, KILL and KILL_CLIENT end the session through it.
+    pub slot: Arc<CancelSlot>,
 }
 
 /// What to do after one client message.
@@ -39,16 +42,15 @@ enum Next {
 impl Console {
     pub async fn run(mut self) {
         let max = self.ctx.config().max_message_size.min(MAX_MESSAGE);
-        let mut shutdown = self.ctx.shutdown_signal();
+        let mut shutdown = self.slot.end_signal();
         // After an extended-protocol error everything up to Sync is ignored, as PostgreSQL does.
         let mut skipping = false;
         loop {
             let read = tokio::select! {
                 r = read_message(&mut self.stream, &mut self.buf, max) => r,
                 _ = wait_for_shutdown(&mut shutdown) => {
-                    self.fatal(sqlstate::ADMIN_SHUTDOWN,
-                        "terminating connection due to administrator command (iampool is shutting down)")
-                        .await;
+                    let why = self.slot.ending().unwrap_or(Ending::Shutdown);
+                    self.fatal(sqlstate::ADMIN_SHUTDOWN, why.message()).await;
                     break;
                 }
             };

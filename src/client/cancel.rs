@@ -1,11 +1,15 @@
 //! Cancel requests: iampool's own BackendKeyData per client, and the link from a client to
-//! the upstream backend currently running its query.
+//! the upstream backend currently running its query (which the admin console reads too,
+//! along with the client's request to end).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
+use tokio::sync::watch;
 use tracing::debug;
 
 use crate::server::{CancelGate, CancelPass};
@@ -20,54 +24,139 @@ pub struct CancelTarget {
     pub gate: Arc<CancelGate>,
 }
 
-/// One client's slot: None while it holds no server. Also what SHOW CLIENTS shows of the
-/// client's state: waiting for a server, and pinned to one (kinds of session state, bits
-/// over `session_state::KINDS`).
-#[derive(Debug, Default)]
-pub struct CancelSlot(
-    Mutex<Option<CancelTarget>>,
-    std::sync::atomic::AtomicBool,
-    std::sync::atomic::AtomicU8,
-);
+/// Why a session is asked to end, and what its client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// iampool is shutting down.
+    Shutdown,
+    /// Admin KILL of the client's database.
+    Kill,
+    /// Admin KILL_CLIENT of this client.
+    KillClient,
+}
+
+impl Ending {
+    /// The FATAL's message (SQLSTATE 57P01 in every case).
+    pub fn message(self) -> &'static str {
+        match self {
+            Ending::Shutdown => {
+                "terminating connection due to administrator command (iampool is shutting down)"
+            }
+            Ending::Kill => "terminating connection due to administrator command (KILL)",
+            Ending::KillClient => {
+                "terminating connection due to administrator command (KILL_CLIENT)"
+            }
+        }
+    }
+}
+
+/// One client's slot, shared by its session and the admin console: the backend running its
+/// query (None while it holds no server), whether it waits for one or is pinned to one
+/// (kinds of session state, bits over `session_state::KINDS`), and the request to end.
+#[derive(Debug)]
+pub struct CancelSlot {
+    target: Mutex<Option<CancelTarget>>,
+    waiting: AtomicBool,
+    pinned: AtomicU8,
+    /// When the client last asked for a server, in µs since the Unix epoch (0: never).
+    requested: AtomicU64,
+    ending: OnceLock<Ending>,
+    /// Becomes true when the session is asked to end; the session watches it.
+    end: watch::Sender<bool>,
+}
+
+impl Default for CancelSlot {
+    fn default() -> Self {
+        CancelSlot {
+            target: Mutex::default(),
+            waiting: AtomicBool::new(false),
+            pinned: AtomicU8::new(0),
+            requested: AtomicU64::new(0),
+            ending: OnceLock::new(),
+            end: watch::channel(false).0,
+        }
+    }
+}
 
 impl CancelSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<CancelTarget>> {
+        self.target.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn link(&self, target: CancelTarget) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(target);
+        *self.lock() = Some(target);
     }
     pub fn unlink(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.lock() = None;
     }
     /// The backend the client holds right now, if any (admin SHOW CLIENTS / SERVERS).
     pub fn target(&self) -> Option<CancelTarget> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.lock().clone()
+    }
+
+    /// Runs `f` on the backend the client holds, under the lock [`Self::unlink`] takes: the
+    /// server cannot leave the client (and reach another) while `f` runs (admin KILL_CLIENT).
+    pub fn with_target<R>(&self, f: impl FnOnce(Option<&CancelTarget>) -> R) -> R {
+        f(self.lock().as_ref())
     }
 
     /// The linked backend, with its gate entered under the same lock that [`Self::unlink`]
     /// takes: once the relay has unlinked a server, either this cancel holds its gate or
     /// it found no target.
     fn enter(&self) -> Option<(CancelTarget, CancelPass)> {
-        let slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = self.lock();
         let t = slot.as_ref()?;
         let pass = t.gate.enter();
         Some((t.clone(), pass))
     }
 
-    /// The client is queued for a server (for SHOW CLIENTS).
+    /// The client is queued for a server (for SHOW CLIENTS); the start of a wait is the
+    /// client's latest request.
     pub fn set_waiting(&self, waiting: bool) {
-        self.1.store(waiting, std::sync::atomic::Ordering::Relaxed);
+        if waiting {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            self.requested.store(now, Ordering::Relaxed);
+        }
+        self.waiting.store(waiting, Ordering::Relaxed);
     }
 
     pub fn waiting(&self) -> bool {
-        self.1.load(std::sync::atomic::Ordering::Relaxed)
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// When the client last asked for a server, if it has.
+    pub fn requested_at(&self) -> Option<SystemTime> {
+        match self.requested.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(SystemTime::UNIX_EPOCH + Duration::from_micros(us)),
+        }
+    }
+
+    /// Asks the session to end (the first reason given is the one its client is told).
+    pub fn end(&self, why: Ending) {
+        let _ = self.ending.set(why);
+        self.end.send_replace(true);
+    }
+
+    /// Why the session was asked to end, if it was.
+    pub fn ending(&self) -> Option<Ending> {
+        self.ending.get().copied()
+    }
+
+    /// Becomes true once the session is asked to end (iampool's shutdown included).
+    pub fn end_signal(&self) -> watch::Receiver<bool> {
+        self.end.subscribe()
     }
 
     /// The client keeps its server for these kinds of session state (0: not pinned).
     pub fn set_pinned(&self, kinds: u8) {
-        self.2.store(kinds, std::sync::atomic::Ordering::Relaxed);
+        self.pinned.store(kinds, Ordering::Relaxed);
     }
 
     pub fn pinned(&self) -> u8 {
-        self.2.load(std::sync::atomic::Ordering::Relaxed)
+        self.pinned.load(Ordering::Relaxed)
     }
 }
 

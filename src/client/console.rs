@@ -69,4 +69,6 @@ pub struct ConsoleLogin {
     pub buf: BytesMut,
     pub role: Role,
     pub user: String,
+    /// The client's slot: the console session ends when asked to through it.
+    pub slot: Arc<crate::client::cancel::CancelSlot>,
 }

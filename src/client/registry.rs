@@ -2,14 +2,15 @@
 //!
 //! A client is entered once at login and removed when its session ends; nothing on the
 //! relay's hot path touches this list. Whether a client holds a server, and which one, is
-//! read from its cancel slot, which the relay keeps current at every link and unlink.
+//! read from its cancel slot, which the relay keeps current at every link and unlink; the
+//! console asks a session to end (KILL, KILL_CLIENT, shutdown) through the same slot.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::client::cancel::CancelSlot;
+use crate::client::cancel::{CancelSlot, Ending};
 use crate::stream::Stream;
 
 /// One end of a connection as SHOW CLIENTS prints it.
@@ -49,8 +50,10 @@ pub struct ClientInfo {
     pub database: String,
     pub peer: Endpoint,
     pub local: Endpoint,
-    /// The negotiated TLS version, if the client uses TLS.
-    pub tls: Option<String>,
+    /// The TLS session (see [`Stream::tls_description`]); empty without TLS.
+    pub tls: String,
+    /// The client process over a unix socket, when the kernel tells (0 otherwise).
+    pub remote_pid: i32,
     pub connected_at: SystemTime,
     pub application_name: String,
     /// Linked to a server (and which backend) while the relay holds one for this client.
@@ -66,32 +69,33 @@ impl ClientInfo {
         application_name: &str,
         cancel: Arc<CancelSlot>,
     ) -> ClientInfo {
-        let (peer, local, tls) = match stream {
+        let (peer, local, remote_pid) = match stream {
             Stream::Tcp(s) => (
                 Endpoint::from_socket(s.peer_addr()),
                 Endpoint::from_socket(s.local_addr()),
-                None,
+                0,
             ),
             Stream::TlsServer(s) => {
-                let (tcp, conn) = s.get_ref();
+                let tcp = s.get_ref().0;
                 (
                     Endpoint::from_socket(tcp.peer_addr()),
                     Endpoint::from_socket(tcp.local_addr()),
-                    Some(
-                        conn.protocol_version()
-                            .map(|v| format!("{v:?}"))
-                            .unwrap_or_else(|| "TLS".into()),
-                    ),
+                    0,
                 )
             }
-            Stream::Unix(_) | Stream::TlsClient(_) => (Endpoint::unix(), Endpoint::unix(), None),
+            Stream::Unix(s) => {
+                let pid = s.peer_cred().ok().and_then(|c| c.pid()).unwrap_or(0);
+                (Endpoint::unix(), Endpoint::unix(), pid)
+            }
+            Stream::TlsClient(_) => (Endpoint::unix(), Endpoint::unix(), 0),
         };
         ClientInfo {
             user: user.to_owned(),
             database: database.to_owned(),
             peer,
             local,
-            tls,
+            tls: stream.tls_description(),
+            remote_pid,
             connected_at: SystemTime::now(),
             application_name: application_name.to_owned(),
             cancel,
@@ -103,7 +107,15 @@ impl ClientInfo {
 #[derive(Default)]
 pub struct ClientRegistry {
     next: AtomicU64,
-    clients: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
+    clients: Mutex<Clients>,
+}
+
+#[derive(Default)]
+struct Clients {
+    by_id: BTreeMap<u64, Arc<ClientInfo>>,
+    /// Set once every session is asked to end (shutdown): a client that logs in later is
+    /// asked as it registers.
+    ending: Option<Ending>,
 }
 
 /// Keeps a client listed while it lives.
@@ -118,32 +130,50 @@ impl Drop for Registered<'_> {
             .clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .by_id
             .remove(&self.id);
     }
 }
 
 impl ClientRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Clients> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn register(&self, info: ClientInfo) -> Registered<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::new(info));
+        let mut clients = self.lock();
+        if let Some(why) = clients.ending {
+            info.cancel.end(why);
+        }
+        clients.by_id.insert(id, Arc::new(info));
         Registered { registry: self, id }
     }
 
     /// The clients now, oldest first.
     pub fn snapshot(&self) -> Vec<(u64, Arc<ClientInfo>)> {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.lock()
+            .by_id
             .iter()
             .map(|(id, c)| (*id, c.clone()))
             .collect()
     }
 
+    pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {
+        self.lock().by_id.get(&id).cloned()
+    }
+
+    /// Asks every session, and every one that logs in from now on, to end.
+    pub fn end_all(&self, why: Ending) {
+        let mut clients = self.lock();
+        clients.ending.get_or_insert(why);
+        for c in clients.by_id.values() {
+            c.cancel.end(why);
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -161,7 +191,8 @@ mod tests {
             database: "db".into(),
             peer: Endpoint::unix(),
             local: Endpoint::unix(),
-            tls: None,
+            tls: String::new(),
+            remote_pid: 0,
             connected_at: SystemTime::now(),
             application_name: String::new(),
             cancel: Arc::default(),
