@@ -270,14 +270,17 @@ impl crate::admin::Context for Shared {
     fn started_at(&self) -> i64 {
         self.metrics.started.get()
     }
+    fn open_clients(&self) -> usize {
+        self.open_client_count()
+    }
+    fn pending_logins(&self) -> usize {
+        Shared::pending_logins(self)
+    }
     fn reload(&self) -> Result<ReloadReport, String> {
         Shared::reload(self)
     }
     fn request_shutdown(&self) {
         Shared::request_shutdown(self)
-    }
-    fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        Shared::shutdown_signal(self)
     }
 }
 

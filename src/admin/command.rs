@@ -9,13 +9,58 @@
 pub enum Show {
     Pools,
     Stats,
+    StatsTotals,
+    StatsAverages,
+    Totals,
     Clients,
     Servers,
     Databases,
+    Users,
+    Lists,
+    Mem,
+    State,
+    Peers,
+    PeerPools,
+    DnsHosts,
+    DnsZones,
+    /// SHOW FDS: refused (it serves PgBouncer's online restart).
+    Fds,
+    /// SHOW SOCKETS and ACTIVE_SOCKETS: refused (PgBouncer's buffer internals).
+    Sockets,
     Config,
     Version,
     Tokens,
     Help,
+}
+
+impl Show {
+    fn parse(what: &str) -> Option<Show> {
+        Some(match what.to_ascii_uppercase().as_str() {
+            "POOLS" => Show::Pools,
+            "STATS" => Show::Stats,
+            "STATS_TOTALS" => Show::StatsTotals,
+            "STATS_AVERAGES" => Show::StatsAverages,
+            "TOTALS" => Show::Totals,
+            "CLIENTS" => Show::Clients,
+            "SERVERS" => Show::Servers,
+            "DATABASES" => Show::Databases,
+            "USERS" => Show::Users,
+            "LISTS" => Show::Lists,
+            "MEM" => Show::Mem,
+            "STATE" => Show::State,
+            "PEERS" => Show::Peers,
+            "PEER_POOLS" => Show::PeerPools,
+            "DNS_HOSTS" => Show::DnsHosts,
+            "DNS_ZONES" => Show::DnsZones,
+            "FDS" => Show::Fds,
+            "SOCKETS" | "ACTIVE_SOCKETS" => Show::Sockets,
+            "CONFIG" => Show::Config,
+            "VERSION" => Show::Version,
+            "TOKENS" => Show::Tokens,
+            "HELP" => Show::Help,
+            _ => return None,
+        })
+    }
 }
 
 /// One console statement.
@@ -26,8 +71,21 @@ pub enum Command {
     Pause(Option<String>),
     Resume(Option<String>),
     Reconnect(Option<String>),
+    Kill(Option<String>),
+    /// A client's `id` from SHOW CLIENTS.
+    KillClient(u64),
+    WaitClose(Option<String>),
+    Enable(String),
+    Disable(String),
+    /// Refused: iampool cannot hand its sockets to another process.
+    Suspend,
+    /// Refused: settings change through the configuration and RELOAD.
+    Set,
     Reload,
-    Shutdown,
+    /// `wait_for_clients`: SHUTDOWN WAIT_FOR_CLIENTS, which is refused.
+    Shutdown {
+        wait_for_clients: bool,
+    },
 }
 
 impl Command {
@@ -38,8 +96,15 @@ impl Command {
             Command::Pause(_) => "PAUSE",
             Command::Resume(_) => "RESUME",
             Command::Reconnect(_) => "RECONNECT",
+            Command::Kill(_) => "KILL",
+            Command::KillClient(_) => "KILL_CLIENT",
+            Command::WaitClose(_) => "WAIT_CLOSE",
+            Command::Enable(_) => "ENABLE",
+            Command::Disable(_) => "DISABLE",
+            Command::Suspend => "SUSPEND",
+            Command::Set => "SET",
             Command::Reload => "RELOAD",
-            Command::Shutdown => "SHUTDOWN",
+            Command::Shutdown { .. } => "SHUTDOWN",
         }
     }
 
@@ -50,9 +115,10 @@ impl Command {
 }
 
 /// Every statement the console knows, for hints and SHOW HELP.
-pub const COMMANDS: &str =
-    "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|CONFIG|VERSION|TOKENS|HELP; \
-     PAUSE [db]; RESUME [db]; RECONNECT [db]; RELOAD; SHUTDOWN";
+pub const COMMANDS: &str = "SHOW POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|\
+     DATABASES|USERS|LISTS|MEM|STATE|PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|CONFIG|VERSION|TOKENS|HELP; \
+     PAUSE [db]; RESUME [db]; RECONNECT [db]; KILL [db]; KILL_CLIENT id; WAIT_CLOSE [db]; \
+     ENABLE db; DISABLE db; RELOAD; SHUTDOWN";
 
 /// A statement the console cannot run: SQLSTATE 42601 with a hint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,30 +220,64 @@ pub fn parse(words: &[String]) -> Result<Command, SyntaxError> {
             Err(SyntaxError::new(format!("{keyword} takes no arguments")))
         }
     };
+    let database = |rest: &[String]| -> Result<String, SyntaxError> {
+        match rest {
+            [db] => Ok(db.clone()),
+            [] => Err(SyntaxError::new(format!("{keyword} needs a database name"))),
+            _ => Err(SyntaxError::new(format!(
+                "{keyword} takes exactly one database name"
+            ))),
+        }
+    };
     match keyword.as_str() {
         "SHOW" => {
             let [what] = rest else {
                 return Err(SyntaxError::new("SHOW needs exactly one thing to show"));
             };
-            let show = match what.to_ascii_uppercase().as_str() {
-                "POOLS" => Show::Pools,
-                "STATS" => Show::Stats,
-                "CLIENTS" => Show::Clients,
-                "SERVERS" => Show::Servers,
-                "DATABASES" => Show::Databases,
-                "CONFIG" => Show::Config,
-                "VERSION" => Show::Version,
-                "TOKENS" => Show::Tokens,
-                "HELP" => Show::Help,
-                _ => return Err(SyntaxError::new(format!("unknown SHOW item: {what}"))),
-            };
-            Ok(Command::Show(show))
+            match Show::parse(what) {
+                Some(show) => Ok(Command::Show(show)),
+                None => Err(SyntaxError::new(format!(
+                    "unknown SHOW item: {}",
+                    clip(what)
+                ))),
+            }
         }
         "PAUSE" => Ok(Command::Pause(target(rest)?)),
         "RESUME" => Ok(Command::Resume(target(rest)?)),
         "RECONNECT" => Ok(Command::Reconnect(target(rest)?)),
+        "KILL" => Ok(Command::Kill(target(rest)?)),
+        "WAIT_CLOSE" => Ok(Command::WaitClose(target(rest)?)),
+        "ENABLE" => Ok(Command::Enable(database(rest)?)),
+        "DISABLE" => Ok(Command::Disable(database(rest)?)),
+        "KILL_CLIENT" => match rest {
+            [id] => id.parse().map(Command::KillClient).map_err(|_| {
+                SyntaxError::new(format!(
+                    "KILL_CLIENT: not a client id: {} (use the id column of SHOW CLIENTS)",
+                    clip(id)
+                ))
+            }),
+            _ => Err(SyntaxError::new(
+                "KILL_CLIENT takes one client id (the id column of SHOW CLIENTS)",
+            )),
+        },
+        "SUSPEND" => bare(rest, Command::Suspend),
+        // PgBouncer's `SET key = value` (or `key TO value`), however it is spelled.
+        "SET" if !rest.is_empty() => Ok(Command::Set),
         "RELOAD" => bare(rest, Command::Reload),
-        "SHUTDOWN" => bare(rest, Command::Shutdown),
+        "SHUTDOWN" => match rest {
+            [] => Ok(Command::Shutdown {
+                wait_for_clients: false,
+            }),
+            [how] if how.eq_ignore_ascii_case("WAIT_FOR_SERVERS") => Ok(Command::Shutdown {
+                wait_for_clients: false,
+            }),
+            [how] if how.eq_ignore_ascii_case("WAIT_FOR_CLIENTS") => Ok(Command::Shutdown {
+                wait_for_clients: true,
+            }),
+            _ => Err(SyntaxError::new(
+                "SHUTDOWN takes nothing, WAIT_FOR_SERVERS or WAIT_FOR_CLIENTS",
+            )),
+        },
         _ => Err(SyntaxError::new(format!(
             "unknown admin console command: {}",
             clip(first)
@@ -215,7 +315,31 @@ mod tests {
         );
         assert_eq!(one("reconnect"), Ok(Command::Reconnect(None)));
         assert_eq!(one("RELOAD"), Ok(Command::Reload));
-        assert_eq!(one("shutdown -- bye\n"), Ok(Command::Shutdown));
+        assert_eq!(
+            one("shutdown -- bye\n"),
+            Ok(Command::Shutdown {
+                wait_for_clients: false
+            })
+        );
+        assert_eq!(
+            one("SHUTDOWN wait_for_clients"),
+            Ok(Command::Shutdown {
+                wait_for_clients: true
+            })
+        );
+        assert_eq!(
+            one("show stats_totals"),
+            Ok(Command::Show(Show::StatsTotals))
+        );
+        assert_eq!(one("SHOW active_sockets"), Ok(Command::Show(Show::Sockets)));
+        assert_eq!(one("KILL"), Ok(Command::Kill(None)));
+        assert_eq!(one("kill app"), Ok(Command::Kill(Some("app".into()))));
+        assert_eq!(one("KILL_CLIENT 42"), Ok(Command::KillClient(42)));
+        assert_eq!(one("wait_close"), Ok(Command::WaitClose(None)));
+        assert_eq!(one("DISABLE app"), Ok(Command::Disable("app".into())));
+        assert_eq!(one("enable \"a b\""), Ok(Command::Enable("a b".into())));
+        assert_eq!(one("SUSPEND"), Ok(Command::Suspend));
+        assert_eq!(one("SET log_connections = 1"), Ok(Command::Set));
     }
 
     #[test]
@@ -237,7 +361,16 @@ mod tests {
     fn mistakes_are_errors() {
         assert!(one("SHOW").is_err());
         assert!(one("SHOW POOLS now").is_err());
-        assert!(one("SHOW LISTS").is_err());
+        assert!(one("SHOW NOTHING").is_err());
+        assert!(one("DISABLE").is_err());
+        assert!(one("ENABLE a b").is_err());
+        assert!(one("KILL_CLIENT").is_err());
+        assert!(one("KILL_CLIENT 0x55e2").is_err());
+        assert!(one("KILL_CLIENT -1").is_err());
+        assert!(one("KILL_CLIENT 1 2").is_err());
+        assert!(one("SUSPEND now").is_err());
+        assert!(one("SET").is_err());
+        assert!(one("SHUTDOWN later").is_err());
         assert!(one("PAUSE a b").is_err());
         assert!(one("RELOAD now").is_err());
         assert!(one("select 1").is_err());

@@ -20,10 +20,12 @@ mod tag {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ty {
     Text,
-    /// Counters and sizes, as PgBouncer announces them.
+    /// iampool's own counters (SHOW TOKENS), and PgBouncer's few `int8` columns.
     Int8,
-    /// Flags (0/1), as PgBouncer announces `paused` and `disabled`.
+    /// Counts, ports, flags and ids, as PgBouncer announces most of its numbers.
     Int4,
+    /// PgBouncer's statistics (SHOW STATS and friends), which can outgrow 64 bits there.
+    Numeric,
 }
 
 impl Ty {
@@ -33,6 +35,7 @@ impl Ty {
             Ty::Text => (25, -1),
             Ty::Int8 => (20, 8),
             Ty::Int4 => (23, 4),
+            Ty::Numeric => (1700, -1),
         }
     }
 }
@@ -66,6 +69,12 @@ impl From<i64> for Cell {
 impl From<u64> for Cell {
     fn from(n: u64) -> Cell {
         Cell::Int(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<i32> for Cell {
+    fn from(n: i32) -> Cell {
+        Cell::Int(n.into())
     }
 }
 

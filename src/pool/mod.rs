@@ -333,15 +333,6 @@ impl Pool {
         }
     }
 
-    /// (backend pid, address) of each idle server, for the admin console.
-    pub fn idle_servers(&self) -> Vec<(i32, std::net::SocketAddr)> {
-        self.lock()
-            .idle
-            .iter()
-            .map(|c| (c.backend_pid, c.cancel_addr))
-            .collect()
-    }
-
     pub fn connector(&self) -> &Connector {
         &self.connector
     }

@@ -384,7 +384,7 @@ async fn only_console_users_get_in_and_stats_users_only_show() {
     let addr = iam.local_addr();
 
     let stats = console(addr, &users.stats).await;
-    assert_eq!(pool_row(&show(&stats, "POOLS").await, &db.name).len(), 16);
+    assert_eq!(pool_row(&show(&stats, "POOLS").await, &db.name).len(), 17);
     for cmd in ["PAUSE", "RESUME", "RECONNECT", "RELOAD", "SHUTDOWN"] {
         let e = stats.simple_query(cmd).await.unwrap_err();
         assert_eq!(code(&e), "42501", "{cmd}: {e:?}");
