@@ -714,6 +714,12 @@ fn pg_bindir() -> PathBuf {
 }
 
 /// PostgreSQL refuses to run as root, so as root the cluster belongs to OS user `postgres`.
+/// The OS user (uid, gid) that servers run as when the tests run as root: `postgres`.
+/// PgBouncer, like PostgreSQL, refuses to run as root.
+pub fn server_uid_gid() -> Option<(u32, u32)> {
+    server_owner().map(|o| (o.uid, o.gid))
+}
+
 fn server_owner() -> Option<Owner> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {

@@ -1,5 +1,10 @@
 //! The admin console (database `pgbouncer`) against a real PostgreSQL, with psql and
-//! tokio-postgres as clients.
+//! tokio-postgres as clients; its column lists against PgBouncer's own (`columns`), the
+//! control commands (`control`) and what the SHOWs say about a known situation (`shows`).
+
+mod columns;
+mod control;
+mod shows;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
