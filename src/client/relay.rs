@@ -1094,11 +1094,13 @@ impl Session {
     }
 
     async fn shut_down(&mut self) -> End {
-        self.send_fatal(
-            sqlstate::ADMIN_SHUTDOWN,
-            "terminating connection due to administrator command (iampool is shutting down)",
-        )
-        .await;
+        // Asked to end by iampool's shutdown or by the admin console (KILL, KILL_CLIENT).
+        let why = self
+            .cancel
+            .ending()
+            .unwrap_or(super::cancel::Ending::Shutdown);
+        self.send_fatal(sqlstate::ADMIN_SHUTDOWN, why.message())
+            .await;
         End::Shutdown
     }
 

@@ -368,3 +368,69 @@ async fn unsupported_commands_say_why() {
     assert_eq!(show(&admin, "VERSION").await.len(), 1);
     assert!(iam.shutdown().await);
 }
+
+/// A raw, logged-in connection to `database` as `user` (trust), its welcome read.
+async fn raw_login(addr: SocketAddr, user: &str, database: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut b = bytes::BytesMut::new();
+    iampool::protocol::messages::startup(&mut b, &[("user", user), ("database", database)]);
+    s.write_all(&b).await.unwrap();
+    let welcome = super::read_reply(&mut s).await;
+    assert_eq!(welcome.last().map(|m| m.0), Some(b'Z'), "{welcome:?}");
+    s
+}
+
+/// The FATAL an idle connection gets, unasked: (SQLSTATE, message).
+async fn farewell(s: &mut tokio::net::TcpStream) -> (String, String) {
+    let (tag, body) = super::read_msg(s).await.expect("a FATAL before the close");
+    assert_eq!(tag, b'E');
+    let f = iampool::protocol::messages::parse_error_fields(&body);
+    assert!(super::read_msg(s).await.is_none(), "closed after the FATAL");
+    (f.code, f.message)
+}
+
+/// Every ended session is told by whom: KILL_CLIENT, KILL, or iampool's shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_sessions_are_told_why() {
+    let pg = shared_cluster();
+    let (db, mut cfg, users) = setup(pg, "adm_why");
+    cfg.auth_type = iampool::config::AuthType::Trust;
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+    let admin = console(addr, &users.admin).await;
+    let id_of = |rows: &[Row], port: u16| {
+        rows.iter()
+            .find(|r| num(r, "port") == i64::from(port))
+            .map(|r| get(r, "id").to_owned())
+            .unwrap()
+    };
+
+    let mut pooled = raw_login(addr, &db.user, &db.name).await;
+    let mut console_session = raw_login(addr, &users.stats.0, "pgbouncer").await;
+    let clients = show(&admin, "CLIENTS").await;
+    for s in [&mut pooled, &mut console_session] {
+        let id = id_of(&clients, s.local_addr().unwrap().port());
+        admin
+            .simple_query(&format!("KILL_CLIENT {id}"))
+            .await
+            .unwrap();
+        let (code, message) = farewell(s).await;
+        assert_eq!(code, "57P01");
+        assert!(message.contains("(KILL_CLIENT)"), "{message}");
+    }
+
+    let mut pooled = raw_login(addr, &db.user, &db.name).await;
+    admin.simple_query("KILL").await.unwrap();
+    let (code, message) = farewell(&mut pooled).await;
+    assert_eq!(code, "57P01");
+    assert!(message.contains("(KILL)"), "{message}");
+    admin.simple_query("RESUME").await.unwrap();
+
+    let mut pooled = raw_login(addr, &db.user, &db.name).await;
+    iam.shared().request_shutdown();
+    let (code, message) = farewell(&mut pooled).await;
+    assert_eq!(code, "57P01");
+    assert!(message.contains("shutting down"), "{message}");
+    assert!(iam.shutdown().await);
+}
