@@ -127,9 +127,6 @@ impl Shared {
     pub fn request_shutdown(&self) {
         self.draining.store(true, Ordering::Release);
         let _ = self.shutdown_tx.send(true);
-        // Each session watches its own signal (so the console can end one alone).
-        self.client_registry
-            .end_all(crate::client::cancel::Ending::Shutdown);
     }
 
     /// Where RELOAD and SIGHUP re-read the configuration (set once by `main`).
@@ -281,6 +278,9 @@ impl crate::admin::Context for Shared {
     }
     fn request_shutdown(&self) {
         Shared::request_shutdown(self)
+    }
+    fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        Shared::shutdown_signal(self)
     }
 }
 

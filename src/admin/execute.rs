@@ -95,12 +95,12 @@ pub async fn execute(
             info!(user, database = ?db, "admin RECONNECT: server connections will be replaced");
         }
         Command::Kill(db) => {
-            let (clients, servers) = control::kill(ctx, targets(ctx, db.as_deref())?);
+            let (clients, servers) = control::kill(ctx, targets(ctx, db.as_deref())?).await;
             info!(user, database = ?db, clients, servers,
                 "admin KILL: sessions ended and server connections closed; the pool waits for RESUME");
         }
         Command::KillClient(id) => {
-            let cut = control::kill_client(ctx, *id).ok_or_else(|| {
+            let cut = control::kill_client(ctx, *id).await.ok_or_else(|| {
                 Failed::new(code::UNDEFINED_OBJECT, format!("no client with id {id}"))
                     .hint("SHOW CLIENTS lists each client's id")
             })?;

@@ -20,6 +20,8 @@ mod stats;
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::client::console::ConsoleLogin;
 pub use crate::client::console::Role;
 use crate::client::registry::ClientRegistry;
@@ -46,6 +48,7 @@ pub trait Context: Send + Sync {
     fn reload(&self) -> Result<ReloadReport, String>;
     /// Starts a graceful shutdown.
     fn request_shutdown(&self);
+    fn shutdown_signal(&self) -> watch::Receiver<bool>;
 }
 
 /// Serves a logged-in console client until it leaves or iampool shuts down.

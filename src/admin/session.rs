@@ -42,13 +42,18 @@ enum Next {
 impl Console {
     pub async fn run(mut self) {
         let max = self.ctx.config().max_message_size.min(MAX_MESSAGE);
-        let mut shutdown = self.slot.end_signal();
+        let mut shutdown = self.ctx.shutdown_signal();
         // After an extended-protocol error everything up to Sync is ignored, as PostgreSQL does.
         let mut skipping = false;
         loop {
             let read = tokio::select! {
                 r = read_message(&mut self.stream, &mut self.buf, max) => r,
                 _ = wait_for_shutdown(&mut shutdown) => {
+                    self.fatal(sqlstate::ADMIN_SHUTDOWN, Ending::Shutdown.message()).await;
+                    break;
+                }
+                // Ended from the console (KILL_CLIENT).
+                _ = self.slot.ended() => {
                     let why = self.slot.ending().unwrap_or(Ending::Shutdown);
                     self.fatal(sqlstate::ADMIN_SHUTDOWN, why.message()).await;
                     break;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::server::{CancelGate, CancelPass};
@@ -61,8 +61,8 @@ pub struct CancelSlot {
     /// When the client last asked for a server, in µs since the Unix epoch (0: never).
     requested: AtomicU64,
     ending: OnceLock<Ending>,
-    /// Becomes true when the session is asked to end; the session watches it.
-    end: watch::Sender<bool>,
+    /// Wakes the session when it is asked to end (inline: no allocation per client).
+    end: Notify,
 }
 
 impl Default for CancelSlot {
@@ -73,7 +73,7 @@ impl Default for CancelSlot {
             pinned: AtomicU8::new(0),
             requested: AtomicU64::new(0),
             ending: OnceLock::new(),
-            end: watch::channel(false).0,
+            end: Notify::new(),
         }
     }
 }
@@ -137,7 +137,7 @@ impl CancelSlot {
     /// Asks the session to end (the first reason given is the one its client is told).
     pub fn end(&self, why: Ending) {
         let _ = self.ending.set(why);
-        self.end.send_replace(true);
+        self.end.notify_waiters();
     }
 
     /// Why the session was asked to end, if it was.
@@ -145,9 +145,19 @@ impl CancelSlot {
         self.ending.get().copied()
     }
 
-    /// Becomes true once the session is asked to end (iampool's shutdown included).
-    pub fn end_signal(&self) -> watch::Receiver<bool> {
-        self.end.subscribe()
+    /// Resolves once the session is asked to end (at once if it already was). iampool's
+    /// shutdown reaches sessions on its own signal, not through here.
+    pub async fn ended(&self) {
+        loop {
+            let woken = self.end.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so an `end` in between is not missed.
+            woken.as_mut().enable();
+            if self.ending.get().is_some() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// The client keeps its server for these kinds of session state (0: not pinned).

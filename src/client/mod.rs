@@ -164,9 +164,7 @@ pub async fn serve<C: Context>(ctx: Arc<C>, mut stream: Stream) {
         max_prepared_statements: config.max_prepared_statements,
         idle_tx_timeout: config.idle_transaction_timeout,
         server_reset_query: config.server_reset_query.clone(),
-        // The client's own signal: iampool's shutdown reaches it through the registry, and
-        // so do the console's KILL and KILL_CLIENT.
-        shutdown: registration.slot.end_signal(),
+        shutdown: ctx.shutdown_signal(),
     });
     let end = session.run().await;
     debug!(?end, "client session ended");

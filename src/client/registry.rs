@@ -3,14 +3,14 @@
 //! A client is entered once at login and removed when its session ends; nothing on the
 //! relay's hot path touches this list. Whether a client holds a server, and which one, is
 //! read from its cancel slot, which the relay keeps current at every link and unlink; the
-//! console asks a session to end (KILL, KILL_CLIENT, shutdown) through the same slot.
+//! console asks a session to end (KILL, KILL_CLIENT) through the same slot.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::client::cancel::{CancelSlot, Ending};
+use crate::client::cancel::CancelSlot;
 use crate::stream::Stream;
 
 /// One end of a connection as SHOW CLIENTS prints it.
@@ -107,15 +107,7 @@ impl ClientInfo {
 #[derive(Default)]
 pub struct ClientRegistry {
     next: AtomicU64,
-    clients: Mutex<Clients>,
-}
-
-#[derive(Default)]
-struct Clients {
-    by_id: BTreeMap<u64, Arc<ClientInfo>>,
-    /// Set once every session is asked to end (shutdown): a client that logs in later is
-    /// asked as it registers.
-    ending: Option<Ending>,
+    clients: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
 }
 
 /// Keeps a client listed while it lives.
@@ -130,50 +122,32 @@ impl Drop for Registered<'_> {
             .clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .by_id
             .remove(&self.id);
     }
 }
 
 impl ClientRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Clients> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<ClientInfo>>> {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn register(&self, info: ClientInfo) -> Registered<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut clients = self.lock();
-        if let Some(why) = clients.ending {
-            info.cancel.end(why);
-        }
-        clients.by_id.insert(id, Arc::new(info));
+        self.lock().insert(id, Arc::new(info));
         Registered { registry: self, id }
     }
 
     /// The clients now, oldest first.
     pub fn snapshot(&self) -> Vec<(u64, Arc<ClientInfo>)> {
-        self.lock()
-            .by_id
-            .iter()
-            .map(|(id, c)| (*id, c.clone()))
-            .collect()
+        self.lock().iter().map(|(id, c)| (*id, c.clone())).collect()
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {
-        self.lock().by_id.get(&id).cloned()
-    }
-
-    /// Asks every session, and every one that logs in from now on, to end.
-    pub fn end_all(&self, why: Ending) {
-        let mut clients = self.lock();
-        clients.ending.get_or_insert(why);
-        for c in clients.by_id.values() {
-            c.cancel.end(why);
-        }
+        self.lock().get(&id).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().by_id.len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -181,7 +181,7 @@ impl Session {
             request_started: None,
             last_ready: None,
             session_state_seen: 0,
-            cancel: a.cancel,
+            cancel: a.cancel.clone(),
             client_done: false,
             idle_tx_timeout: a.idle_tx_timeout,
             idle_timer: None,
@@ -189,7 +189,14 @@ impl Session {
             server_reset_query: a.server_reset_query,
             shutdown_signal: {
                 let mut rx = a.shutdown.clone();
-                Box::pin(async move { wait_for_shutdown(&mut rx).await })
+                let slot = a.cancel.clone();
+                // iampool's shutdown, or the admin console ending this session (KILL).
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = wait_for_shutdown(&mut rx) => {}
+                        _ = slot.ended() => {}
+                    }
+                })
             },
             shutdown: a.shutdown,
             shutdown_seen: false,
@@ -302,7 +309,7 @@ impl Session {
                     let server = self.unlink();
                     tracing::trace!(backend_pid = server.backend_pid, "server released");
                     self.release(server);
-                    if *self.shutdown.borrow() {
+                    if *self.shutdown.borrow() || self.cancel.ending().is_some() {
                         return self.shut_down().await;
                     }
                 }

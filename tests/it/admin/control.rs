@@ -433,4 +433,41 @@ async fn ended_sessions_are_told_why() {
     assert_eq!(code, "57P01");
     assert!(message.contains("shutting down"), "{message}");
     assert!(iam.shutdown().await);
+
+    // Session mode: a client between transactions holds its server; it is told too, and
+    // its server goes back to the pool rather than being cut.
+    let (_, mut cfg, users) = setup(pg, "adm_why_session");
+    cfg.auth_type = iampool::config::AuthType::Trust;
+    cfg.databases[0] = pooler::config(pg, &db).databases.remove(0);
+    cfg.databases[0].pool_mode = iampool::config::PoolMode::Session;
+    cfg.users.insert(
+        db.user.clone(),
+        iampool::config::UserSecret::Plain(iampool::config::Secret::new(db.password.clone())),
+    );
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+    let admin = console(addr, &users.admin).await;
+    let mut held = raw_login(addr, &db.user, &db.name).await;
+    {
+        use tokio::io::AsyncWriteExt;
+        held.write_all(&super::query(b"select 1")).await.unwrap();
+    }
+    let reply = super::read_reply(&mut held).await;
+    assert_eq!(reply.last().map(|m| m.0), Some(b'Z'), "{reply:?}");
+    let backends_before = pg.backend_count(&db.name, &db.user);
+    let clients = show(&admin, "CLIENTS").await;
+    let id = id_of(&clients, held.local_addr().unwrap().port());
+    let row = clients.iter().find(|r| get(r, "id") == id).unwrap();
+    assert_eq!(get(row, "state"), "active", "{row:?}");
+    admin
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    let (code, message) = farewell(&mut held).await;
+    assert_eq!(code, "57P01");
+    assert!(message.contains("(KILL_CLIENT)"), "{message}");
+    let row = wait_for_row(&admin, "POOLS", &db.name, |r| num(r, "sv_idle") == 1).await;
+    assert_eq!(num(&row, "sv_active"), 0, "{row:?}");
+    assert_eq!(pg.backend_count(&db.name, &db.user), backends_before);
+    assert!(iam.shutdown().await);
 }
