@@ -255,6 +255,8 @@ def main():
     # Hand-written seeds for the text parsers.
     write(args.out, "admin", "commands", b'SHOW POOLS; show stats;PAUSE "my db";RESUME app; RECONNECT;\n'
           b"-- a comment\nRELOAD; SHOW HELP; SHUTDOWN")
+    write(args.out, "admin", "pgbouncer125", b'SHOW STATS_TOTALS;SHOW clients; KILL_CLIENT 42; KILL "my db";'
+          b" WAIT_CLOSE; DISABLE app; ENABLE app; SUSPEND; SET x = 1; SHUTDOWN WAIT_FOR_SERVERS")
     write(args.out, "config", "url", b"\x00postgres://app:s3cret%2F@db.cluster-abc.us-east-1.rds.amazonaws.com:5432/app?sslmode=require")
     write(args.out, "config", "auth_file", b'\x01"alice" "md5a1ffb4b0a4cdb8dd6bd8e9b7bbd12ae0"\n; comment\n"bob" "plain ""quoted"""\n'
           b'"carol" "SCRAM-SHA-256$4096:c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="\n')
