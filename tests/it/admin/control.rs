@@ -27,6 +27,28 @@ pub(super) fn row_of<'a>(rows: &'a [Row], app: &str) -> &'a Row {
         .unwrap_or_else(|| panic!("no row for {app} in {rows:?}"))
 }
 
+/// The SHOW CLIENTS row `pick` chooses, once it is there: a client is listed a moment
+/// after its login completes.
+pub(super) async fn client_row(admin: &tokio_postgres::Client, pick: impl Fn(&Row) -> bool) -> Row {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let clients = show(admin, "CLIENTS").await;
+        if let Some(row) = clients.into_iter().find(|r| pick(r)) {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client is never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Picks the client with this application_name.
+pub(super) fn app(name: &str) -> impl Fn(&Row) -> bool + '_ {
+    move |r| get(r, "application_name") == name
+}
+
 /// Waits until backend `pid` has gone from the server.
 async fn backend_gone(pg: &PgCluster, pid: i32) {
     let deadline = tokio::time::Instant::now() + T;
@@ -72,8 +94,7 @@ async fn kill_client_ends_that_session_and_cuts_its_server() {
     let idle = client_as(addr, &db, "idle-one").await;
     let admin = console(addr, &users.admin).await;
 
-    let clients = show(&admin, "CLIENTS").await;
-    let id = get(row_of(&clients, "victim"), "id").to_owned();
+    let id = get(&client_row(&admin, app("victim")).await, "id").to_owned();
     admin
         .simple_query(&format!("KILL_CLIENT {id}"))
         .await
@@ -90,21 +111,18 @@ async fn kill_client_ends_that_session_and_cuts_its_server() {
 
     // An idle client goes at once too.
     let deadline = tokio::time::Instant::now() + T;
-    let clients = loop {
-        let clients = show(&admin, "CLIENTS").await;
-        if !clients
-            .iter()
-            .any(|r| get(r, "application_name") == "victim")
-        {
-            break clients;
-        }
+    while show(&admin, "CLIENTS")
+        .await
+        .iter()
+        .any(|r| get(r, "application_name") == "victim")
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "victim still listed"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let id = get(row_of(&clients, "idle-one"), "id").to_owned();
+    }
+    let id = get(&client_row(&admin, app("idle-one")).await, "id").to_owned();
     admin
         .simple_query(&format!("KILL_CLIENT {id}"))
         .await
@@ -113,13 +131,12 @@ async fn kill_client_ends_that_session_and_cuts_its_server() {
 
     // Another console session can be killed; its FATAL names the command.
     let other = console(addr, &users.stats).await;
-    let clients = show(&admin, "CLIENTS").await;
-    let id = get(row_of(&clients, "console-test"), "id");
-    let other_id = clients
-        .iter()
-        .find(|r| get(r, "user") == users.stats.0)
-        .map(|r| get(r, "id").to_owned())
-        .unwrap();
+    let stats_user = users.stats.0.clone();
+    let other_row = client_row(&admin, |r| get(r, "user") == stats_user).await;
+    let other_id = get(&other_row, "id").to_owned();
+    let admin_user = users.admin.0.clone();
+    let admin_row = client_row(&admin, |r| get(r, "user") == admin_user).await;
+    let id = get(&admin_row, "id");
     assert_ne!(id, other_id);
     admin
         .simple_query(&format!("KILL_CLIENT {other_id}"))
@@ -399,18 +416,13 @@ async fn ended_sessions_are_told_why() {
     let iam = start(cfg).await;
     let addr = iam.local_addr();
     let admin = console(addr, &users.admin).await;
-    let id_of = |rows: &[Row], port: u16| {
-        rows.iter()
-            .find(|r| num(r, "port") == i64::from(port))
-            .map(|r| get(r, "id").to_owned())
-            .unwrap()
-    };
+    let by_port = |port: u16| move |r: &Row| num(r, "port") == i64::from(port);
 
     let mut pooled = raw_login(addr, &db.user, &db.name).await;
     let mut console_session = raw_login(addr, &users.stats.0, "pgbouncer").await;
-    let clients = show(&admin, "CLIENTS").await;
     for s in [&mut pooled, &mut console_session] {
-        let id = id_of(&clients, s.local_addr().unwrap().port());
+        let row = client_row(&admin, by_port(s.local_addr().unwrap().port())).await;
+        let id = get(&row, "id");
         admin
             .simple_query(&format!("KILL_CLIENT {id}"))
             .await
@@ -454,11 +466,15 @@ async fn ended_sessions_are_told_why() {
     }
     let reply = super::read_reply(&mut held).await;
     assert_eq!(reply.last().map(|m| m.0), Some(b'Z'), "{reply:?}");
-    let backends_before = pg.backend_count(&db.name, &db.user);
-    let clients = show(&admin, "CLIENTS").await;
-    let id = id_of(&clients, held.local_addr().unwrap().port());
-    let row = clients.iter().find(|r| get(r, "id") == id).unwrap();
-    assert_eq!(get(row, "state"), "active", "{row:?}");
+    let row = client_row(&admin, by_port(held.local_addr().unwrap().port())).await;
+    let id = get(&row, "id");
+    assert_eq!(get(&row, "state"), "active", "{row:?}");
+    let servers = show(&admin, "SERVERS").await;
+    let server = servers
+        .iter()
+        .find(|s| get(s, "ptr") == get(&row, "link"))
+        .unwrap_or_else(|| panic!("{row:?} {servers:?}"));
+    let pid = num(server, "remote_pid");
     admin
         .simple_query(&format!("KILL_CLIENT {id}"))
         .await
@@ -466,8 +482,19 @@ async fn ended_sessions_are_told_why() {
     let (code, message) = farewell(&mut held).await;
     assert_eq!(code, "57P01");
     assert!(message.contains("(KILL_CLIENT)"), "{message}");
-    let row = wait_for_row(&admin, "POOLS", &db.name, |r| num(r, "sv_idle") == 1).await;
-    assert_eq!(num(&row, "sv_active"), 0, "{row:?}");
-    assert_eq!(pg.backend_count(&db.name, &db.user), backends_before);
+    // Its server is back in the pool, idle: not cut (a cut one is closed, never idle again).
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let servers = show(&admin, "SERVERS").await;
+        let back = servers.iter().find(|s| num(s, "remote_pid") == pid);
+        if back.is_some_and(|s| get(s, "state") == "idle") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server {pid}: {servers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(iam.shutdown().await);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use iampool::config::{ClientTls, SslMode};
 
-use super::control::{client_as, row_of};
+use super::control::{app, client_as, client_row, row_of};
 use super::{backend_pid, console, get, num, pool_row, setup, show, wait_for_row, Row, T};
 use crate::pooler::{self, start};
 use crate::support::certs::{install_for_postgres, TestPki};
@@ -137,8 +137,7 @@ async fn clients_and_servers_describe_each_connection() {
     let q = tokio::spawn(async move { third.simple_query("select 3").await.map(|_| third) });
     let deadline = tokio::time::Instant::now() + T;
     loop {
-        let clients = show(&admin, "CLIENTS").await;
-        let w = row_of(&clients, "third");
+        let w = &client_row(&admin, app("third")).await;
         let waited = num(w, "wait") * 1_000_000 + num(w, "wait_us");
         if get(w, "state") == "waiting" && waited >= 100_000 {
             assert_eq!(get(w, "link"), "");
