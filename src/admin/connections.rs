@@ -2,7 +2,9 @@
 //!
 //! `ptr` is the address of the object iampool keeps for the connection (its listing), and
 //! `link` the `ptr` of the connection it is paired with; `id` is what KILL_CLIENT takes.
-//! iampool refuses replication connections, so `replication` is always `none`.
+//! iampool refuses replication connections, so `replication` is always `none`. SHOW CLIENTS
+//! has one column of iampool's own after PgBouncer's (`pinned`), as PgBouncer itself adds
+//! columns at the end.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,29 +19,37 @@ use crate::server::listing::{ServerInfo, ServerState};
 
 use Ty::{Int4, Text};
 
-static CONNECTIONS: [(&str, Ty); 21] = [
-    ("type", Text),
-    ("user", Text),
-    ("database", Text),
-    ("replication", Text),
-    ("state", Text),
-    ("addr", Text),
-    ("port", Int4),
-    ("local_addr", Text),
-    ("local_port", Int4),
-    ("connect_time", Text),
-    ("request_time", Text),
-    ("wait", Int4),
-    ("wait_us", Int4),
-    ("close_needed", Int4),
-    ("ptr", Text),
-    ("link", Text),
-    ("remote_pid", Int4),
-    ("tls", Text),
-    ("application_name", Text),
-    ("prepared_statements", Int4),
-    ("id", Int4),
-];
+/// PgBouncer 1.25's columns, both SHOWs; CLIENTS adds `pinned`.
+macro_rules! connection_columns {
+    ($($extra:expr),*) => {
+        [
+            ("type", Text),
+            ("user", Text),
+            ("database", Text),
+            ("replication", Text),
+            ("state", Text),
+            ("addr", Text),
+            ("port", Int4),
+            ("local_addr", Text),
+            ("local_port", Int4),
+            ("connect_time", Text),
+            ("request_time", Text),
+            ("wait", Int4),
+            ("wait_us", Int4),
+            ("close_needed", Int4),
+            ("ptr", Text),
+            ("link", Text),
+            ("remote_pid", Int4),
+            ("tls", Text),
+            ("application_name", Text),
+            ("prepared_statements", Int4),
+            ("id", Int4),
+            $($extra),*
+        ]
+    };
+}
+static SERVERS: [(&str, Ty); 21] = connection_columns!();
+static CLIENTS: [(&str, Ty); 22] = connection_columns!(("pinned", Text));
 
 /// `2024-05-01 12:00:00 UTC`, as PgBouncer prints times.
 pub(super) fn timestamp(t: SystemTime) -> String {
@@ -75,11 +85,12 @@ fn servers(ctx: &dyn Context) -> HashMap<ServerKey, Arc<ServerInfo>> {
 /// `application_name` is the one it logged in with. `close_needed` is unused for clients
 /// (0, as in PgBouncer), and so is `prepared_statements`: the statements a client prepared
 /// are its session's, not exported to the console. `remote_pid` is the client's process
-/// over a unix socket, 0 over TCP.
+/// over a unix socket, 0 over TCP. `pinned` names the session state a transaction-mode client
+/// keeps its server for (empty when it is not pinned).
 pub fn clients_table(ctx: &dyn Context) -> Table {
     let servers = servers(ctx);
     let now = SystemTime::now();
-    let mut t = Table::new(&CONNECTIONS);
+    let mut t = Table::new(&CLIENTS);
     for (id, c) in ctx.clients().snapshot() {
         let server = c.cancel.target();
         let linked = server.is_some();
@@ -122,6 +133,7 @@ pub fn clients_table(ctx: &dyn Context) -> Table {
             c.application_name.as_str().into(),
             0i64.into(),
             id.into(),
+            crate::protocol::session_state::names(c.cancel.pinned()).into(),
         ]);
     }
     t
@@ -142,7 +154,7 @@ pub fn servers_table(ctx: &dyn Context) -> Table {
         .into_iter()
         .filter_map(|(_, c)| c.cancel.target().map(|s| ((s.addr, s.pid), c)))
         .collect();
-    let mut t = Table::new(&CONNECTIONS);
+    let mut t = Table::new(&SERVERS);
     for pool in pools(ctx) {
         for s in pool.servers.snapshot() {
             let state = s.state();

@@ -261,6 +261,36 @@ async fn users_lists_mem_state_and_the_stats_views() {
     assert!(iam.shutdown().await);
 }
 
+/// A transaction-mode client kept on its server for its session state says why, in
+/// iampool's own `pinned` column, until the state is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_says_why() {
+    let pg = shared_cluster();
+    let (db, cfg, users) = setup(pg, "adm_pinned");
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+    let admin = console(addr, &users.admin).await;
+    let pinner = client_as(addr, &db, "pinner").await;
+    let plain = client_as(addr, &db, "plain").await;
+    plain.simple_query("select 1").await.unwrap();
+    pinner
+        .batch_execute("create temp table scratch (x int)")
+        .await
+        .unwrap();
+    let row = client_row(&admin, |r| {
+        get(r, "application_name") == "pinner" && get(r, "pinned") == "temp_table"
+    })
+    .await;
+    assert_eq!(get(&row, "state"), "active", "{row:?}");
+    assert_eq!(get(&client_row(&admin, app("plain")).await, "pinned"), "");
+    pinner.batch_execute("drop table scratch").await.unwrap();
+    client_row(&admin, |r| {
+        get(r, "application_name") == "pinner" && get(r, "pinned").is_empty()
+    })
+    .await;
+    assert!(iam.shutdown().await);
+}
+
 /// psql as a console user with `conninfo`, running SHOW CLIENTS: (its pid, the rows).
 async fn psql_show_clients(conninfo: String, password: String) -> (u32, Vec<Row>) {
     tokio::task::spawn_blocking(move || {
