@@ -142,6 +142,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let query_wait_timeout = r.req(g, "query_wait_timeout", value::duration);
     let client_login_timeout = r.req(g, "client_login_timeout", value::duration);
     let idle_transaction_timeout = r.req(g, "idle_transaction_timeout", value::optional_duration);
+    let query_timeout = r.req(g, "query_timeout", value::optional_duration);
+    let client_idle_timeout = r.req(g, "client_idle_timeout", value::optional_duration);
     let max_message_size = r.req(g, "max_message_size", message_size);
     let server_reset_query = r.req(g, "server_reset_query", value::text);
     let session_state = r.req(g, "session_state", value::named::<SessionStateMode>);
@@ -186,6 +188,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         query_wait_timeout: query_wait_timeout?,
         client_login_timeout: client_login_timeout?,
         idle_transaction_timeout: idle_transaction_timeout?,
+        query_timeout: query_timeout?,
+        client_idle_timeout: client_idle_timeout?,
         max_message_size: max_message_size?,
         server_reset_query: server_reset_query?,
         session_state: session_state?,

@@ -265,6 +265,14 @@ pub static KEYS: &[Key] = &[
         .default("0")
         .help("A client idle inside a transaction this long is disconnected; 0 disables")
         .example("5min"),
+    Key::new("query_timeout", "query-timeout", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .help("A request (a Query, or an extended-protocol batch up to its Sync) still unanswered after this long is cut off as PgBouncer's query_timeout: its server connection is closed (the pool cancels the query first) and the client gets 57014 naming query_timeout. Transaction mode: an ERROR, and the client keeps its connection as when a server is lost (an open transaction is rolled back); session mode, or a reply already half sent: a FATAL. Meant for network trouble, a little above the server's statement_timeout; 0 disables. New clients get a changed value")
+        .example("5min"),
+    Key::new("client_idle_timeout", "client-idle-timeout", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .help("A client that holds no server and has sent nothing for this long (between transactions in transaction mode; never one whose session-mode or pinned server stays linked) is disconnected, as by PgBouncer's, with a FATAL naming client_idle_timeout (57P05, PostgreSQL's idle_session_timeout code); 0 disables. Set it above the application's own pool idle limits. New clients get a changed value")
+        .example("1h"),
     Key::new("max_message_size", "max-message-size", Kind::Size, TIMEOUTS)
         .default("256MB")
         .help("Largest protocol message accepted from a client, 8kB to 1GB (larger ones get 08P01); a long Query, Bind or unnamed Parse is streamed to the server as it arrives, never held whole (a named Parse is kept whole while rewriting is on: its text is what the pool prepares on other servers). Server messages are bounded by PostgreSQL's own 1GB")

@@ -262,6 +262,10 @@ pub struct Config {
     pub client_login_timeout: Duration,
     /// None = disabled.
     pub idle_transaction_timeout: Option<Duration>,
+    /// A request unanswered this long is cut off (its server closed); None = disabled.
+    pub query_timeout: Option<Duration>,
+    /// A client holding no server idle this long is disconnected; None = disabled.
+    pub client_idle_timeout: Option<Duration>,
     pub max_message_size: usize,
     pub server_reset_query: String,
     pub session_state: SessionStateMode,

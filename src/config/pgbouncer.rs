@@ -204,10 +204,10 @@ pub static SETTINGS: &[Setting] = &[
     s("server_tls_ciphers", Pgbouncer, Unsupported(RUSTLS_SERVER)),
     s("server_tls13_ciphers", Pgbouncer, Unsupported(RUSTLS_SERVER)),
     // Dangerous timeouts.
-    s("query_timeout", Pgbouncer, NotYet("query_timeout", "queries running longer are cancelled")),
+    s("query_timeout", Pgbouncer, Same("query_timeout")),
     s("query_wait_timeout", Pgbouncer, Same("query_wait_timeout")),
     s("cancel_wait_timeout", Pgbouncer, NotNeeded("a cancel request goes straight to the server running the client's query; it never waits for a pool")),
-    s("client_idle_timeout", Pgbouncer, NotYet("client_idle_timeout", "idle client connections are closed after this long")),
+    s("client_idle_timeout", Pgbouncer, Same("client_idle_timeout")),
     s("idle_transaction_timeout", Pgbouncer, Same("idle_transaction_timeout")),
     s("transaction_timeout", Pgbouncer, Unsupported("iampool limits idle time inside a transaction (idle_transaction_timeout), not a transaction's length; PostgreSQL 17 can: options = \"-c transaction_timeout=60s\"")),
     s("suspend_timeout", Pgbouncer, Unsupported("iampool has no SUSPEND or online restart (-R): SIGTERM drains it (shutdown_timeout)")),

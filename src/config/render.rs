@@ -98,6 +98,8 @@ fn global_value(c: &Config, name: &str) -> Option<Shown> {
         "query_wait_timeout" => duration(c.query_wait_timeout),
         "client_login_timeout" => duration(c.client_login_timeout),
         "idle_transaction_timeout" => optional_duration(c.idle_transaction_timeout),
+        "query_timeout" => optional_duration(c.query_timeout),
+        "client_idle_timeout" => optional_duration(c.client_idle_timeout),
         "max_message_size" => size(c.max_message_size),
         "shutdown_timeout" => duration(c.shutdown_timeout),
         "min_sigterm_delay" => duration(c.min_sigterm_delay),

@@ -36,6 +36,8 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         query_wait_timeout: Duration::from_secs(60),
         client_login_timeout: Duration::from_secs(10),
         idle_transaction_timeout: None,
+        query_timeout: None,
+        client_idle_timeout: None,
         max_message_size: 64 << 20,
         server_reset_query: "DISCARD ALL".into(),
         session_state: iampool::config::SessionStateMode::Pin,
