@@ -111,6 +111,24 @@ fn message_size(raw: &Raw, key: &Key) -> Result<usize, Problem> {
     Ok(usize::try_from(size).unwrap_or(usize::MAX))
 }
 
+/// Startup parameter names, lower case; the ones a session cannot do without are refused.
+fn ignored_parameters(raw: &Raw, key: &Key) -> Result<Vec<String>, Problem> {
+    let names: Vec<String> = value::names(raw, key)?
+        .iter()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
+    if let Some(n) = names
+        .iter()
+        .find(|n| matches!(n.as_str(), "user" | "database"))
+    {
+        return Err(Problem::new(
+            format!("{n} cannot be ignored: iampool needs it to know who the client is"),
+            format!("remove {n} from the list, e.g. {}", key.example),
+        ));
+    }
+    Ok(names)
+}
+
 /// The typed configuration and the origin of every value, or every mistake found.
 pub(crate) fn build(inputs: Inputs) -> Result<(Config, BTreeMap<String, Origin>), ConfigErrors> {
     let mut reader = Reader {
@@ -150,6 +168,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let max_pinned_servers = r.get(g, "max_pinned_servers", usize_count);
     let auth_type = r.req(g, "auth_type", value::named::<AuthType>);
     let auth_file = r.get(g, "auth_file", value::path);
+    let application_name_add_host = r.req(g, "application_name_add_host", value::boolean);
+    let ignore_startup_parameters = r.req(g, "ignore_startup_parameters", ignored_parameters);
     let (client_tls, client_tls_cert_file, client_tls_key_file) = client_tls(r, g);
     let shutdown_timeout = r.req(g, "shutdown_timeout", value::duration);
     let min_sigterm_delay = r.req(g, "min_sigterm_delay", value::duration);
@@ -196,6 +216,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         max_pinned_servers: max_pinned_servers?,
         auth_type: auth_type?,
         auth_file: auth_file.as_ref().map_err(|_| Reported)?.clone(),
+        application_name_add_host: application_name_add_host?,
+        ignore_startup_parameters: ignore_startup_parameters?,
         users: users?,
         client_tls: client_tls?,
         client_tls_cert_file: client_tls_cert_file?,

@@ -307,6 +307,14 @@ pub static KEYS: &[Key] = &[
     Key::new("auth_file", "auth-file", Kind::File, CLIENTS)
         .help("PgBouncer-style user list, one \"user\" \"secret\" per line; secrets plain, md5... or SCRAM-SHA-256$...")
         .example("/etc/iampool/userlist.txt"),
+    Key::new("application_name_add_host", "application-name-add-host", Kind::Bool, CLIENTS)
+        .default("false")
+        .help("At login, append \" - ADDRESS:PORT\" of the client (\" - unix\" on the unix socket) to the application_name it sent (\"app\" when it sent none), as PgBouncer's; the client's servers and SHOW CLIENTS see it. A later SET application_name is left alone. New clients get a changed value")
+        .example("true"),
+    Key::new("ignore_startup_parameters", "ignore-startup-parameters", Kind::Names, CLIENTS)
+        .default("")
+        .help("Startup parameters a client may send that iampool drops instead of applying to the client's servers (comma-separated; an array in the file; case-insensitive), e.g. extra_float_digits from drivers that a server or proxy does not accept. A -c NAME=VALUE in the options parameter is dropped the same way, and options itself drops the whole options parameter. iampool applies every other startup parameter with set_config, so an unknown one fails the client's first request; user and database cannot be listed. New clients get a changed value")
+        .example("extra_float_digits,options"),
     Key::new("client_tls", "client-tls", Kind::Choice(ClientTls::NAMES), CLIENTS)
         .derived("allow if client_tls_cert_file is set, else disable")
         .restart()

@@ -273,6 +273,10 @@ pub struct Config {
     pub max_pinned_servers: Option<usize>,
     pub auth_type: AuthType,
     pub auth_file: Option<PathBuf>,
+    /// Append the client's address to its startup application_name.
+    pub application_name_add_host: bool,
+    /// Startup parameters dropped at login, lower case (`options` drops the whole parameter).
+    pub ignore_startup_parameters: Vec<String>,
     /// Client users: from `[users.NAME]`, the auth file, and upstream URLs that carry a password.
     pub users: BTreeMap<String, UserSecret>,
     pub client_tls: ClientTls,

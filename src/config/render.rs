@@ -100,6 +100,8 @@ fn global_value(c: &Config, name: &str) -> Option<Shown> {
         "idle_transaction_timeout" => optional_duration(c.idle_transaction_timeout),
         "query_timeout" => optional_duration(c.query_timeout),
         "client_idle_timeout" => optional_duration(c.client_idle_timeout),
+        "application_name_add_host" => Some(toml::Value::Boolean(c.application_name_add_host)),
+        "ignore_startup_parameters" => strings(&c.ignore_startup_parameters),
         "max_message_size" => size(c.max_message_size),
         "shutdown_timeout" => duration(c.shutdown_timeout),
         "min_sigterm_delay" => duration(c.min_sigterm_delay),

@@ -1,11 +1,23 @@
-//! PgBouncer's client-side knobs: query_timeout and client_idle_timeout.
+//! PgBouncer's client-side knobs: query_timeout, client_idle_timeout,
+//! application_name_add_host and ignore_startup_parameters.
 
 use std::time::Duration;
 
 use iampool::config::PoolMode;
 
-use crate::pooler::{self, code, connect, message, start};
+use crate::pooler::{self, client_config, code, connect, message, start};
 use crate::support::pg::shared_cluster;
+
+async fn connect_with(config: tokio_postgres::Config) -> tokio_postgres::Client {
+    let (client, conn) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through iampool");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
 
 async fn one(c: &tokio_postgres::Client, sql: &str) -> Result<String, tokio_postgres::Error> {
     Ok(c.query_one(sql, &[]).await?.get::<_, String>(0))
@@ -102,5 +114,82 @@ async fn client_idle_timeout_closes_clients_that_hold_no_server() {
         "still here"
     );
     in_tx.batch_execute("commit").await.unwrap();
+    assert!(iam.shutdown().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_name_add_host_names_the_client_address() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("appnamehost");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.application_name_add_host = true;
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+
+    let mut named = client_config(addr, &db);
+    named.application_name("orders");
+    let c = connect_with(named).await;
+    let name = one(&c, "select current_setting('application_name')")
+        .await
+        .unwrap();
+    let port = name
+        .strip_prefix("orders - 127.0.0.1:")
+        .unwrap_or_else(|| panic!("{name}"));
+    assert!(port.parse::<u16>().is_ok(), "{name}");
+    // A later SET is the client's own.
+    c.batch_execute("set application_name = 'renamed'")
+        .await
+        .unwrap();
+    assert_eq!(
+        one(&c, "select current_setting('application_name')")
+            .await
+            .unwrap(),
+        "renamed"
+    );
+
+    let anonymous = connect(addr, &db).await;
+    let name = one(&anonymous, "select current_setting('application_name')")
+        .await
+        .unwrap();
+    assert!(name.starts_with("app - 127.0.0.1:"), "{name}");
+    assert!(iam.shutdown().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_startup_parameters_drops_what_it_lists() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("ignoreparams");
+    let options = "-c extra_float_digits=2 -c no_such_setting=1";
+
+    // Without the knob, every startup parameter reaches the server: an unknown one fails.
+    let plain = start(pooler::config(pg, &db)).await;
+    let mut c = client_config(plain.local_addr(), &db);
+    c.options("-c extra_float_digits=2");
+    let c = connect_with(c).await;
+    assert_eq!(one(&c, "show extra_float_digits").await.unwrap(), "2");
+    let mut c = client_config(plain.local_addr(), &db);
+    c.options(options);
+    let c = connect_with(c).await;
+    assert!(one(&c, "select 'x'").await.is_err());
+    assert!(plain.shutdown().await);
+
+    let mut cfg = pooler::config(pg, &db);
+    cfg.ignore_startup_parameters = vec!["extra_float_digits".into(), "no_such_setting".into()];
+    let iam = start(cfg).await;
+    let mut c = client_config(iam.local_addr(), &db);
+    c.options(options);
+    let c = connect_with(c).await;
+    assert_eq!(one(&c, "select 'x'").await.unwrap(), "x");
+    assert_ne!(one(&c, "show extra_float_digits").await.unwrap(), "2");
+    assert!(iam.shutdown().await);
+
+    // `options` listed drops the whole options parameter.
+    let mut cfg = pooler::config(pg, &db);
+    cfg.ignore_startup_parameters = vec!["options".into()];
+    let iam = start(cfg).await;
+    let mut c = client_config(iam.local_addr(), &db);
+    c.options("-c search_path=nowhere -c no_such_setting=1");
+    let c = connect_with(c).await;
+    assert_ne!(one(&c, "show search_path").await.unwrap(), "nowhere");
     assert!(iam.shutdown().await);
 }

@@ -44,6 +44,8 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         max_pinned_servers: None,
         auth_type: AuthType::ScramSha256,
         auth_file: None,
+        application_name_add_host: false,
+        ignore_startup_parameters: Vec::new(),
         users,
         client_tls: ClientTls::Disable,
         client_tls_cert_file: None,
