@@ -267,7 +267,7 @@ pub static KEYS: &[Key] = &[
         .example("5min"),
     Key::new("query_timeout", "query-timeout", Kind::Duration, TIMEOUTS)
         .default("0")
-        .help("A request (a Query, or an extended-protocol batch up to its Sync) still unanswered after this long is cut off as PgBouncer's query_timeout: its server connection is closed (the pool cancels the query first) and the client gets 57014 naming query_timeout. Transaction mode: an ERROR, and the client keeps its connection as when a server is lost (an open transaction is rolled back); session mode, or a reply already half sent: a FATAL. Meant for network trouble, a little above the server's statement_timeout; 0 disables. New clients get a changed value")
+        .help("A request (a Query, or an extended-protocol batch up to its Sync) still unanswered after this long is cut off as PgBouncer's query_timeout: its server connection is closed (the pool cancels the query first) and the client gets 57014 naming query_timeout. Transaction mode: an ERROR, and the client keeps its connection as when a server is lost (an open transaction is rolled back); session mode, a client pinned to its server for session state, COPY, or a reply already half sent: a FATAL. Meant for network trouble, a little above the server's statement_timeout; 0 disables. New clients get a changed value")
         .example("5min"),
     Key::new("client_idle_timeout", "client-idle-timeout", Kind::Duration, TIMEOUTS)
         .default("0")

@@ -84,6 +84,28 @@ async fn query_timeout_in_session_mode_ends_the_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_ends_a_pinned_clients_session() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("qtpinned");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.query_timeout = Some(Duration::from_millis(500));
+    let iam = start(cfg).await;
+    // A temporary table pins the client to its server: the table goes with the server, so
+    // the client cannot carry on as if nothing happened.
+    let c = connect(iam.local_addr(), &db).await;
+    c.batch_execute("create temp table mine (x int)")
+        .await
+        .unwrap();
+    let err = c.simple_query("select pg_sleep(30)").await.unwrap_err();
+    assert_eq!(code(&err), "57014", "{err:?}");
+    let next = c.simple_query("select 1").await.unwrap_err();
+    assert!(next.is_closed() || code(&next).is_empty(), "{next:?}");
+    let d = connect(iam.local_addr(), &db).await;
+    assert_eq!(one(&d, "select 'ok'").await.unwrap(), "ok");
+    assert!(iam.shutdown().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_idle_timeout_closes_clients_that_hold_no_server() {
     let pg = shared_cluster();
     let db = pg.scratch_db("clientidle");
