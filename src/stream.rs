@@ -26,13 +26,18 @@ impl Stream {
 
     /// The peer's IP address (None for a unix socket, or if the socket has none any more).
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.peer_addr().map(|a| a.ip())
+    }
+
+    /// The peer's address and port (None for a unix socket, or if the socket has none any
+    /// more).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         match self {
             Stream::Tcp(s) => s.peer_addr().ok(),
             Stream::TlsServer(s) => s.get_ref().0.peer_addr().ok(),
             Stream::TlsClient(s) => s.get_ref().0.peer_addr().ok(),
             Stream::Unix(_) => None,
         }
-        .map(|a| a.ip())
     }
 
     /// The socket's file descriptor (the TCP socket under TLS).

@@ -282,7 +282,10 @@ async fn login(
                     "replication connections are not supported by iampool".into(),
                 ))
             }
-            "options" => startup_params.extend(parse_options(value)),
+            "options" if !ignored(&config.ignore_startup_parameters, name) => {
+                startup_params.extend(parse_options(value))
+            }
+            "options" => {}
             n if n.starts_with("_pq_.") => unsupported_options.push(n.to_owned()),
             n => startup_params.push((n.to_owned(), value.to_owned())),
         }
@@ -290,6 +293,17 @@ async fn login(
     if !r.is_empty() {
         return Err(bad(messages::DecodeError::Truncated));
     }
+    let from = config
+        .application_name_add_host
+        .then(|| match stream.peer_addr() {
+            Some(addr) => addr.to_string(),
+            None => "unix".to_owned(),
+        });
+    adjust_startup_params(
+        &mut startup_params,
+        &config.ignore_startup_parameters,
+        from.as_deref(),
+    );
     if minor > 0 || !unsupported_options.is_empty() {
         let mut b = BytesMut::new();
         messages::negotiate_protocol_version(&mut b, 0, &unsupported_options);
@@ -388,6 +402,35 @@ async fn login(
     Ok((user, database, Target::Pool(pool), params))
 }
 
+/// Whether `name` is in ignore_startup_parameters (lower case there; GUC names are not
+/// case-sensitive).
+fn ignored(ignore: &[String], name: &str) -> bool {
+    ignore.iter().any(|i| i.eq_ignore_ascii_case(name))
+}
+
+/// What iampool makes of the client's startup parameters: those in
+/// ignore_startup_parameters dropped, and with application_name_add_host the client's
+/// address (`from`) appended to its application_name ("app" when it sent none), as
+/// PgBouncer names clients.
+fn adjust_startup_params(
+    params: &mut Vec<(String, String)>,
+    ignore: &[String],
+    from: Option<&str>,
+) {
+    params.retain(|(n, _)| !ignored(ignore, n));
+    let Some(from) = from else {
+        return;
+    };
+    let named = params
+        .iter_mut()
+        .rev()
+        .find(|(n, _)| n.eq_ignore_ascii_case("application_name"));
+    match named {
+        Some((_, v)) => *v = format!("{v} - {from}"),
+        None => params.push(("application_name".to_owned(), format!("app - {from}"))),
+    }
+}
+
 /// Sends the welcome (`welcome` with the client's own values on top, BackendKeyData,
 /// ReadyForQuery) and returns the client's session parameters.
 async fn welcome_client(
@@ -460,7 +503,43 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_options;
+    use super::{adjust_startup_params, parse_options};
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn ignored_parameters_are_dropped_and_the_host_is_added() {
+        let ignore = vec!["extra_float_digits".to_owned()];
+        let mut p = pairs(&[
+            ("application_name", "psql"),
+            ("Extra_Float_Digits", "3"),
+            ("search_path", "a"),
+        ]);
+        adjust_startup_params(&mut p, &ignore, Some("10.0.0.7:51234"));
+        assert_eq!(
+            p,
+            pairs(&[
+                ("application_name", "psql - 10.0.0.7:51234"),
+                ("search_path", "a")
+            ])
+        );
+        let mut p = pairs(&[("search_path", "a")]);
+        adjust_startup_params(&mut p, &[], Some("[::1]:5000"));
+        assert_eq!(
+            p,
+            pairs(&[
+                ("search_path", "a"),
+                ("application_name", "app - [::1]:5000")
+            ])
+        );
+        let mut p = pairs(&[("application_name", "psql")]);
+        adjust_startup_params(&mut p, &[], None);
+        assert_eq!(p, pairs(&[("application_name", "psql")]));
+    }
 
     #[test]
     fn options_parsing() {

@@ -163,6 +163,8 @@ pub async fn serve<C: Context>(ctx: Arc<C>, mut stream: Stream) {
         max_message: config.max_message_size,
         max_prepared_statements: config.max_prepared_statements,
         idle_tx_timeout: config.idle_transaction_timeout,
+        query_timeout: config.query_timeout,
+        client_idle_timeout: config.client_idle_timeout,
         server_reset_query: config.server_reset_query.clone(),
         shutdown: ctx.shutdown_signal(),
     });

@@ -57,7 +57,9 @@ pub enum Next {
 impl Orphan {
     /// Tells the client (into `out`) that its server is gone, and returns what it is still
     /// owed, if anything. `reason` is why the server went, for the first error.
-    pub fn on_loss(out: &mut BytesMut, loss: Loss, reason: &str) -> Option<Orphan> {
+    /// `code` is the first error's SQLSTATE (08006 for a lost server, 57014 for one closed
+    /// by query_timeout).
+    pub fn on_loss(out: &mut BytesMut, loss: Loss, code: &str, reason: &str) -> Option<Orphan> {
         let status = if loss.in_block {
             TxStatus::Failed
         } else {
@@ -88,7 +90,7 @@ impl Orphan {
         }
         for i in 0..requests {
             let (code, message) = match i {
-                0 => (sqlstate::CONNECTION_FAILURE, first.as_str()),
+                0 => (code, first.as_str()),
                 _ if loss.in_block => (sqlstate::IN_FAILED_SQL_TRANSACTION, ABORTED),
                 _ => (
                     sqlstate::CONNECTION_FAILURE,
@@ -300,7 +302,7 @@ mod tests {
     fn in_flight_request_outside_a_block_fails_and_leaves_nothing_owed() {
         let mut out = BytesMut::new();
         let loss = loss(1, false, false);
-        assert!(Orphan::on_loss(&mut out, loss, "reset").is_none());
+        assert!(Orphan::on_loss(&mut out, loss, sqlstate::CONNECTION_FAILURE, "reset").is_none());
         assert_eq!(tags(&out), "EZ");
         assert_eq!(*out.last().unwrap(), b'I');
         assert!(out.windows(5).any(|w| w == b"08006"));
@@ -310,7 +312,8 @@ mod tests {
     fn a_block_stays_aborted_until_rollback() {
         let mut out = BytesMut::new();
         let loss = loss(2, false, true);
-        let mut o = Orphan::on_loss(&mut out, loss, "57P01").expect("owed");
+        let mut o =
+            Orphan::on_loss(&mut out, loss, sqlstate::CONNECTION_FAILURE, "57P01").expect("owed");
         assert_eq!(tags(&out), "EZEZ");
         assert!(
             out.windows(5).any(|w| w == b"25P02"),
@@ -334,7 +337,8 @@ mod tests {
     fn the_loss_of_an_idle_transaction_is_told_with_the_next_statement() {
         let mut out = BytesMut::new();
         let loss = loss(0, false, true);
-        let mut o = Orphan::on_loss(&mut out, loss, "terminated").expect("aborted");
+        let mut o = Orphan::on_loss(&mut out, loss, sqlstate::CONNECTION_FAILURE, "terminated")
+            .expect("aborted");
         assert!(out.is_empty(), "nothing is said while the client is idle");
         let mut buf = query("select 1");
         o.answer(&mut buf, 1 << 20, &mut out).unwrap();
@@ -350,7 +354,8 @@ mod tests {
     fn an_extended_request_after_an_unseen_loss_is_told_why() {
         let mut out = BytesMut::new();
         let loss = loss(0, false, true);
-        let mut o = Orphan::on_loss(&mut out, loss, "terminated").expect("aborted");
+        let mut o = Orphan::on_loss(&mut out, loss, sqlstate::CONNECTION_FAILURE, "terminated")
+            .expect("aborted");
         let mut buf = BytesMut::new();
         messages::frontend_message(&mut buf, frontend::PARSE, |b| {
             b.extend_from_slice(b"\0select 1\0\0\0")
@@ -403,7 +408,8 @@ mod tests {
     fn a_commit_of_a_transaction_lost_unseen_fails() {
         let mut out = BytesMut::new();
         let loss = loss(0, false, true);
-        let mut o = Orphan::on_loss(&mut out, loss, "terminated").expect("aborted");
+        let mut o = Orphan::on_loss(&mut out, loss, sqlstate::CONNECTION_FAILURE, "terminated")
+            .expect("aborted");
         let mut buf = query("COMMIT");
         o.answer(&mut buf, 1 << 20, &mut out).unwrap();
         assert_eq!(tags(&out), "EZ");
@@ -416,7 +422,8 @@ mod tests {
     fn an_unsynced_batch_is_skipped_to_its_sync() {
         let mut out = BytesMut::new();
         let loss = loss(0, true, false);
-        let mut o = Orphan::on_loss(&mut out, loss, "reset").expect("skip");
+        let mut o =
+            Orphan::on_loss(&mut out, loss, sqlstate::CONNECTION_FAILURE, "reset").expect("skip");
         assert_eq!(tags(&out), "E");
         out.clear();
         let mut buf = BytesMut::new();

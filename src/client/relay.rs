@@ -61,6 +61,8 @@ enum Wake {
     ClientProtocol(String),
     ServerProtocol(String),
     IdleInTransaction,
+    /// A request went unanswered for query_timeout.
+    QueryTimeout(Duration),
     Shutdown,
     /// A pinned client's server could not say what session state is left on it.
     ProbeFailed(String),
@@ -109,6 +111,12 @@ pub struct Session {
     /// Made the first time a transaction sits idle (most sessions never need one).
     idle_timer: Option<Pin<Box<Sleep>>>,
     idle_armed: bool,
+    query_timeout: Option<Duration>,
+    /// Made the first time a request is outstanding with query_timeout set; re-armed for
+    /// each request (at every ReadyForQuery).
+    query_timer: Option<Pin<Box<Sleep>>>,
+    query_armed: bool,
+    client_idle_timeout: Option<Duration>,
     server_reset_query: String,
     shutdown: watch::Receiver<bool>,
     /// Resolves once iampool starts shutting down; polled only until it does.
@@ -132,6 +140,8 @@ pub struct SessionArgs {
     pub max_message: usize,
     pub max_prepared_statements: usize,
     pub idle_tx_timeout: Option<Duration>,
+    pub query_timeout: Option<Duration>,
+    pub client_idle_timeout: Option<Duration>,
     pub server_reset_query: String,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -186,6 +196,10 @@ impl Session {
             idle_tx_timeout: a.idle_tx_timeout,
             idle_timer: None,
             idle_armed: false,
+            query_timeout: a.query_timeout,
+            query_timer: None,
+            query_armed: false,
+            client_idle_timeout: a.client_idle_timeout,
             server_reset_query: a.server_reset_query,
             shutdown_signal: {
                 let mut rx = a.shutdown.clone();
@@ -316,9 +330,25 @@ impl Session {
                 // Session mode: shutting down and the session is between transactions.
                 Wake::Shutdown => return self.shut_down().await,
                 Wake::ClientGone => return End::ClientGone,
-                Wake::ServerGone(err) => {
+                Wake::ServerGone(_) | Wake::QueryTimeout(_) => {
+                    let timed_out = match &wake {
+                        Wake::QueryTimeout(limit) => Some(*limit),
+                        _ => None,
+                    };
+                    let err = match wake {
+                        Wake::ServerGone(err) => err,
+                        _ => None,
+                    };
                     let mut server = self.unlink();
-                    debug!(backend_pid = server.backend_pid, error = ?err, "server connection lost while linked");
+                    match timed_out {
+                        Some(_) => debug!(
+                            backend_pid = server.backend_pid,
+                            "query_timeout: closing the server of a request that ran too long"
+                        ),
+                        None => {
+                            debug!(backend_pid = server.backend_pid, error = ?err, "server connection lost while linked")
+                        }
+                    }
                     let x = &server.exchange;
                     let loss = Loss {
                         owed: x.readies_owed(),
@@ -334,9 +364,21 @@ impl Session {
                     // session-mode client would be.
                     let pinned = self.scan.pin.pinned();
                     self.set_unpinned();
-                    // Nothing is owed by a server that is gone: nothing to cancel.
-                    server.exchange.reset();
-                    self.pool.lost(server, fatal.as_ref());
+                    if timed_out.is_some() {
+                        // Still working: the pool cancels its query as it closes it.
+                        self.pool.discard(server);
+                    } else {
+                        // Nothing is owed by a server that is gone: nothing to cancel.
+                        server.exchange.reset();
+                        self.pool.lost(server, fatal.as_ref());
+                    }
+                    let timeout_reason = timed_out.map(|limit| {
+                        format!(
+                            "query_timeout: the request ran longer than {}, so iampool \
+                             closed its server connection",
+                            humantime(limit)
+                        )
+                    });
                     let _ = self.flush_to_client().await;
                     // Transaction mode: the client keeps its connection if both directions
                     // are between messages (what it sent in full went to the lost server).
@@ -347,14 +389,27 @@ impl Session {
                         && self.scan.c.scan.at_boundary()
                     {
                         self.scan.c.discard_ready();
-                        let reason = match (&fatal, &err) {
-                            (Some(f), _) => format!("{} [{}]", f.message, f.code),
-                            (None, Some(e)) => e.to_string(),
-                            (None, None) => "the server closed the connection".to_owned(),
+                        let reason = match (&timeout_reason, &fatal, &err) {
+                            (Some(t), _, _) => t.clone(),
+                            (None, Some(f), _) => format!("{} [{}]", f.message, f.code),
+                            (None, None, Some(e)) => e.to_string(),
+                            (None, None, None) => "the server closed the connection".to_owned(),
+                        };
+                        let code = match timed_out {
+                            Some(_) => sqlstate::QUERY_CANCELED,
+                            None => sqlstate::CONNECTION_FAILURE,
                         };
                         let out = super::prepared::Staging::staged(&mut self.scan.s);
-                        self.orphan = Orphan::on_loss(out, loss, &reason);
+                        self.orphan = Orphan::on_loss(out, loss, code, &reason);
                         continue;
+                    }
+                    if let Some(reason) = &timeout_reason {
+                        // Session mode, or a reply cut mid-message: the client goes too, as
+                        // with PgBouncer (a half-sent message only closes the connection).
+                        if self.scan.s.scan.at_boundary() {
+                            self.send_fatal(sqlstate::QUERY_CANCELED, reason).await;
+                        }
+                        return End::Timeout;
                     }
                     if let Some(f) = fatal.as_ref().filter(|_| self.scan.transaction_mode) {
                         // Held back for an ERROR that cannot be sent now: the FATAL after all.
@@ -419,6 +474,10 @@ impl Session {
     /// the session ends instead.
     async fn wait_for_request(&mut self) -> Option<End> {
         let whole = self.orphan.as_ref().is_some_and(Orphan::wants_whole);
+        // client_idle_timeout counts from the end of the client's last request.
+        let idle_deadline = self
+            .client_idle_timeout
+            .map(|limit| (tokio::time::Instant::now() + limit, limit));
         loop {
             if let Some(end) = self.notifications_lost().await {
                 return Some(end);
@@ -451,6 +510,7 @@ impl Session {
                     r = self.client.readable() => if r.is_err() {
                         return Some(End::ClientGone);
                     },
+                    limit = idle_until(idle_deadline) => return Some(self.client_idle(limit).await),
                     _ = self.shutdown_signal.as_mut() => {
                         self.shutdown_seen = true;
                         return Some(self.shut_down().await);
@@ -469,6 +529,7 @@ impl Session {
                     Ok(0) | Err(_) => return Some(End::ClientGone),
                     Ok(_) => {}
                 },
+                limit = idle_until(idle_deadline) => return Some(self.client_idle(limit).await),
                 _ = self.shutdown_signal.as_mut() => {
                     self.shutdown_seen = true;
                     return Some(self.shut_down().await);
@@ -571,6 +632,8 @@ impl Session {
         });
         self.scan.pin.use_limit(&self.pool.pins);
         self.scan.server_fatal = None;
+        // A new server's first request gets a query_timeout of its own.
+        self.query_armed = false;
         self.scan.block_change = None;
         self.scan.read_only_error = false;
         if failed_block {
@@ -827,7 +890,37 @@ impl Session {
             {
                 return Poll::Ready(Wake::Shutdown);
             }
+            if let Poll::Ready(wake) = self.poll_query_timeout(cx) {
+                return Poll::Ready(wake);
+            }
             return self.poll_idle_in_transaction(cx);
+        }
+    }
+
+    /// query_timeout: the oldest request still unanswered has run this long.
+    fn poll_query_timeout(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        let Some(limit) = self.query_timeout else {
+            return Poll::Pending;
+        };
+        let waiting = self.server.as_ref().is_some_and(|s| !s.exchange.is_quiet());
+        if !waiting {
+            self.query_armed = false;
+            return Poll::Pending;
+        }
+        if !self.query_armed {
+            let deadline = tokio::time::Instant::now() + limit;
+            match self.query_timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.query_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.query_armed = true;
+        }
+        let Some(timer) = self.query_timer.as_mut() else {
+            return Poll::Pending;
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Wake::QueryTimeout(limit)),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -898,6 +991,8 @@ impl Session {
         let result = self.scan.server(&mut side(server));
         if self.scan.readies > 0 {
             self.scan.readies = 0;
+            // The next request outstanding gets a query_timeout of its own.
+            self.query_armed = false;
             if let Some(started) = self.request_started.take() {
                 let now = Instant::now();
                 self.last_ready = Some(now);
@@ -1111,6 +1206,20 @@ impl Session {
         End::Shutdown
     }
 
+    /// client_idle_timeout: the client sent nothing for `limit` while holding no server.
+    async fn client_idle(&mut self, limit: Duration) -> End {
+        debug!(database = %self.pool.database, "client_idle_timeout: closing an idle client");
+        self.send_fatal(
+            sqlstate::IDLE_SESSION_TIMEOUT,
+            &format!(
+                "terminating connection due to client_idle_timeout: no request for {}",
+                humantime(limit)
+            ),
+        )
+        .await;
+        End::Timeout
+    }
+
     async fn fatal_protocol(&mut self, message: &str) -> End {
         self.send_fatal(sqlstate::PROTOCOL_VIOLATION, message).await;
         End::ProtocolError
@@ -1148,6 +1257,26 @@ async fn next_notification(sub: &mut Option<Subscription>) -> bytes::Bytes {
             None => std::future::pending().await,
         },
         None => std::future::pending().await,
+    }
+}
+
+/// Resolves with the limit once the deadline passes; never without one.
+async fn idle_until(deadline: Option<(tokio::time::Instant, Duration)>) -> Duration {
+    match deadline {
+        Some((at, limit)) => {
+            tokio::time::sleep_until(at).await;
+            limit
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A limit as the configuration would write it (`30s`, `1500ms`).
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 

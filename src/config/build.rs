@@ -111,6 +111,24 @@ fn message_size(raw: &Raw, key: &Key) -> Result<usize, Problem> {
     Ok(usize::try_from(size).unwrap_or(usize::MAX))
 }
 
+/// Startup parameter names, lower case; the ones a session cannot do without are refused.
+fn ignored_parameters(raw: &Raw, key: &Key) -> Result<Vec<String>, Problem> {
+    let names: Vec<String> = value::names(raw, key)?
+        .iter()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
+    if let Some(n) = names
+        .iter()
+        .find(|n| matches!(n.as_str(), "user" | "database"))
+    {
+        return Err(Problem::new(
+            format!("{n} cannot be ignored: iampool needs it to know who the client is"),
+            format!("remove {n} from the list, e.g. {}", key.example),
+        ));
+    }
+    Ok(names)
+}
+
 /// The typed configuration and the origin of every value, or every mistake found.
 pub(crate) fn build(inputs: Inputs) -> Result<(Config, BTreeMap<String, Origin>), ConfigErrors> {
     let mut reader = Reader {
@@ -142,12 +160,16 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let query_wait_timeout = r.req(g, "query_wait_timeout", value::duration);
     let client_login_timeout = r.req(g, "client_login_timeout", value::duration);
     let idle_transaction_timeout = r.req(g, "idle_transaction_timeout", value::optional_duration);
+    let query_timeout = r.req(g, "query_timeout", value::optional_duration);
+    let client_idle_timeout = r.req(g, "client_idle_timeout", value::optional_duration);
     let max_message_size = r.req(g, "max_message_size", message_size);
     let server_reset_query = r.req(g, "server_reset_query", value::text);
     let session_state = r.req(g, "session_state", value::named::<SessionStateMode>);
     let max_pinned_servers = r.get(g, "max_pinned_servers", usize_count);
     let auth_type = r.req(g, "auth_type", value::named::<AuthType>);
     let auth_file = r.get(g, "auth_file", value::path);
+    let application_name_add_host = r.req(g, "application_name_add_host", value::boolean);
+    let ignore_startup_parameters = r.req(g, "ignore_startup_parameters", ignored_parameters);
     let (client_tls, client_tls_cert_file, client_tls_key_file) = client_tls(r, g);
     let shutdown_timeout = r.req(g, "shutdown_timeout", value::duration);
     let min_sigterm_delay = r.req(g, "min_sigterm_delay", value::duration);
@@ -186,12 +208,16 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         query_wait_timeout: query_wait_timeout?,
         client_login_timeout: client_login_timeout?,
         idle_transaction_timeout: idle_transaction_timeout?,
+        query_timeout: query_timeout?,
+        client_idle_timeout: client_idle_timeout?,
         max_message_size: max_message_size?,
         server_reset_query: server_reset_query?,
         session_state: session_state?,
         max_pinned_servers: max_pinned_servers?,
         auth_type: auth_type?,
         auth_file: auth_file.as_ref().map_err(|_| Reported)?.clone(),
+        application_name_add_host: application_name_add_host?,
+        ignore_startup_parameters: ignore_startup_parameters?,
         users: users?,
         client_tls: client_tls?,
         client_tls_cert_file: client_tls_cert_file?,

@@ -265,6 +265,14 @@ pub static KEYS: &[Key] = &[
         .default("0")
         .help("A client idle inside a transaction this long is disconnected; 0 disables")
         .example("5min"),
+    Key::new("query_timeout", "query-timeout", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .help("A request (a Query, or an extended-protocol batch up to its Sync) still unanswered after this long is cut off as PgBouncer's query_timeout: its server connection is closed (the pool cancels the query first) and the client gets 57014 naming query_timeout. Transaction mode: an ERROR, and the client keeps its connection as when a server is lost (an open transaction is rolled back); session mode, a client pinned to its server for session state, COPY, or a reply already half sent: a FATAL. Meant for network trouble, a little above the server's statement_timeout; 0 disables. New clients get a changed value")
+        .example("5min"),
+    Key::new("client_idle_timeout", "client-idle-timeout", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .help("A client that holds no server and has sent nothing for this long (between transactions in transaction mode; never one whose session-mode or pinned server stays linked) is disconnected, as by PgBouncer's, with a FATAL naming client_idle_timeout (57P05, PostgreSQL's idle_session_timeout code); 0 disables. Set it above the application's own pool idle limits. New clients get a changed value")
+        .example("1h"),
     Key::new("max_message_size", "max-message-size", Kind::Size, TIMEOUTS)
         .default("256MB")
         .help("Largest protocol message accepted from a client, 8kB to 1GB (larger ones get 08P01); a long Query, Bind or unnamed Parse is streamed to the server as it arrives, never held whole (a named Parse is kept whole while rewriting is on: its text is what the pool prepares on other servers). Server messages are bounded by PostgreSQL's own 1GB")
@@ -299,6 +307,14 @@ pub static KEYS: &[Key] = &[
     Key::new("auth_file", "auth-file", Kind::File, CLIENTS)
         .help("PgBouncer-style user list, one \"user\" \"secret\" per line; secrets plain, md5... or SCRAM-SHA-256$...")
         .example("/etc/iampool/userlist.txt"),
+    Key::new("application_name_add_host", "application-name-add-host", Kind::Bool, CLIENTS)
+        .default("false")
+        .help("At login, append \" - ADDRESS:PORT\" of the client (\" - unix\" on the unix socket) to the application_name it sent (\"app\" when it sent none), as PgBouncer's; the client's servers and SHOW CLIENTS see it. A later SET application_name is left alone. New clients get a changed value")
+        .example("true"),
+    Key::new("ignore_startup_parameters", "ignore-startup-parameters", Kind::Names, CLIENTS)
+        .default("")
+        .help("Startup parameters a client may send that iampool drops instead of applying to the client's servers (comma-separated; an array in the file; case-insensitive), e.g. extra_float_digits from drivers that a server or proxy does not accept. A -c NAME=VALUE in the options parameter is dropped the same way, and options itself drops the whole options parameter. iampool applies every other startup parameter with set_config, so an unknown one fails the client's first request; user and database cannot be listed. New clients get a changed value")
+        .example("extra_float_digits,options"),
     Key::new("client_tls", "client-tls", Kind::Choice(ClientTls::NAMES), CLIENTS)
         .derived("allow if client_tls_cert_file is set, else disable")
         .restart()

@@ -262,6 +262,10 @@ pub struct Config {
     pub client_login_timeout: Duration,
     /// None = disabled.
     pub idle_transaction_timeout: Option<Duration>,
+    /// A request unanswered this long is cut off (its server closed); None = disabled.
+    pub query_timeout: Option<Duration>,
+    /// A client holding no server idle this long is disconnected; None = disabled.
+    pub client_idle_timeout: Option<Duration>,
     pub max_message_size: usize,
     pub server_reset_query: String,
     pub session_state: SessionStateMode,
@@ -269,6 +273,10 @@ pub struct Config {
     pub max_pinned_servers: Option<usize>,
     pub auth_type: AuthType,
     pub auth_file: Option<PathBuf>,
+    /// Append the client's address to its startup application_name.
+    pub application_name_add_host: bool,
+    /// Startup parameters dropped at login, lower case (`options` drops the whole parameter).
+    pub ignore_startup_parameters: Vec<String>,
     /// Client users: from `[users.NAME]`, the auth file, and upstream URLs that carry a password.
     pub users: BTreeMap<String, UserSecret>,
     pub client_tls: ClientTls,

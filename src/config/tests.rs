@@ -518,6 +518,48 @@ fn range_and_cross_checks() {
 }
 
 #[test]
+fn client_knobs_parse_and_bad_values_name_the_key() {
+    let up = "postgres://u@h/d";
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            up,
+            "--query-timeout",
+            "90s",
+            "--client-idle-timeout",
+            "0",
+            "--application-name-add-host",
+            "on",
+        ],
+        &[(
+            "IAMPOOL_IGNORE_STARTUP_PARAMETERS",
+            "Extra_Float_Digits, options",
+        )],
+    )
+    .unwrap();
+    assert_eq!(config.query_timeout, Some(Duration::from_secs(90)));
+    assert_eq!(config.client_idle_timeout, None);
+    assert!(config.application_name_add_host);
+    assert_eq!(
+        config.ignore_startup_parameters,
+        ["extra_float_digits", "options"]
+    );
+    let e = one_error(&["--upstream", up, "--query-timeout", "soon"], &[]);
+    assert_eq!(e.key, "query_timeout");
+    let e = one_error(
+        &[
+            "--upstream",
+            up,
+            "--ignore-startup-parameters",
+            "extra_float_digits,user",
+        ],
+        &[],
+    );
+    assert_eq!(e.key, "ignore_startup_parameters");
+    assert!(e.fix.contains("remove user"), "{e}");
+}
+
+#[test]
 fn no_database_is_an_error_naming_upstream() {
     let e = one_error(&[], &[]);
     assert_eq!(e.key, "upstream");

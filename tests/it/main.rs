@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod cancel;
 mod client_auth;
+mod client_knobs;
 mod conninfo;
 mod core;
 mod drivers;

@@ -173,12 +173,15 @@ auth_hba_file = /etc/pgbouncer/pg_hba.conf
     let not_yet = section("not carried yet");
     for later in [
         "reserve_pool_size = 3",
-        "query_timeout = 30",
         "tcp_keepalive = 1",
         "reports: reserve_pool=2",
     ] {
         assert!(not_yet.contains(later), "{later}:\n{report}");
     }
+    assert!(
+        report.contains("query_timeout = 30 -> query_timeout = "),
+        "{report}"
+    );
     let not_carried = section("not carried over (");
     for gone in [
         "auth_hba_file",
