@@ -152,9 +152,23 @@ async fn a_clients_settings_follow_it_to_other_servers() {
         .unwrap();
     a.batch_execute("ROLLBACK").await.unwrap();
 
-    // The other client takes A's server (LIFO: the one just released) and keeps it.
-    other.batch_execute("BEGIN").await.unwrap();
-    assert_eq!(one(&other, "SELECT pg_backend_pid()").await, first);
+    // The other client takes A's server and keeps it. The pool usually hands out the server
+    // released last, but does not promise which idle server a client gets (one full run in
+    // several gave the other one): try again.
+    // Then A's settings are on the server it used last (replayed there if it moved), which
+    // is the one released last.
+    let mut first = first;
+    let mut held = false;
+    for _ in 0..20 {
+        other.batch_execute("BEGIN").await.unwrap();
+        if one(&other, "SELECT pg_backend_pid()").await == first {
+            held = true;
+            break;
+        }
+        other.batch_execute("COMMIT").await.unwrap();
+        first = one(&a, "SELECT pg_backend_pid()").await;
+    }
+    assert!(held, "the other client got A's server");
     assert_eq!(one(&other, "SHOW search_path").await, "\"$user\", public");
 
     let second = one(&a, "SELECT pg_backend_pid()").await;
