@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::auth::{prepare_users, UserAuth};
 use crate::client::cancel::CancelRegistry;
@@ -432,7 +432,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             u.connect_timeout.unwrap_or(config.server_connect_timeout),
             config.server_lifetime,
             config.server_lifetime_jitter,
-        );
+        )
+        .with_tcp(config.tcp);
         let pool_metrics = metrics.pool(&db.name, &u.user);
         if let Some(auth) = connector.iam() {
             auth.set_sign_histogram(metrics.sign_histogram(&db.name, &u.user));
@@ -637,10 +638,14 @@ fn fingerprint(path: &std::path::Path) -> Option<[u8; 32]> {
 }
 
 async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>) {
+    let options = shared.started.tcp;
     loop {
         match listener.accept().await {
             Ok((tcp, _peer)) => {
                 let _ = tcp.set_nodelay(true);
+                if let Err(e) = crate::tcp::apply(&tcp, &options) {
+                    debug!(error = %e, "could not set TCP options on a client socket");
+                }
                 tokio::spawn(crate::client::serve(shared.clone(), Stream::Tcp(tcp)));
             }
             Err(e) => {

@@ -249,6 +249,32 @@ pub static KEYS: &[Key] = &[
         .default("15s")
         .help("Give up opening a server connection (TCP, TLS and login) after this long")
         .example("5s"),
+    Key::new("tcp_keepalive", "tcp-keepalive", Kind::Bool, TIMEOUTS)
+        .default("true")
+        .restart()
+        .help("TCP keepalive on every client and server socket, so a peer that vanished without a word (a pulled cable, a NAT that dropped its state) is found; with tcp_keepidle, tcp_keepintvl and tcp_keepcnt at 0 the system's timing applies (Linux: first probe after 2 h)")
+        .example("false"),
+    Key::new("tcp_keepidle", "tcp-keepidle", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .restart()
+        .help("With tcp_keepalive, how long a socket is idle before the first probe, in whole seconds up to 32767s; 0 keeps the system's value")
+        .example("60s"),
+    Key::new("tcp_keepintvl", "tcp-keepintvl", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .restart()
+        .help("With tcp_keepalive, time between unanswered probes, in whole seconds up to 32767s; 0 keeps the system's value")
+        .example("10s"),
+    Key::new("tcp_keepcnt", "tcp-keepcnt", Kind::Count, TIMEOUTS)
+        .default("0")
+        .unit("probes")
+        .restart()
+        .help("With tcp_keepalive, unanswered probes before the connection is dropped, up to 127; 0 keeps the system's value")
+        .example("5"),
+    Key::new("tcp_user_timeout", "tcp-user-timeout", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .restart()
+        .help("TCP_USER_TIMEOUT on every client and server socket: a connection whose sent data stays unacknowledged this long is dropped (milliseconds count; PgBouncer's bare number is milliseconds, iampool's seconds: write 5000ms); 0 keeps the system's behaviour")
+        .example("30s"),
     Key::new("server_login_retry", "server-login-retry", Kind::Duration, TIMEOUTS)
         .default("2s")
         .help("Wait this long before trying again after a failed server login")

@@ -224,6 +224,34 @@ pub struct Database {
     pub read_only_database: Option<String>,
 }
 
+/// TCP options set on every client and server socket (PgBouncer's tcp_* settings); `None`
+/// keeps the system's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub keepalive: bool,
+    /// Idle time before the first keepalive probe (whole seconds).
+    pub keepidle: Option<Duration>,
+    /// Time between unanswered probes (whole seconds).
+    pub keepintvl: Option<Duration>,
+    /// Unanswered probes before the connection is dropped.
+    pub keepcnt: Option<u32>,
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for TcpOptions {
+    /// PgBouncer's defaults: keepalive on, the system's timing.
+    fn default() -> Self {
+        TcpOptions {
+            keepalive: true,
+            keepidle: None,
+            keepintvl: None,
+            keepcnt: None,
+            user_timeout: None,
+        }
+    }
+}
+
 /// A client user's stored secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UserSecret {
@@ -257,6 +285,8 @@ pub struct Config {
     pub server_lifetime_jitter: Duration,
     pub server_idle_timeout: Duration,
     pub server_connect_timeout: Duration,
+    /// Keepalive and TCP_USER_TIMEOUT on client and server sockets.
+    pub tcp: TcpOptions,
     pub server_login_retry: Duration,
     pub query_wait_timeout: Duration,
     pub client_login_timeout: Duration,

@@ -1381,3 +1381,58 @@ fn the_aurora_example_is_a_valid_configuration() {
     );
     assert!(matches!(db("app_ro").upstream.auth, UpstreamAuth::Iam(_)));
 }
+
+#[test]
+fn tcp_options_default_to_pgbouncers_and_are_checked() {
+    let url = "postgres://u@h/d";
+    let config = Config::from_args(&["--upstream", url], &[]).unwrap();
+    assert_eq!(config.tcp, TcpOptions::default());
+    assert!(config.tcp.keepalive);
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            url,
+            "--tcp-keepidle",
+            "1min",
+            "--tcp-keepintvl",
+            "5",
+            "--tcp-keepcnt",
+            "4",
+            "--tcp-user-timeout",
+            "2500ms",
+            "--tcp-keepalive",
+            "false",
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        config.tcp,
+        TcpOptions {
+            keepalive: false,
+            keepidle: Some(Duration::from_secs(60)),
+            keepintvl: Some(Duration::from_secs(5)),
+            keepcnt: Some(4),
+            user_timeout: Some(Duration::from_millis(2500)),
+        }
+    );
+    let all = errors(
+        &[
+            "--upstream",
+            url,
+            "--tcp-keepidle",
+            "1500ms",
+            "--tcp-keepintvl",
+            "40000",
+            "--tcp-keepcnt",
+            "200",
+        ],
+        &[],
+    );
+    let lines: Vec<String> = all.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for key in ["tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt"] {
+        let line = lines.iter().find(|l| l.starts_with(key)).expect(key);
+        assert!(line.contains("0 for the system's value"), "{line}");
+    }
+}

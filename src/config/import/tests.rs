@@ -61,6 +61,7 @@ logfile = /var/log/pgbouncer/pgbouncer.log
 pidfile = /var/run/pgbouncer/pgbouncer.pid
 reserve_pool_size = 5
 tcp_keepalive = 1
+tcp_user_timeout = 2500
 auth_hba_file = /etc/pgbouncer/hba.conf
 unix_socket_dir =
 ignore_startup_parameters = extra_float_digits
@@ -165,6 +166,16 @@ fn a_realistic_pgbouncer_ini_becomes_a_configuration_iampool_loads() {
         "listen_addr = 127.0.0.1, listen_port = 6433 -> listen = [\"127.0.0.1:6433\"]"
     ));
     assert!(has(report, Kind::Carried, "its 3 users stay in that file"));
+    assert!(has(
+        report,
+        Kind::Carried,
+        "tcp_keepalive = 1 -> tcp_keepalive = true"
+    ));
+    assert!(has(
+        report,
+        Kind::Carried,
+        "tcp_user_timeout = 2500 -> tcp_user_timeout = \"2500ms\""
+    ));
     assert!(has(report, Kind::Changed, "legacy: no user="));
     assert!(has(report, Kind::Changed, "shop_app log in as a client"));
     assert!(has(report, Kind::Changed, "round-robin"));
@@ -184,7 +195,6 @@ fn a_realistic_pgbouncer_ini_becomes_a_configuration_iampool_loads() {
     }
     for later in [
         "reserve_pool_size = 5",
-        "tcp_keepalive = 1",
         "reports: reserve_pool=3",
         "ignore_startup_parameters",
     ] {
