@@ -298,6 +298,8 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
         mode: db.pool_mode,
         pool_size: db.pool_size,
         min_pool_size: db.min_pool_size,
+        reserve_pool_size: db.reserve_pool_size,
+        reserve_pool_timeout: config.reserve_pool_timeout,
         query_wait_timeout: config.query_wait_timeout,
         idle_timeout: config.server_idle_timeout,
         login_retry: config.server_login_retry,

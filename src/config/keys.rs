@@ -215,6 +215,16 @@ pub static KEYS: &[Key] = &[
         .per_database()
         .help("Server connections kept open even when idle; at most pool_size")
         .example("2"),
+    Key::new("reserve_pool_size", "reserve-pool-size", Kind::Count, POOLS)
+        .default("0")
+        .unit("server connections")
+        .per_database()
+        .help("Extra server connections a pool may open beyond pool_size once a client has waited reserve_pool_timeout for one, as PgBouncer's reserve pool; an extra connection serves clients that have waited that long and is closed when it comes back with none waiting so long; 0 for no reserve")
+        .example("5"),
+    Key::new("reserve_pool_timeout", "reserve-pool-timeout", Kind::Duration, POOLS)
+        .default("5s")
+        .help("How long a client waits for a server before its pool may use reserve_pool_size; 0 uses the reserve as soon as the pool is full")
+        .example("1s"),
     Key::new("read_only_database", "read-only-database", Kind::Text, POOLS)
         .restart()
         .per_database()

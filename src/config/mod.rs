@@ -220,6 +220,8 @@ pub struct Database {
     pub pool_mode: PoolMode,
     pub pool_size: usize,
     pub min_pool_size: usize,
+    /// Extra servers beyond pool_size for clients that waited reserve_pool_timeout.
+    pub reserve_pool_size: usize,
     /// The database whose pool takes transactions that declare themselves read-only.
     pub read_only_database: Option<String>,
 }
@@ -289,6 +291,8 @@ pub struct Config {
     pub tcp: TcpOptions,
     pub server_login_retry: Duration,
     pub query_wait_timeout: Duration,
+    /// A client waiting this long for a server lets its pool use its reserve.
+    pub reserve_pool_timeout: Duration,
     pub client_login_timeout: Duration,
     /// None = disabled.
     pub idle_transaction_timeout: Option<Duration>,

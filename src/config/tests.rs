@@ -1436,3 +1436,39 @@ fn tcp_options_default_to_pgbouncers_and_are_checked() {
         assert!(line.contains("0 for the system's value"), "{line}");
     }
 }
+
+#[test]
+fn reserve_pool_defaults_to_none_and_is_set_per_database() {
+    let config = Config::from_args(&["--upstream", "postgres://u@h/d"], &[]).unwrap();
+    assert_eq!(config.databases[0].reserve_pool_size, 0);
+    assert_eq!(config.reserve_pool_timeout, Duration::from_secs(5));
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            "postgres://u@h/a?reserve_pool_size=3 postgres://u@h/b",
+            "--reserve-pool-size",
+            "1",
+            "--reserve-pool-timeout",
+            "250ms",
+        ],
+        &[],
+    )
+    .unwrap();
+    let sizes: Vec<usize> = config
+        .databases
+        .iter()
+        .map(|d| d.reserve_pool_size)
+        .collect();
+    assert_eq!(sizes, [3, 1]);
+    assert_eq!(config.reserve_pool_timeout, Duration::from_millis(250));
+    let e = one_error(
+        &[
+            "--upstream",
+            "postgres://u@h/d",
+            "--reserve-pool-size",
+            "many",
+        ],
+        &[],
+    );
+    assert_eq!(e.key, "reserve_pool_size");
+}

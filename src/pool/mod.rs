@@ -36,6 +36,9 @@ pub struct PoolSettings {
     pub mode: PoolMode,
     pub pool_size: usize,
     pub min_pool_size: usize,
+    /// Extra servers beyond pool_size, for clients that have waited `reserve_pool_timeout`.
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
     pub query_wait_timeout: Duration,
     pub idle_timeout: Duration,
     pub login_retry: Duration,
@@ -118,6 +121,9 @@ struct State {
     backoff: Option<Backoff>,
     /// A retry is scheduled for when the backoff ends.
     retry_armed: bool,
+    /// A look at the reserve is scheduled for when the oldest waiter has waited
+    /// reserve_pool_timeout.
+    reserve_armed: bool,
     closed: bool,
     /// Admin PAUSE: no connection is handed out until RESUME.
     paused: bool,
@@ -181,6 +187,28 @@ impl State {
     fn busy(&self) -> usize {
         self.total - self.idle.len() - self.connecting - self.closing
     }
+
+    /// Whether the longest-waiting client has waited reserve_pool_timeout (waiters are
+    /// FIFO, so the first live one is the oldest).
+    fn reserve_due(&self, now: Instant) -> bool {
+        self.settings.reserve_pool_size > 0
+            && self
+                .waiters
+                .iter()
+                .find(|w| !w.tx.is_closed())
+                .is_some_and(|w| {
+                    now.saturating_duration_since(w.since) >= self.settings.reserve_pool_timeout
+                })
+    }
+
+    /// The most connections the pool may have now: pool_size, and its reserve while a
+    /// client has waited reserve_pool_timeout.
+    fn limit(&self, now: Instant) -> usize {
+        match self.reserve_due(now) {
+            true => self.settings.pool_size + self.settings.reserve_pool_size,
+            false => self.settings.pool_size,
+        }
+    }
 }
 
 /// A snapshot for the admin console and metrics.
@@ -194,6 +222,7 @@ pub struct PoolStatus {
     pub waiting: usize,
     pub pool_size: usize,
     pub min_pool_size: usize,
+    pub reserve_pool_size: usize,
     pub mode: Option<PoolMode>,
     /// Logged-in client sessions of this pool, and those holding a server right now.
     pub sessions: usize,
@@ -259,6 +288,7 @@ impl Pool {
                 last_error: None,
                 backoff: None,
                 retry_armed: false,
+                reserve_armed: false,
                 closed: false,
                 paused: false,
                 retired_before: None,
@@ -313,6 +343,7 @@ impl Pool {
             waiting: live.clone().count(),
             pool_size: st.settings.pool_size,
             min_pool_size: st.settings.min_pool_size,
+            reserve_pool_size: st.settings.reserve_pool_size,
             mode: Some(st.settings.mode),
             sessions: self.sessions.load(Ordering::Relaxed),
             linked_clients: self.linked.load(Ordering::Relaxed),
@@ -448,7 +479,10 @@ impl Pool {
         let mut st = self.lock();
         let now = st.clock;
         let retired = st.retired_before.is_some_and(|t| conn.created_at <= t);
-        if st.closed || conn.expired(now) || retired || st.total > st.settings.pool_size {
+        // Above pool_size (a reserve connection, or a pool shrunk by a reload) a connection
+        // stays only for a client that has waited reserve_pool_timeout.
+        let over = st.total > st.limit(Instant::now());
+        if st.closed || conn.expired(now) || retired || over {
             self.forget(&mut st, conn);
             return;
         }
@@ -694,20 +728,48 @@ impl Pool {
             if st.closed || st.paused || st.waiters.is_empty() {
                 return;
             }
-            if Instant::now() < b.until {
+            let now = Instant::now();
+            if now < b.until {
                 self.arm_retry(st, b.until);
-            } else if st.connecting == 0 && st.total < st.settings.pool_size {
+            } else if st.connecting == 0 && st.total < st.limit(now) {
                 self.spawn_connect(st);
             }
             return;
         }
-        while !st.closed
-            && !st.paused
-            && st.total < st.settings.pool_size
-            && st.waiters.len() > st.connecting
-        {
+        let limit = st.limit(Instant::now());
+        while !st.closed && !st.paused && st.total < limit && st.waiters.len() > st.connecting {
             self.spawn_connect(st);
         }
+        self.arm_reserve(st);
+    }
+
+    /// Clients wait that no login in progress will serve, and the pool has a reserve it
+    /// may not use yet: look again once the oldest has waited reserve_pool_timeout (one
+    /// timer at a time; each look arms the next).
+    fn arm_reserve(self: &Arc<Self>, st: &mut State) {
+        if st.reserve_armed
+            || st.closed
+            || st.paused
+            || st.settings.reserve_pool_size == 0
+            || st.waiters.len() <= st.connecting
+        {
+            return;
+        }
+        let Some(oldest) = st.waiters.front() else {
+            return;
+        };
+        let at = oldest.since + st.settings.reserve_pool_timeout;
+        if at <= Instant::now() {
+            return;
+        }
+        st.reserve_armed = true;
+        let pool = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let mut st = pool.lock();
+            st.reserve_armed = false;
+            pool.grow_for_waiters(&mut st);
+        });
     }
 
     /// Tries again for the waiting clients once the backoff ends (one timer at a time).

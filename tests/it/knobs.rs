@@ -1,5 +1,5 @@
 //! PgBouncer's pool- and server-side knobs against real PostgreSQL: tcp_* on client and
-//! server sockets.
+//! server sockets, the reserve pool.
 
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
@@ -8,8 +8,72 @@ use std::time::Duration;
 use iampool::config::TcpOptions;
 use socket2::SockRef;
 
-use crate::pooler::{self, connect, start};
-use crate::support::pg::shared_cluster;
+use crate::pooler::{self, code, connect, start};
+use crate::support::pg::{shared_cluster, TestDb};
+
+/// Hang guard for single steps; never an assertion about speed.
+const T: Duration = Duration::from_secs(60);
+
+async fn one_value(c: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = tokio::time::timeout(T, c.simple_query(sql))
+        .await
+        .expect("answers")
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// A console user added to `cfg`, and a way in for it.
+fn with_console(cfg: &mut iampool::config::Config, db: &TestDb) -> (String, String) {
+    let user = (
+        format!("{}_admin", db.name),
+        format!("{}_admin_pw", db.name),
+    );
+    cfg.users.insert(
+        user.0.clone(),
+        iampool::config::UserSecret::Plain(iampool::config::Secret::new(user.1.clone())),
+    );
+    cfg.admin_users = vec![user.0.clone()];
+    user
+}
+
+/// SHOW `what` on the console: each row as column name -> value.
+async fn show(
+    addr: SocketAddr,
+    (user, pw): &(String, String),
+    what: &str,
+) -> Vec<std::collections::HashMap<String, String>> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(addr.ip().to_string())
+        .port(addr.port())
+        .user(user)
+        .password(pw)
+        .dbname("pgbouncer")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("console login");
+    tokio::spawn(conn);
+    let msgs = tokio::time::timeout(T, client.simple_query(&format!("SHOW {what}")))
+        .await
+        .expect("SHOW answers")
+        .unwrap();
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
 
 /// This process's connected TCP sockets whose local address `mine` picks, with their
 /// options read back with getsockopt: (keepalive, idle, interval, probes, user timeout).
@@ -107,5 +171,72 @@ async fn tcp_keepalive_off_leaves_sockets_without_it() {
     assert!(!clients.is_empty());
     assert!(clients.iter().all(|s| !s.0), "{clients:?}");
     drop(c);
+    assert!(iam.shutdown().await);
+}
+
+/// A pool of one with a reserve of one: a client that waited reserve_pool_timeout gets a
+/// second server while the first is still held; when it is released with nobody waiting,
+/// the pool is back to one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_server() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("reserve");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.databases[0].pool_size = 1;
+    cfg.databases[0].reserve_pool_size = 1;
+    cfg.reserve_pool_timeout = Duration::from_millis(200);
+    let console = with_console(&mut cfg, &db);
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+
+    let rows = show(addr, &console, "DATABASES").await;
+    let row = rows.iter().find(|r| r["name"] == db.name).expect("a row");
+    assert_eq!(row["pool_size"], "1");
+    assert_eq!(row["reserve_pool_size"], "1");
+
+    // The pool's only server, held in a transaction.
+    let holder = connect(addr, &db).await;
+    holder.batch_execute("begin").await.unwrap();
+    let held = one_value(&holder, "select pg_backend_pid()").await;
+
+    // Served while the transaction still holds the first server: by a reserve server.
+    let waiter = connect(addr, &db).await;
+    let got = one_value(&waiter, "select pg_backend_pid()").await;
+    assert_ne!(got, held);
+
+    // Released with nobody waiting: the reserve server closes, the held one stays.
+    let left = pg
+        .wait_for_backends(&db.name, &db.user, T, |n| n == 1)
+        .await;
+    assert_eq!(left, 1, "the reserve server was not closed");
+    holder.batch_execute("commit").await.unwrap();
+    assert_eq!(one_value(&waiter, "select pg_backend_pid()").await, held);
+    drop((holder, waiter));
+    assert!(iam.shutdown().await);
+}
+
+/// Without a reserve the same second client waits for the first server until
+/// query_wait_timeout: what the reserve test above relies on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_reserve_a_full_pool_makes_clients_wait() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("noreserve");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.databases[0].pool_size = 1;
+    cfg.reserve_pool_timeout = Duration::from_millis(200);
+    cfg.query_wait_timeout = Duration::from_secs(1);
+    let iam = start(cfg).await;
+    let holder = connect(iam.local_addr(), &db).await;
+    holder.batch_execute("begin").await.unwrap();
+    one_value(&holder, "select 1").await;
+    let waiter = connect(iam.local_addr(), &db).await;
+    let err = tokio::time::timeout(T, waiter.simple_query("select 1"))
+        .await
+        .expect("answers")
+        .unwrap_err();
+    assert_eq!(code(&err), "08001", "{err:?}");
+    assert_eq!(pg.backend_count(&db.name, &db.user), 1);
+    holder.batch_execute("commit").await.unwrap();
+    drop((holder, waiter));
     assert!(iam.shutdown().await);
 }

@@ -35,6 +35,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         tcp: Default::default(),
         server_login_retry: Duration::from_millis(200),
         query_wait_timeout: Duration::from_secs(60),
+        reserve_pool_timeout: Duration::from_secs(5),
         client_login_timeout: Duration::from_secs(10),
         idle_transaction_timeout: None,
         max_message_size: 64 << 20,
@@ -84,6 +85,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
             pool_mode: PoolMode::Transaction,
             pool_size: 10,
             min_pool_size: 0,
+            reserve_pool_size: 0,
             read_only_database: None,
         }],
     }
