@@ -302,6 +302,9 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
         reserve_pool_timeout: config.reserve_pool_timeout,
         query_wait_timeout: config.query_wait_timeout,
         idle_timeout: config.server_idle_timeout,
+        server_check_query: config.server_check_query.clone(),
+        server_check_delay: config.server_check_delay,
+        server_check_limit: config.server_connect_timeout,
         login_retry: config.server_login_retry,
         pin_session_state: config.session_state == SessionStateMode::Pin,
         max_pinned_servers: config

@@ -138,6 +138,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let server_lifetime_jitter = lifetime_jitter(r, g, &server_lifetime);
     let server_idle_timeout = r.req(g, "server_idle_timeout", value::duration);
     let server_connect_timeout = r.req(g, "server_connect_timeout", value::duration);
+    let server_check_query = r.req(g, "server_check_query", value::text);
+    let server_check_delay = r.req(g, "server_check_delay", value::duration);
     let tcp = tcp_options(r, g);
     let server_login_retry = r.req(g, "server_login_retry", value::duration);
     let query_wait_timeout = r.req(g, "query_wait_timeout", value::duration);
@@ -184,6 +186,8 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         server_lifetime_jitter: server_lifetime_jitter?,
         server_idle_timeout: server_idle_timeout?,
         server_connect_timeout: server_connect_timeout?,
+        server_check_query: server_check_query?,
+        server_check_delay: server_check_delay?,
         tcp: tcp?,
         server_login_retry: server_login_retry?,
         query_wait_timeout: query_wait_timeout?,

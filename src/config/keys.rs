@@ -259,6 +259,14 @@ pub static KEYS: &[Key] = &[
         .default("15s")
         .help("Give up opening a server connection (TCP, TLS and login) after this long")
         .example("5s"),
+    Key::new("server_check_query", "server-check-query", Kind::Text, TIMEOUTS)
+        .default("")
+        .help("Run on a server that sat idle in its pool for server_check_delay or longer before a client gets it; a server that does not answer within server_connect_timeout, or is not idle afterwards, is closed and the client gets another. A server handed straight from one client to a waiting one is not checked (it has just answered). Empty (PgBouncer 1.25's default) for no check; iampool notices a server that closed while idle either way")
+        .example("select 1"),
+    Key::new("server_check_delay", "server-check-delay", Kind::Duration, TIMEOUTS)
+        .default("30s")
+        .help("How long a server may sit idle in its pool and still be handed out without server_check_query; 0 checks every server taken from the idle list")
+        .example("10s"),
     Key::new("tcp_keepalive", "tcp-keepalive", Kind::Bool, TIMEOUTS)
         .default("true")
         .restart()

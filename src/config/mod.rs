@@ -287,6 +287,9 @@ pub struct Config {
     pub server_lifetime_jitter: Duration,
     pub server_idle_timeout: Duration,
     pub server_connect_timeout: Duration,
+    /// Run on a server idle this long or longer before a client gets it; empty: no check.
+    pub server_check_query: String,
+    pub server_check_delay: Duration,
     /// Keepalive and TCP_USER_TIMEOUT on client and server sockets.
     pub tcp: TcpOptions,
     pub server_login_retry: Duration,

@@ -172,8 +172,8 @@ pub static SETTINGS: &[Setting] = &[
     // Connection sanity checks and timeouts.
     s("server_reset_query", Pgbouncer, Same("server_reset_query")),
     s("server_reset_query_always", Pgbouncer, Unsupported("in transaction mode iampool resets only what a client changed (RESET ALL after its SET, ...); server_reset_query runs in session mode")),
-    s("server_check_delay", Pgbouncer, NotYet("server_check_delay", "how long a released server is reused without server_check_query")),
-    s("server_check_query", Pgbouncer, NotYet("server_check_query", "a query that checks a server is alive before it is reused")),
+    s("server_check_delay", Pgbouncer, Same("server_check_delay")),
+    s("server_check_query", Pgbouncer, Same("server_check_query")),
     s("server_fast_close", Pgbouncer, Unsupported("iampool has no setting to close session-mode servers before their session ends")),
     s("server_lifetime", Pgbouncer, Same("server_lifetime")),
     s("server_idle_timeout", Pgbouncer, Same("server_idle_timeout")),

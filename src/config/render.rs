@@ -94,6 +94,8 @@ fn global_value(c: &Config, name: &str) -> Option<Shown> {
         "session_state" => string(c.session_state.name()),
         "max_pinned_servers" => c.max_pinned_servers.and_then(integer),
         "server_connect_timeout" => duration(c.server_connect_timeout),
+        "server_check_query" => string(c.server_check_query.clone()),
+        "server_check_delay" => duration(c.server_check_delay),
         "tcp_keepalive" => Some(toml::Value::Boolean(c.tcp.keepalive)),
         "tcp_keepidle" => optional_duration(c.tcp.keepidle),
         "tcp_keepintvl" => optional_duration(c.tcp.keepintvl),

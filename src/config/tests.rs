@@ -1472,3 +1472,24 @@ fn reserve_pool_defaults_to_none_and_is_set_per_database() {
     );
     assert_eq!(e.key, "reserve_pool_size");
 }
+
+#[test]
+fn server_check_defaults_to_no_query_and_30s() {
+    let config = Config::from_args(&["--upstream", "postgres://u@h/d"], &[]).unwrap();
+    assert_eq!(config.server_check_query, "");
+    assert_eq!(config.server_check_delay, Duration::from_secs(30));
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            "postgres://u@h/d",
+            "--server-check-query",
+            "select 1",
+            "--server-check-delay",
+            "0",
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.server_check_query, "select 1");
+    assert_eq!(config.server_check_delay, Duration::ZERO);
+}

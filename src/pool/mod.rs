@@ -6,6 +6,7 @@
 //! that died, outlived `server_lifetime` or sat idle past `server_idle_timeout`, and keeps
 //! `min_pool_size` open.
 
+mod check;
 mod janitor;
 pub mod listen;
 mod pins;
@@ -41,6 +42,12 @@ pub struct PoolSettings {
     pub reserve_pool_timeout: Duration,
     pub query_wait_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Run on a server idle for `server_check_delay` or longer before a client gets it;
+    /// empty for no check.
+    pub server_check_query: String,
+    pub server_check_delay: Duration,
+    /// How long a server may take to answer `server_check_query`.
+    pub server_check_limit: Duration,
     pub login_retry: Duration,
     /// Transaction mode: clients with session state keep their server (else they are only
     /// warned about, as PgBouncer does).
@@ -96,6 +103,16 @@ impl PoolError {
 pub type Server = Box<ServerConn>;
 
 type Delivery = Result<Server, PoolError>;
+
+/// What a checkout finds.
+enum Taken {
+    Ready(Server),
+    /// An idle server that must answer server_check_query (this query, within this long)
+    /// before the client gets it.
+    Check(Server, String, Duration),
+    /// No idle server: the client is queued.
+    Wait(oneshot::Receiver<Delivery>, Duration),
+}
 
 struct Waiter {
     tx: oneshot::Sender<Delivery>,
@@ -370,7 +387,26 @@ impl Pool {
 
     /// Waits (FIFO, up to `query_wait_timeout`) for a clean server connection.
     pub async fn checkout(self: &Arc<Self>) -> Result<Server, PoolError> {
-        let (mut rx, wait) = {
+        let started = Instant::now();
+        let (rx, wait) = loop {
+            let (mut conn, sql, limit) = match self.take_idle_or_wait()? {
+                Taken::Ready(conn) => return Ok(conn),
+                Taken::Check(conn, sql, limit) => (conn, sql, limit),
+                Taken::Wait(rx, wait) => break (rx, wait),
+            };
+            if check::passes(&mut conn, &sql, limit).await {
+                self.metrics.wait.observe(started.elapsed().as_secs_f64());
+                return Ok(conn);
+            }
+            self.discard(conn);
+        };
+        self.wait_for(rx, wait).await
+    }
+
+    /// An idle server (checked or about to be), or a place in the queue: in one step, so a
+    /// server checked in meanwhile cannot sit idle while this client waits.
+    fn take_idle_or_wait(self: &Arc<Self>) -> Result<Taken, PoolError> {
+        {
             let mut st = self.lock();
             if st.closed {
                 return Err(PoolError::Closed);
@@ -379,9 +415,13 @@ impl Pool {
             while let Some(mut conn) = (!st.paused).then(|| st.idle.pop_front()).flatten() {
                 match conn.check_idle() {
                     IdleCheck::Healthy if !conn.expired(clock) => {
-                        self.metrics.wait.observe(0.0);
                         conn.set_state(ServerState::Active, clock);
-                        return Ok(conn);
+                        if check::due(&st.settings, &conn, clock) {
+                            let sql = st.settings.server_check_query.clone();
+                            return Ok(Taken::Check(conn, sql, st.settings.server_check_limit));
+                        }
+                        self.metrics.wait.observe(0.0);
+                        return Ok(Taken::Ready(conn));
                     }
                     IdleCheck::Gone { fatal } => {
                         if let Some(sign) = failover_sign(fatal.as_ref()) {
@@ -405,8 +445,16 @@ impl Pool {
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(Waiter { tx, since: now });
             self.grow_for_waiters(&mut st);
-            (rx, st.settings.query_wait_timeout)
-        };
+            Ok(Taken::Wait(rx, st.settings.query_wait_timeout))
+        }
+    }
+
+    /// Waits in the queue (FIFO, up to `wait`) for a server.
+    async fn wait_for(
+        self: &Arc<Self>,
+        mut rx: oneshot::Receiver<Delivery>,
+        wait: Duration,
+    ) -> Result<Server, PoolError> {
         let started = Instant::now();
         let give_up = started + wait;
         // Every UNAVAILABLE_GRACE the wait looks up: if logins are failing and the pool has

@@ -1,5 +1,5 @@
 //! PgBouncer's pool- and server-side knobs against real PostgreSQL: tcp_* on client and
-//! server sockets, the reserve pool.
+//! server sockets, the reserve pool, server_check_query.
 
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
@@ -238,5 +238,105 @@ async fn without_a_reserve_a_full_pool_makes_clients_wait() {
     assert_eq!(pg.backend_count(&db.name, &db.user), 1);
     holder.batch_execute("commit").await.unwrap();
     drop((holder, waiter));
+    assert!(iam.shutdown().await);
+}
+
+/// server_check_query runs on a server taken from the idle list once it has sat there for
+/// server_check_delay, and not before: counted with a sequence the query advances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_check_query_runs_on_servers_idle_for_server_check_delay() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("srvcheck");
+    pg.psql_db(
+        &db.name,
+        &format!(
+            "create sequence checks; alter sequence checks owner to {};",
+            crate::support::pg::quote_ident(&db.user)
+        ),
+    );
+    let checks = || pg.psql_db(&db.name, "select last_value, is_called from checks");
+    for (delay, checked) in [(Duration::from_secs(3600), false), (Duration::ZERO, true)] {
+        let mut cfg = pooler::config(pg, &db);
+        cfg.databases[0].pool_size = 1;
+        cfg.server_check_query = "select nextval('checks')".into();
+        cfg.server_check_delay = delay;
+        let iam = start(cfg).await;
+        let c = connect(iam.local_addr(), &db).await;
+        for _ in 0..3 {
+            one_value(&c, "select 1").await;
+        }
+        let seen = checks();
+        let (last, called) = seen.trim().split_once('|').expect("two columns");
+        assert_eq!(called == "t", checked, "delay {delay:?}: {seen}");
+        if checked {
+            assert!(last.parse::<i64>().unwrap() >= 2, "{seen}");
+        }
+        drop(c);
+        assert!(iam.shutdown().await);
+    }
+}
+
+/// An idle server that stopped answering (its backend stopped with SIGSTOP: the socket
+/// stays open, so only a query can tell) fails server_check_query and is replaced: the
+/// client's query runs on a new server and it never sees an error. Without the check the
+/// query would wait on the stopped backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_fails_server_check_query_is_replaced_unseen() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("srvstop");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.databases[0].pool_size = 2;
+    cfg.server_check_query = "select 1".into();
+    cfg.server_check_delay = Duration::ZERO;
+    // The check's limit.
+    cfg.server_connect_timeout = Duration::from_secs(1);
+    let iam = start(cfg).await;
+    let c = connect(iam.local_addr(), &db).await;
+    let stopped: i32 = one_value(&c, "select pg_backend_pid()")
+        .await
+        .parse()
+        .unwrap();
+    // SAFETY: a signal to a backend of the test's own cluster; it is continued below.
+    assert_eq!(unsafe { libc::kill(stopped, libc::SIGSTOP) }, 0);
+    let got = tokio::time::timeout(T, c.simple_query("select pg_backend_pid()")).await;
+    assert_eq!(unsafe { libc::kill(stopped, libc::SIGCONT) }, 0);
+    let rows = got
+        .expect("the query waited on the stopped server")
+        .expect("no error");
+    let pid = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap();
+    assert_ne!(pid, stopped.to_string());
+    // The stopped server was closed, not put back.
+    let left = pg
+        .wait_for_backends(&db.name, &db.user, T, |n| n == 1)
+        .await;
+    assert_eq!(left, 1);
+    drop(c);
+    assert!(iam.shutdown().await);
+}
+
+/// A server killed with pg_terminate_backend while idle: with server_check_query on, the
+/// client's next query still runs, on another server, without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_terminated_while_idle_is_never_seen_by_the_client() {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("srvterm");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.server_check_query = "select 1".into();
+    cfg.server_check_delay = Duration::ZERO;
+    let iam = start(cfg).await;
+    let c = connect(iam.local_addr(), &db).await;
+    let first = one_value(&c, "select pg_backend_pid()").await;
+    pg.psql(&format!("select pg_terminate_backend({first})"));
+    pg.wait_for_backends(&db.name, &db.user, T, |n| n == 0)
+        .await;
+    let second = one_value(&c, "select pg_backend_pid()").await;
+    assert_ne!(first, second);
+    drop(c);
     assert!(iam.shutdown().await);
 }

@@ -32,6 +32,8 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         server_lifetime_jitter: Duration::ZERO,
         server_idle_timeout: Duration::from_secs(600),
         server_connect_timeout: Duration::from_secs(10),
+        server_check_query: String::new(),
+        server_check_delay: Duration::from_secs(30),
         tcp: Default::default(),
         server_login_retry: Duration::from_millis(200),
         query_wait_timeout: Duration::from_secs(60),
