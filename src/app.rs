@@ -25,7 +25,7 @@ use crate::config::{
 };
 use crate::metrics::http::Health;
 use crate::metrics::{Metrics, PoolsCollector};
-use crate::pool::{Pool, PoolSettings};
+use crate::pool::{Pool, PoolSettings, SharedCount};
 use crate::server::auth::Password;
 use crate::server::connect::{Connector, Target};
 use crate::server::listing::ServerList;
@@ -300,6 +300,8 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
         min_pool_size: db.min_pool_size,
         reserve_pool_size: db.reserve_pool_size,
         reserve_pool_timeout: config.reserve_pool_timeout,
+        max_db_connections: db.max_db_connections,
+        max_user_connections: config.max_user_connections,
         query_wait_timeout: config.query_wait_timeout,
         idle_timeout: config.server_idle_timeout,
         server_check_query: config.server_check_query.clone(),
@@ -311,6 +313,13 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
             .max_pinned_servers
             .unwrap_or((db.pool_size / 2).max(1)),
     }
+}
+
+/// What makes two database entries one upstream database for max_db_connections: the same
+/// hosts (in the same order) and dbname.
+fn upstream_database(u: &Upstream) -> String {
+    let hosts: Vec<String> = u.hosts.iter().map(limiter_key).collect();
+    format!("{}/{}", hosts.join(","), u.dbname)
 }
 
 /// Logins to one address share a rate limit, whichever pools they are for.
@@ -397,6 +406,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut pools = HashMap::new();
     // Server connection ids, unique across pools (the admin console's SHOW SERVERS).
     let server_ids = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Server connections per upstream database and per upstream user, across pools.
+    let mut db_counts: HashMap<String, Arc<SharedCount>> = HashMap::new();
+    let mut user_counts: HashMap<String, Arc<SharedCount>> = HashMap::new();
     for db in &config.databases {
         let u = &db.upstream;
         if let UpstreamAuth::Iam(iam) = &u.auth {
@@ -449,6 +461,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             pool_settings(&config, db),
             pool_metrics,
             Arc::new(ServerList::new(server_ids.clone())),
+            (
+                db_counts.entry(upstream_database(u)).or_default().clone(),
+                user_counts.entry(u.user.clone()).or_default().clone(),
+            ),
         );
         pool.spawn_janitor();
         pools.insert(db.name.clone(), pool);

@@ -144,6 +144,7 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let server_login_retry = r.req(g, "server_login_retry", value::duration);
     let query_wait_timeout = r.req(g, "query_wait_timeout", value::duration);
     let reserve_pool_timeout = r.req(g, "reserve_pool_timeout", value::duration);
+    let max_user_connections = r.req(g, "max_user_connections", usize_count);
     let client_login_timeout = r.req(g, "client_login_timeout", value::duration);
     let idle_transaction_timeout = r.req(g, "idle_transaction_timeout", value::optional_duration);
     let max_message_size = r.req(g, "max_message_size", message_size);
@@ -192,6 +193,7 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         server_login_retry: server_login_retry?,
         query_wait_timeout: query_wait_timeout?,
         reserve_pool_timeout: reserve_pool_timeout?,
+        max_user_connections: max_user_connections?,
         client_login_timeout: client_login_timeout?,
         idle_transaction_timeout: idle_transaction_timeout?,
         max_message_size: max_message_size?,

@@ -225,6 +225,17 @@ pub static KEYS: &[Key] = &[
         .default("5s")
         .help("How long a client waits for a server before its pool may use reserve_pool_size; 0 uses the reserve as soon as the pool is full")
         .example("1s"),
+    Key::new("max_db_connections", "max-db-connections", Kind::Count, POOLS)
+        .default("0")
+        .unit("server connections per upstream database")
+        .per_database()
+        .help("Most server connections to one upstream database, counted across every database entry whose upstream names the same hosts and dbname (iampool has one pool per entry, so one entry alone is already bounded by pool_size); a pool at the limit waits for a connection of another to close, and closes one of their idle servers when they have no client waiting; 0 for no limit")
+        .example("50"),
+    Key::new("max_user_connections", "max-user-connections", Kind::Count, POOLS)
+        .default("0")
+        .unit("server connections per upstream user")
+        .help("Most server connections signed in as one upstream user, counted across every pool that logs in as that user name; waits and makes room as max_db_connections; 0 for no limit")
+        .example("50"),
     Key::new("read_only_database", "read-only-database", Kind::Text, POOLS)
         .restart()
         .per_database()

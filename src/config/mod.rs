@@ -222,6 +222,9 @@ pub struct Database {
     pub min_pool_size: usize,
     /// Extra servers beyond pool_size for clients that waited reserve_pool_timeout.
     pub reserve_pool_size: usize,
+    /// Most server connections to this upstream database (same hosts and dbname) across
+    /// pools; 0: no limit.
+    pub max_db_connections: usize,
     /// The database whose pool takes transactions that declare themselves read-only.
     pub read_only_database: Option<String>,
 }
@@ -296,6 +299,8 @@ pub struct Config {
     pub query_wait_timeout: Duration,
     /// A client waiting this long for a server lets its pool use its reserve.
     pub reserve_pool_timeout: Duration,
+    /// Most server connections signed in as one upstream user across pools; 0: no limit.
+    pub max_user_connections: usize,
     pub client_login_timeout: Duration,
     /// None = disabled.
     pub idle_transaction_timeout: Option<Duration>,

@@ -1493,3 +1493,34 @@ fn server_check_defaults_to_no_query_and_30s() {
     assert_eq!(config.server_check_query, "select 1");
     assert_eq!(config.server_check_delay, Duration::ZERO);
 }
+
+#[test]
+fn connection_caps_default_to_none() {
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            "postgres://u@h/a?max_db_connections=7 postgres://u@h/b",
+            "--max-user-connections",
+            "9",
+        ],
+        &[],
+    )
+    .unwrap();
+    let caps: Vec<usize> = config
+        .databases
+        .iter()
+        .map(|d| d.max_db_connections)
+        .collect();
+    assert_eq!(caps, [7, 0]);
+    assert_eq!(config.max_user_connections, 9);
+    let e = one_error(
+        &[
+            "--upstream",
+            "postgres://u@h/d",
+            "--max-db-connections",
+            "lots",
+        ],
+        &[],
+    );
+    assert_eq!(e.key, "max_db_connections");
+}

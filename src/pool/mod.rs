@@ -10,8 +10,10 @@ mod check;
 mod janitor;
 pub mod listen;
 mod pins;
+mod shared_limit;
 
 pub use pins::PinLimit;
+pub use shared_limit::SharedCount;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -40,6 +42,10 @@ pub struct PoolSettings {
     /// Extra servers beyond pool_size, for clients that have waited `reserve_pool_timeout`.
     pub reserve_pool_size: usize,
     pub reserve_pool_timeout: Duration,
+    /// Most server connections of all the pools to this pool's upstream database, and of
+    /// all those signed in as its upstream user; 0 for no limit.
+    pub max_db_connections: usize,
+    pub max_user_connections: usize,
     pub query_wait_timeout: Duration,
     pub idle_timeout: Duration,
     /// Run on a server idle for `server_check_delay` or longer before a client gets it;
@@ -240,6 +246,8 @@ pub struct PoolStatus {
     pub pool_size: usize,
     pub min_pool_size: usize,
     pub reserve_pool_size: usize,
+    pub max_db_connections: usize,
+    pub max_user_connections: usize,
     pub mode: Option<PoolMode>,
     /// Logged-in client sessions of this pool, and those holding a server right now.
     pub sessions: usize,
@@ -277,50 +285,66 @@ pub struct Pool {
     pub servers: Arc<ServerList>,
     /// Admin DISABLE: new clients are refused until ENABLE.
     disabled: AtomicBool,
+    /// Server connections of every pool to the same upstream database, and signed in as the
+    /// same upstream user (max_db_connections, max_user_connections).
+    pub db_count: Arc<SharedCount>,
+    pub user_count: Arc<SharedCount>,
+    /// Clients wait that a full shared count kept this pool from opening a connection for.
+    starved: AtomicBool,
 }
 
 impl Pool {
-    /// `servers` is the list the pool's connections enter (for the admin console).
+    /// `servers` is the list the pool's connections enter (for the admin console);
+    /// `db_count` and `user_count` are shared with the pools to the same upstream database
+    /// and user.
     pub fn new(
         database: String,
         connector: Connector,
         settings: PoolSettings,
         metrics: PoolMetrics,
         servers: Arc<ServerList>,
+        (db_count, user_count): (Arc<SharedCount>, Arc<SharedCount>),
     ) -> Arc<Pool> {
         let user = connector.upstream.user.clone();
         let pins = Arc::new(PinLimit::new(settings.max_pinned_servers));
-        Arc::new_cyclic(|pool| Pool {
-            database,
-            user,
-            connector,
-            state: Mutex::new(State {
-                settings,
-                idle: VecDeque::new(),
-                total: 0,
-                connecting: 0,
-                closing: 0,
-                being_canceled: 0,
-                waiters: VecDeque::new(),
-                last_error: None,
-                backoff: None,
-                retry_armed: false,
-                reserve_armed: false,
-                closed: false,
-                paused: false,
-                retired_before: None,
-                clock: Instant::now(),
-                failover: None,
-            }),
-            welcome: Mutex::new(None),
-            metrics,
-            sessions: AtomicUsize::new(0),
-            linked: AtomicUsize::new(0),
-            statements: Default::default(),
-            pins,
-            notifications: listen::Hub::new(pool.clone()),
-            servers,
-            disabled: AtomicBool::new(false),
+        Arc::new_cyclic(|pool| {
+            db_count.join(pool.clone());
+            user_count.join(pool.clone());
+            Pool {
+                database,
+                user,
+                connector,
+                state: Mutex::new(State {
+                    settings,
+                    idle: VecDeque::new(),
+                    total: 0,
+                    connecting: 0,
+                    closing: 0,
+                    being_canceled: 0,
+                    waiters: VecDeque::new(),
+                    last_error: None,
+                    backoff: None,
+                    retry_armed: false,
+                    reserve_armed: false,
+                    closed: false,
+                    paused: false,
+                    retired_before: None,
+                    clock: Instant::now(),
+                    failover: None,
+                }),
+                welcome: Mutex::new(None),
+                metrics,
+                sessions: AtomicUsize::new(0),
+                linked: AtomicUsize::new(0),
+                statements: Default::default(),
+                pins,
+                notifications: listen::Hub::new(pool.clone()),
+                servers,
+                disabled: AtomicBool::new(false),
+                db_count,
+                user_count,
+                starved: AtomicBool::new(false),
+            }
         })
     }
 
@@ -361,6 +385,8 @@ impl Pool {
             pool_size: st.settings.pool_size,
             min_pool_size: st.settings.min_pool_size,
             reserve_pool_size: st.settings.reserve_pool_size,
+            max_db_connections: st.settings.max_db_connections,
+            max_user_connections: st.settings.max_user_connections,
             mode: Some(st.settings.mode),
             sessions: self.sessions.load(Ordering::Relaxed),
             linked_clients: self.linked.load(Ordering::Relaxed),
@@ -746,8 +772,24 @@ impl Pool {
                 Err(Err(_)) => unreachable!("only connections are sent here"),
             }
         }
+        if self.shared_count_wanted(st) {
+            // Another pool's clients wait for a place in a shared count this server holds.
+            self.forget(st, conn);
+            return;
+        }
         conn.set_state(ServerState::Idle, st.clock);
         st.idle.push_front(conn);
+    }
+
+    /// Whether a pool sharing a full max_db_connections or max_user_connections count with
+    /// this one has clients waiting that it could not open a connection for.
+    fn shared_count_wanted(&self, st: &State) -> bool {
+        let (db, user) = (
+            st.settings.max_db_connections,
+            st.settings.max_user_connections,
+        );
+        (db > 0 && self.db_count.count() >= db && self.db_count.other_starved(self))
+            || (user > 0 && self.user_count.count() >= user && self.user_count.other_starved(self))
     }
 
     /// Closes a connection in the background. It stays on the books until its backend has
@@ -763,6 +805,7 @@ impl Pool {
             let mut st = pool.lock();
             st.closing -= 1;
             st.total -= 1;
+            pool.give_back_places();
             pool.grow_for_waiters(&mut st);
         });
     }
@@ -770,6 +813,8 @@ impl Pool {
     /// Opens connections while clients wait and the pool has room.
     fn grow_for_waiters(self: &Arc<Self>, st: &mut State) {
         st.waiters.retain(|w| !w.tx.is_closed());
+        // Set again below if a shared count still turns a waiting client away.
+        self.starved.store(false, Ordering::Relaxed);
         if let Some(b) = st.backoff {
             // Logins are failing: none before the backoff ends, then one at a time until
             // one succeeds, however many clients wait.
@@ -786,7 +831,9 @@ impl Pool {
         }
         let limit = st.limit(Instant::now());
         while !st.closed && !st.paused && st.total < limit && st.waiters.len() > st.connecting {
-            self.spawn_connect(st);
+            if !self.spawn_connect(st) {
+                break;
+            }
         }
         self.arm_reserve(st);
     }
@@ -835,7 +882,28 @@ impl Pool {
         });
     }
 
-    fn spawn_connect(self: &Arc<Self>, st: &mut State) {
+    /// Opens a connection, unless max_db_connections or max_user_connections is reached
+    /// (then another pool sharing the full count is asked for an idle server): whether it
+    /// started.
+    fn spawn_connect(self: &Arc<Self>, st: &mut State) -> bool {
+        // Only clients waiting are a reason to close another pool's server, not keeping
+        // min_pool_size or renewing ahead of time.
+        let waited = !st.waiters.is_empty();
+        if !self.db_count.try_take(st.settings.max_db_connections) {
+            if waited {
+                self.starved.store(true, Ordering::Relaxed);
+                self.evict_elsewhere(self.db_count.clone());
+            }
+            return false;
+        }
+        if !self.user_count.try_take(st.settings.max_user_connections) {
+            self.db_count.give_back();
+            if waited {
+                self.starved.store(true, Ordering::Relaxed);
+                self.evict_elsewhere(self.user_count.clone());
+            }
+            return false;
+        }
         st.total += 1;
         st.connecting += 1;
         let pool = self.clone();
@@ -851,6 +919,47 @@ impl Pool {
                 }
             }
             pool.connected(result);
+        });
+        true
+    }
+
+    /// A connection is gone: its places in the shared counts are free, and the other pools
+    /// sharing them look at their waiting clients again (in a task: no two pools' locks are
+    /// ever held together).
+    fn give_back_places(self: &Arc<Self>) {
+        self.db_count.give_back();
+        self.user_count.give_back();
+        let mut others = self.db_count.others(self);
+        others.extend(self.user_count.others(self));
+        if others.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for pool in others {
+                let mut st = pool.lock();
+                pool.grow_for_waiters(&mut st);
+            }
+        });
+    }
+
+    /// This pool's clients wait on a full shared count: one idle server of another pool
+    /// sharing it, one with no client waiting, is closed to make room (its least recently
+    /// used).
+    fn evict_elsewhere(self: &Arc<Self>, count: Arc<SharedCount>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            for other in count.others(&me) {
+                let mut st = other.lock();
+                if st.waiters.iter().any(|w| !w.tx.is_closed()) {
+                    continue;
+                }
+                if let Some(conn) = st.idle.pop_back() {
+                    debug!(pool = %other.database, for_pool = %me.database, backend_pid = conn.backend_pid,
+                        "closing an idle server to make room under max_db_connections or max_user_connections");
+                    other.forget(&mut st, conn);
+                    return;
+                }
+            }
         });
     }
 
@@ -886,6 +995,7 @@ impl Pool {
             }
             Err(e) => {
                 st.total -= 1;
+                self.give_back_places();
                 let now = Instant::now();
                 let failures = st.backoff.map_or(0, |b| b.failures) + 1;
                 let delay = backoff_delay(st.settings.login_retry, failures);

@@ -1,5 +1,6 @@
 //! PgBouncer's pool- and server-side knobs against real PostgreSQL: tcp_* on client and
-//! server sockets, the reserve pool, server_check_query.
+//! server sockets, the reserve pool, server_check_query, max_db_connections and
+//! max_user_connections.
 
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
@@ -339,4 +340,86 @@ async fn a_server_terminated_while_idle_is_never_seen_by_the_client() {
     assert_ne!(first, second);
     drop(c);
     assert!(iam.shutdown().await);
+}
+
+/// Two database entries in front of one upstream database and user, pool_size 2 each, under
+/// a shared limit of 2 (max_db_connections or max_user_connections): while the first entry's
+/// clients hold two servers, a client of the second waits without a login; once one of them
+/// is released, that server is closed and the second entry gets its place.
+async fn shared_limit(db_limit: usize, user_limit: usize) {
+    let pg = shared_cluster();
+    let db = pg.scratch_db("sharedcap");
+    let mut cfg = pooler::config(pg, &db);
+    cfg.databases[0].pool_size = 2;
+    cfg.databases[0].max_db_connections = db_limit;
+    cfg.max_user_connections = user_limit;
+    let mut second = cfg.databases[0].clone();
+    second.name = format!("{}_2", db.name);
+    cfg.databases.push(second);
+    let console = with_console(&mut cfg, &db);
+    let iam = start(cfg).await;
+    let addr = iam.local_addr();
+    let other = TestDb {
+        name: format!("{}_2", db.name),
+        ..db.clone()
+    };
+
+    let rows = show(addr, &console, "DATABASES").await;
+    for r in rows.iter().filter(|r| r["database"] == db.name) {
+        assert_eq!(r["max_connections"], db_limit.to_string(), "{r:?}");
+    }
+    let rows = show(addr, &console, "USERS").await;
+    let row = rows.iter().find(|r| r["name"] == db.user).expect("a row");
+    assert_eq!(row["max_user_connections"], user_limit.to_string());
+
+    let a1 = connect(addr, &db).await;
+    let a2 = connect(addr, &db).await;
+    for c in [&a1, &a2] {
+        c.batch_execute("begin").await.unwrap();
+        one_value(c, "select 1").await;
+    }
+    let b = connect(addr, &other).await;
+    let waiting = tokio::spawn(async move {
+        let pid = one_value(&b, "select pg_backend_pid()").await;
+        (b, pid)
+    });
+    let pool_b = iam.shared().pool(&other.name).unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while pool_b.status().waiting == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = pool_b.status();
+    assert_eq!(
+        (st.idle, st.active, st.connecting),
+        (0, 0, 0),
+        "the second entry opened a connection over the limit: {st:?}"
+    );
+    assert_eq!(pg.backend_count(&db.name, &db.user), 2);
+    assert!(!waiting.is_finished());
+
+    a1.batch_execute("commit").await.unwrap();
+    let (b, pid) = tokio::time::timeout(T, waiting)
+        .await
+        .expect("the second entry got a server")
+        .unwrap();
+    assert!(!pid.is_empty());
+    let pool_a = iam.shared().pool(&db.name).unwrap();
+    assert!(pool_a.db_count.count() <= 2 && pool_a.user_count.count() <= 2);
+    a2.batch_execute("commit").await.unwrap();
+    drop((a1, a2, b));
+    assert!(iam.shutdown().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_connections_is_shared_by_entries_of_one_upstream_database() {
+    shared_limit(2, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_user_connections_is_shared_by_pools_of_one_upstream_user() {
+    shared_limit(0, 2).await;
 }

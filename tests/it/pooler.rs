@@ -38,6 +38,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
         server_login_retry: Duration::from_millis(200),
         query_wait_timeout: Duration::from_secs(60),
         reserve_pool_timeout: Duration::from_secs(5),
+        max_user_connections: 0,
         client_login_timeout: Duration::from_secs(10),
         idle_transaction_timeout: None,
         max_message_size: 64 << 20,
@@ -88,6 +89,7 @@ pub fn config(pg: &PgCluster, db: &TestDb) -> Config {
             pool_size: 10,
             min_pool_size: 0,
             reserve_pool_size: 0,
+            max_db_connections: 0,
             read_only_database: None,
         }],
     }
