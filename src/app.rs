@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::auth::{prepare_users, UserAuth};
 use crate::client::cancel::CancelRegistry;
@@ -25,7 +25,7 @@ use crate::config::{
 };
 use crate::metrics::http::Health;
 use crate::metrics::{Metrics, PoolsCollector};
-use crate::pool::{Pool, PoolSettings};
+use crate::pool::{Pool, PoolSettings, SharedCount};
 use crate::server::auth::Password;
 use crate::server::connect::{Connector, Target};
 use crate::server::listing::ServerList;
@@ -298,14 +298,28 @@ fn pool_settings(config: &Config, db: &Database) -> PoolSettings {
         mode: db.pool_mode,
         pool_size: db.pool_size,
         min_pool_size: db.min_pool_size,
+        reserve_pool_size: db.reserve_pool_size,
+        reserve_pool_timeout: config.reserve_pool_timeout,
+        max_db_connections: db.max_db_connections,
+        max_user_connections: config.max_user_connections,
         query_wait_timeout: config.query_wait_timeout,
         idle_timeout: config.server_idle_timeout,
+        server_check_query: config.server_check_query.clone(),
+        server_check_delay: config.server_check_delay,
+        server_check_limit: config.server_connect_timeout,
         login_retry: config.server_login_retry,
         pin_session_state: config.session_state == SessionStateMode::Pin,
         max_pinned_servers: config
             .max_pinned_servers
             .unwrap_or((db.pool_size / 2).max(1)),
     }
+}
+
+/// What makes two database entries one upstream database for max_db_connections: the same
+/// hosts (in the same order) and dbname.
+fn upstream_database(u: &Upstream) -> String {
+    let hosts: Vec<String> = u.hosts.iter().map(limiter_key).collect();
+    format!("{}/{}", hosts.join(","), u.dbname)
 }
 
 /// Logins to one address share a rate limit, whichever pools they are for.
@@ -392,6 +406,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut pools = HashMap::new();
     // Server connection ids, unique across pools (the admin console's SHOW SERVERS).
     let server_ids = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Server connections per upstream database and per upstream user, across pools.
+    let mut db_counts: HashMap<String, Arc<SharedCount>> = HashMap::new();
+    let mut user_counts: HashMap<String, Arc<SharedCount>> = HashMap::new();
     for db in &config.databases {
         let u = &db.upstream;
         if let UpstreamAuth::Iam(iam) = &u.auth {
@@ -432,7 +449,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             u.connect_timeout.unwrap_or(config.server_connect_timeout),
             config.server_lifetime,
             config.server_lifetime_jitter,
-        );
+        )
+        .with_tcp(config.tcp);
         let pool_metrics = metrics.pool(&db.name, &u.user);
         if let Some(auth) = connector.iam() {
             auth.set_sign_histogram(metrics.sign_histogram(&db.name, &u.user));
@@ -443,6 +461,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             pool_settings(&config, db),
             pool_metrics,
             Arc::new(ServerList::new(server_ids.clone())),
+            (
+                db_counts.entry(upstream_database(u)).or_default().clone(),
+                user_counts.entry(u.user.clone()).or_default().clone(),
+            ),
         );
         pool.spawn_janitor();
         pools.insert(db.name.clone(), pool);
@@ -637,10 +659,14 @@ fn fingerprint(path: &std::path::Path) -> Option<[u8; 32]> {
 }
 
 async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>) {
+    let options = shared.started.tcp;
     loop {
         match listener.accept().await {
             Ok((tcp, _peer)) => {
                 let _ = tcp.set_nodelay(true);
+                if let Err(e) = crate::tcp::apply(&tcp, &options) {
+                    debug!(error = %e, "could not set TCP options on a client socket");
+                }
                 tokio::spawn(crate::client::serve(shared.clone(), Stream::Tcp(tcp)));
             }
             Err(e) => {

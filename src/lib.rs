@@ -15,3 +15,4 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod stream;
+pub mod tcp;

@@ -32,11 +32,13 @@ static USERS: [(&str, Ty); 8] = [
 ];
 
 /// iampool sets no pool size, reserve or mode per user: empty and NULL, PgBouncer's "not
-/// set"; no per-user connection caps: 0, its "none". `current_connections` counts server
+/// set"; `max_user_connections` is the one setting for every user (0: none), and there is
+/// no cap on client connections per user. `current_connections` counts server
 /// connections signed in as the user, `current_client_connections` clients logged in as it.
 pub fn users_table(ctx: &dyn Context) -> Table {
     let pools = ctx.pools();
     let clients = ctx.clients().snapshot();
+    let max_user_connections = ctx.config().max_user_connections;
     let mut t = Table::new(&USERS);
     for name in user_names(ctx) {
         let servers: usize = pools
@@ -53,7 +55,7 @@ pub fn users_table(ctx: &dyn Context) -> Table {
             "".into(),
             "".into(),
             None::<&str>.into(),
-            0i64.into(),
+            max_user_connections.into(),
             servers.into(),
             0i64.into(),
             logged_in.into(),

@@ -101,9 +101,9 @@ static DATABASES: [(&str, Ty); 17] = [
     ("disabled", Int4),
 ];
 
-/// Every pool signs in as its upstream user, which is PgBouncer's `force_user`. iampool has
-/// no reserve pool and no per-database caps on server or client connections: 0, which is
-/// PgBouncer's "none". `pool_mode` is the mode in force (every database has one here).
+/// Every pool signs in as its upstream user, which is PgBouncer's `force_user`.
+/// `max_connections` is max_db_connections (counted per upstream database); there is no cap
+/// on client connections per database: 0, which is PgBouncer's "none". `pool_mode` is the mode in force (every database has one here).
 pub fn databases_table(ctx: &dyn Context) -> Table {
     let lifetime = ctx.config().server_lifetime.as_secs();
     let mut t = Table::new(&DATABASES);
@@ -120,11 +120,11 @@ pub fn databases_table(ctx: &dyn Context) -> Table {
             u.user.as_str().into(),
             st.pool_size.into(),
             st.min_pool_size.into(),
-            0i64.into(),
+            st.reserve_pool_size.into(),
             lifetime.into(),
             st.mode.map(|m| m.name()).into(),
             load_balance_hosts(&p).into(),
-            0i64.into(),
+            st.max_db_connections.into(),
             (st.idle + st.active + st.connecting).into(),
             0i64.into(),
             st.sessions.into(),

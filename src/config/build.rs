@@ -11,7 +11,7 @@ use super::error::{ConfigError, ConfigErrors, Origin, Problem};
 use super::keys::{self, DefaultValue, Key};
 use super::load::{Inputs, Layer, Setting};
 use super::value::{self, Named, Raw};
-use super::{AuthType, ClientTls, Config, LogFormat, SessionStateMode, UserSecret};
+use super::{AuthType, ClientTls, Config, LogFormat, SessionStateMode, TcpOptions, UserSecret};
 
 /// Marks a value whose mistake is already recorded in the [`Reader`].
 #[derive(Debug)]
@@ -156,8 +156,13 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
     let server_lifetime_jitter = lifetime_jitter(r, g, &server_lifetime);
     let server_idle_timeout = r.req(g, "server_idle_timeout", value::duration);
     let server_connect_timeout = r.req(g, "server_connect_timeout", value::duration);
+    let server_check_query = r.req(g, "server_check_query", value::text);
+    let server_check_delay = r.req(g, "server_check_delay", value::duration);
+    let tcp = tcp_options(r, g);
     let server_login_retry = r.req(g, "server_login_retry", value::duration);
     let query_wait_timeout = r.req(g, "query_wait_timeout", value::duration);
+    let reserve_pool_timeout = r.req(g, "reserve_pool_timeout", value::duration);
+    let max_user_connections = r.req(g, "max_user_connections", usize_count);
     let client_login_timeout = r.req(g, "client_login_timeout", value::duration);
     let idle_transaction_timeout = r.req(g, "idle_transaction_timeout", value::optional_duration);
     let query_timeout = r.req(g, "query_timeout", value::optional_duration);
@@ -204,8 +209,13 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
         server_lifetime_jitter: server_lifetime_jitter?,
         server_idle_timeout: server_idle_timeout?,
         server_connect_timeout: server_connect_timeout?,
+        server_check_query: server_check_query?,
+        server_check_delay: server_check_delay?,
+        tcp: tcp?,
         server_login_retry: server_login_retry?,
         query_wait_timeout: query_wait_timeout?,
+        reserve_pool_timeout: reserve_pool_timeout?,
+        max_user_connections: max_user_connections?,
         client_login_timeout: client_login_timeout?,
         idle_transaction_timeout: idle_transaction_timeout?,
         query_timeout: query_timeout?,
@@ -239,6 +249,69 @@ fn config(r: &mut Reader, inputs: &Inputs) -> Result<Config, Reported> {
             .chain(auth_file.ok().flatten())
             .collect(),
     })
+}
+
+/// The tcp_* keys; 0 keeps the system's value. The kernel takes keepalive times in whole
+/// seconds (at most 32767) and at most 127 probes, so anything else is refused here rather
+/// than rounded or rejected at the first connection.
+fn tcp_options(r: &mut Reader, g: &Layer) -> Result<TcpOptions, Reported> {
+    let keepalive = r.req(g, "tcp_keepalive", value::boolean);
+    let keepidle = r.req(g, "tcp_keepidle", keepalive_seconds);
+    let keepintvl = r.req(g, "tcp_keepintvl", keepalive_seconds);
+    let keepcnt = r.req(g, "tcp_keepcnt", keepalive_probes);
+    let user_timeout = r.req(g, "tcp_user_timeout", user_timeout);
+    Ok(TcpOptions {
+        keepalive: keepalive?,
+        keepidle: keepidle?,
+        keepintvl: keepintvl?,
+        keepcnt: keepcnt?,
+        user_timeout: user_timeout?,
+    })
+}
+
+fn keepalive_seconds(raw: &Raw, key: &Key) -> Result<Option<Duration>, Problem> {
+    let time = value::duration(raw, key)?;
+    if time.is_zero() {
+        return Ok(None);
+    }
+    if time.subsec_nanos() != 0 || time.as_secs() > 32767 {
+        return Err(Problem::new(
+            format!("{time:?} is not a whole number of seconds from 1s to 32767s"),
+            format!(
+                "set whole seconds, e.g. {}, or 0 for the system's value",
+                key.example
+            ),
+        ));
+    }
+    Ok(Some(time))
+}
+
+fn keepalive_probes(raw: &Raw, key: &Key) -> Result<Option<u32>, Problem> {
+    match usize_count(raw, key)? {
+        0 => Ok(None),
+        n @ 1..=127 => Ok(Some(n as u32)),
+        n => Err(Problem::new(
+            format!("{n} probes is more than the kernel's 127"),
+            format!(
+                "set 1 to 127, e.g. {}, or 0 for the system's value",
+                key.example
+            ),
+        )),
+    }
+}
+
+fn user_timeout(raw: &Raw, key: &Key) -> Result<Option<Duration>, Problem> {
+    let time = value::duration(raw, key)?;
+    if time.as_millis() > u128::from(u32::MAX) || (!time.is_zero() && time.as_millis() == 0) {
+        return Err(Problem::new(
+            format!("{time:?} is out of range"),
+            format!(
+                "set 1ms to 49 days, e.g. {}, or 0 for the system's behaviour",
+                key.example
+            ),
+        ));
+    }
+    Ok((!time.is_zero()).then_some(time))
 }
 
 /// Default 10% of the lifetime; never more than the lifetime itself.

@@ -304,6 +304,8 @@ fn database(
     let pool_mode = r.req(&layer, "pool_mode", value::named::<PoolMode>);
     let pool_size = r.req(&layer, "pool_size", usize_count);
     let min_pool_size = r.req(&layer, "min_pool_size", usize_count);
+    let reserve_pool_size = r.req(&layer, "reserve_pool_size", usize_count);
+    let max_db_connections = r.req(&layer, "max_db_connections", usize_count);
     let read_only_database = r.get(&layer, "read_only_database", value::name);
     if let (Ok(min), Ok(max)) = (&min_pool_size, &pool_size) {
         if min > max {
@@ -348,6 +350,8 @@ fn database(
         pool_mode: pool_mode?,
         pool_size: pool_size?,
         min_pool_size: min_pool_size?,
+        reserve_pool_size: reserve_pool_size?,
+        max_db_connections: max_db_connections?,
         read_only_database: read_only_database?,
     };
     Ok((database, url_user))

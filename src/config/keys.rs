@@ -215,6 +215,27 @@ pub static KEYS: &[Key] = &[
         .per_database()
         .help("Server connections kept open even when idle; at most pool_size")
         .example("2"),
+    Key::new("reserve_pool_size", "reserve-pool-size", Kind::Count, POOLS)
+        .default("0")
+        .unit("server connections")
+        .per_database()
+        .help("Extra server connections a pool may open beyond pool_size once a client has waited reserve_pool_timeout for one, as PgBouncer's reserve pool; an extra connection serves clients that have waited that long and is closed when it comes back with none waiting so long; 0 for no reserve")
+        .example("5"),
+    Key::new("reserve_pool_timeout", "reserve-pool-timeout", Kind::Duration, POOLS)
+        .default("5s")
+        .help("How long a client waits for a server before its pool may use reserve_pool_size; 0 uses the reserve as soon as the pool is full")
+        .example("1s"),
+    Key::new("max_db_connections", "max-db-connections", Kind::Count, POOLS)
+        .default("0")
+        .unit("server connections per upstream database")
+        .per_database()
+        .help("Most server connections to one upstream database, counted across every database entry whose upstream names the same hosts and dbname (iampool has one pool per entry, so one entry alone is already bounded by pool_size); a pool at the limit waits for a connection of another to close, and closes one of their idle servers when they have no client waiting; 0 for no limit")
+        .example("50"),
+    Key::new("max_user_connections", "max-user-connections", Kind::Count, POOLS)
+        .default("0")
+        .unit("server connections per upstream user")
+        .help("Most server connections signed in as one upstream user, counted across every pool that logs in as that user name; waits and makes room as max_db_connections; 0 for no limit")
+        .example("50"),
     Key::new("read_only_database", "read-only-database", Kind::Text, POOLS)
         .restart()
         .per_database()
@@ -249,6 +270,40 @@ pub static KEYS: &[Key] = &[
         .default("15s")
         .help("Give up opening a server connection (TCP, TLS and login) after this long")
         .example("5s"),
+    Key::new("server_check_query", "server-check-query", Kind::Text, TIMEOUTS)
+        .default("")
+        .help("Run on a server that sat idle in its pool for server_check_delay or longer before a client gets it; a server that does not answer within server_connect_timeout, or is not idle afterwards, is closed and the client gets another. A server handed straight from one client to a waiting one is not checked (it has just answered). Empty (PgBouncer 1.25's default) for no check; iampool notices a server that closed while idle either way")
+        .example("select 1"),
+    Key::new("server_check_delay", "server-check-delay", Kind::Duration, TIMEOUTS)
+        .default("30s")
+        .help("How long a server may sit idle in its pool and still be handed out without server_check_query; 0 checks every server taken from the idle list")
+        .example("10s"),
+    Key::new("tcp_keepalive", "tcp-keepalive", Kind::Bool, TIMEOUTS)
+        .default("true")
+        .restart()
+        .help("TCP keepalive on every client and server socket, so a peer that vanished without a word (a pulled cable, a NAT that dropped its state) is found; with tcp_keepidle, tcp_keepintvl and tcp_keepcnt at 0 the system's timing applies (Linux: first probe after 2 h)")
+        .example("false"),
+    Key::new("tcp_keepidle", "tcp-keepidle", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .restart()
+        .help("With tcp_keepalive, how long a socket is idle before the first probe, in whole seconds up to 32767s; 0 keeps the system's value")
+        .example("60s"),
+    Key::new("tcp_keepintvl", "tcp-keepintvl", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .restart()
+        .help("With tcp_keepalive, time between unanswered probes, in whole seconds up to 32767s; 0 keeps the system's value")
+        .example("10s"),
+    Key::new("tcp_keepcnt", "tcp-keepcnt", Kind::Count, TIMEOUTS)
+        .default("0")
+        .unit("probes")
+        .restart()
+        .help("With tcp_keepalive, unanswered probes before the connection is dropped, up to 127; 0 keeps the system's value")
+        .example("5"),
+    Key::new("tcp_user_timeout", "tcp-user-timeout", Kind::Duration, TIMEOUTS)
+        .default("0")
+        .restart()
+        .help("TCP_USER_TIMEOUT on every client and server socket: a connection whose sent data stays unacknowledged this long is dropped (milliseconds count; PgBouncer's bare number is milliseconds, iampool's seconds: write 5000ms); 0 keeps the system's behaviour")
+        .example("30s"),
     Key::new("server_login_retry", "server-login-retry", Kind::Duration, TIMEOUTS)
         .default("2s")
         .help("Wait this long before trying again after a failed server login")

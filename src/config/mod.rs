@@ -220,8 +220,41 @@ pub struct Database {
     pub pool_mode: PoolMode,
     pub pool_size: usize,
     pub min_pool_size: usize,
+    /// Extra servers beyond pool_size for clients that waited reserve_pool_timeout.
+    pub reserve_pool_size: usize,
+    /// Most server connections to this upstream database (same hosts and dbname) across
+    /// pools; 0: no limit.
+    pub max_db_connections: usize,
     /// The database whose pool takes transactions that declare themselves read-only.
     pub read_only_database: Option<String>,
+}
+
+/// TCP options set on every client and server socket (PgBouncer's tcp_* settings); `None`
+/// keeps the system's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub keepalive: bool,
+    /// Idle time before the first keepalive probe (whole seconds).
+    pub keepidle: Option<Duration>,
+    /// Time between unanswered probes (whole seconds).
+    pub keepintvl: Option<Duration>,
+    /// Unanswered probes before the connection is dropped.
+    pub keepcnt: Option<u32>,
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for TcpOptions {
+    /// PgBouncer's defaults: keepalive on, the system's timing.
+    fn default() -> Self {
+        TcpOptions {
+            keepalive: true,
+            keepidle: None,
+            keepintvl: None,
+            keepcnt: None,
+            user_timeout: None,
+        }
+    }
 }
 
 /// A client user's stored secret.
@@ -257,8 +290,17 @@ pub struct Config {
     pub server_lifetime_jitter: Duration,
     pub server_idle_timeout: Duration,
     pub server_connect_timeout: Duration,
+    /// Run on a server idle this long or longer before a client gets it; empty: no check.
+    pub server_check_query: String,
+    pub server_check_delay: Duration,
+    /// Keepalive and TCP_USER_TIMEOUT on client and server sockets.
+    pub tcp: TcpOptions,
     pub server_login_retry: Duration,
     pub query_wait_timeout: Duration,
+    /// A client waiting this long for a server lets its pool use its reserve.
+    pub reserve_pool_timeout: Duration,
+    /// Most server connections signed in as one upstream user across pools; 0: no limit.
+    pub max_user_connections: usize,
     pub client_login_timeout: Duration,
     /// None = disabled.
     pub idle_transaction_timeout: Option<Duration>,

@@ -11,7 +11,7 @@
 use std::fmt::Write;
 
 use super::keys::{self, Key};
-use Fate::{Converted, Key as Same, NotNeeded, NotYet, Unsupported};
+use Fate::{Converted, Key as Same, NotNeeded, Unsupported};
 use Section::{Databases, Peers, Pgbouncer, Users};
 
 /// The section of pgbouncer.ini a setting belongs to.
@@ -130,11 +130,11 @@ pub static SETTINGS: &[Setting] = &[
     s("max_client_conn", Pgbouncer, Same("max_client_conn")),
     s("default_pool_size", Pgbouncer, Same("pool_size")),
     s("min_pool_size", Pgbouncer, Same("min_pool_size")),
-    s("reserve_pool_size", Pgbouncer, NotYet("reserve_pool_size", "extra server connections for clients that waited reserve_pool_timeout")),
-    s("reserve_pool_timeout", Pgbouncer, NotYet("reserve_pool_timeout", "how long a client waits before the reserve pool is used")),
-    s("max_db_connections", Pgbouncer, NotYet("max_db_connections", "a limit on the server connections of one database")),
+    s("reserve_pool_size", Pgbouncer, Same("reserve_pool_size")),
+    s("reserve_pool_timeout", Pgbouncer, Same("reserve_pool_timeout")),
+    s("max_db_connections", Pgbouncer, Same("max_db_connections")),
     s("max_db_client_connections", Pgbouncer, Unsupported(CLIENT_LIMIT)),
-    s("max_user_connections", Pgbouncer, NotYet("max_user_connections", "a limit on the server connections of one user")),
+    s("max_user_connections", Pgbouncer, Same("max_user_connections")),
     s("max_user_client_connections", Pgbouncer, Unsupported(CLIENT_LIMIT)),
     s("server_round_robin", Pgbouncer, Unsupported("iampool reuses the most recently released server first, as PgBouncer does by default; load_balance_hosts = random spreads new logins over the hosts")),
     s("track_extra_parameters", Pgbouncer, NotNeeded("iampool follows every parameter PostgreSQL reports (IntervalStyle, search_path, ...) and applies other startup parameters to each server a client gets")),
@@ -172,8 +172,8 @@ pub static SETTINGS: &[Setting] = &[
     // Connection sanity checks and timeouts.
     s("server_reset_query", Pgbouncer, Same("server_reset_query")),
     s("server_reset_query_always", Pgbouncer, Unsupported("in transaction mode iampool resets only what a client changed (RESET ALL after its SET, ...); server_reset_query runs in session mode")),
-    s("server_check_delay", Pgbouncer, NotYet("server_check_delay", "how long a released server is reused without server_check_query")),
-    s("server_check_query", Pgbouncer, NotYet("server_check_query", "a query that checks a server is alive before it is reused")),
+    s("server_check_delay", Pgbouncer, Same("server_check_delay")),
+    s("server_check_query", Pgbouncer, Same("server_check_query")),
     s("server_fast_close", Pgbouncer, Unsupported("iampool has no setting to close session-mode servers before their session ends")),
     s("server_lifetime", Pgbouncer, Same("server_lifetime")),
     s("server_idle_timeout", Pgbouncer, Same("server_idle_timeout")),
@@ -219,11 +219,11 @@ pub static SETTINGS: &[Setting] = &[
     s("so_reuseport", Pgbouncer, NotNeeded("one iampool uses every core (worker_threads), so there is no need for several on one port")),
     s("tcp_defer_accept", Pgbouncer, Unsupported("not set; a client that connects and sends nothing is closed after client_login_timeout")),
     s("tcp_socket_buffer", Pgbouncer, Unsupported("the system's socket buffer sizes apply")),
-    s("tcp_keepalive", Pgbouncer, NotYet("tcp_keepalive", "TCP keepalive on client and server connections")),
-    s("tcp_keepcnt", Pgbouncer, NotYet("tcp_keepcnt", "keepalive probes before a connection is dropped")),
-    s("tcp_keepidle", Pgbouncer, NotYet("tcp_keepidle", "idle time before the first keepalive probe")),
-    s("tcp_keepintvl", Pgbouncer, NotYet("tcp_keepintvl", "time between keepalive probes")),
-    s("tcp_user_timeout", Pgbouncer, NotYet("tcp_user_timeout", "how long sent data may stay unacknowledged")),
+    s("tcp_keepalive", Pgbouncer, Same("tcp_keepalive")),
+    s("tcp_keepcnt", Pgbouncer, Same("tcp_keepcnt")),
+    s("tcp_keepidle", Pgbouncer, Same("tcp_keepidle")),
+    s("tcp_keepintvl", Pgbouncer, Same("tcp_keepintvl")),
+    s("tcp_user_timeout", Pgbouncer, Converted("tcp_user_timeout", "PgBouncer's number is milliseconds: 5000 becomes 5s")),
     // [databases] connection string keywords.
     s("dbname", Databases, Converted("upstream", "the upstream string's dbname (default: the entry's name, as in PgBouncer)")),
     s("host", Databases, Converted("upstream", "the upstream string's host; a list is tried as libpq tries it (see load_balance_hosts); unix sockets are not supported (iampool reaches servers over TCP)")),
@@ -235,12 +235,12 @@ pub static SETTINGS: &[Setting] = &[
     s("auth_dbname", Databases, Unsupported(NO_AUTH_QUERY)),
     s("pool_size", Databases, Same("pool_size")),
     s("min_pool_size", Databases, Same("min_pool_size")),
-    s("reserve_pool_size", Databases, NotYet("reserve_pool_size", "extra server connections for clients that waited reserve_pool_timeout")),
-    s("reserve_pool", Databases, NotYet("reserve_pool_size", "PgBouncer's old name of reserve_pool_size")),
+    s("reserve_pool_size", Databases, Same("reserve_pool_size")),
+    s("reserve_pool", Databases, Same("reserve_pool_size")),
     s("connect_query", Databases, Unsupported("iampool runs no query at login; options = \"-c NAME=VALUE\" sets parameters at login")),
     s("pool_mode", Databases, Converted("pool_mode", "session and transaction as in PgBouncer; there is no statement mode (transaction is the nearest)")),
     s("load_balance_hosts", Databases, Converted("load_balance_hosts", "round-robin becomes random (the hosts shuffled for each login), disable stays disable (in order, next after a failure); PgBouncer's default is round-robin, iampool's disable")),
-    s("max_db_connections", Databases, NotYet("max_db_connections", "a limit on the server connections of one database")),
+    s("max_db_connections", Databases, Same("max_db_connections")),
     s("max_db_client_connections", Databases, Unsupported(CLIENT_LIMIT)),
     s("server_lifetime", Databases, Unsupported("iampool's server_lifetime is one setting for every database: set it at the top level")),
     s("client_encoding", Databases, Converted("options", OPTIONS)),

@@ -1423,3 +1423,146 @@ fn the_aurora_example_is_a_valid_configuration() {
     );
     assert!(matches!(db("app_ro").upstream.auth, UpstreamAuth::Iam(_)));
 }
+
+#[test]
+fn tcp_options_default_to_pgbouncers_and_are_checked() {
+    let url = "postgres://u@h/d";
+    let config = Config::from_args(&["--upstream", url], &[]).unwrap();
+    assert_eq!(config.tcp, TcpOptions::default());
+    assert!(config.tcp.keepalive);
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            url,
+            "--tcp-keepidle",
+            "1min",
+            "--tcp-keepintvl",
+            "5",
+            "--tcp-keepcnt",
+            "4",
+            "--tcp-user-timeout",
+            "2500ms",
+            "--tcp-keepalive",
+            "false",
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        config.tcp,
+        TcpOptions {
+            keepalive: false,
+            keepidle: Some(Duration::from_secs(60)),
+            keepintvl: Some(Duration::from_secs(5)),
+            keepcnt: Some(4),
+            user_timeout: Some(Duration::from_millis(2500)),
+        }
+    );
+    let all = errors(
+        &[
+            "--upstream",
+            url,
+            "--tcp-keepidle",
+            "1500ms",
+            "--tcp-keepintvl",
+            "40000",
+            "--tcp-keepcnt",
+            "200",
+        ],
+        &[],
+    );
+    let lines: Vec<String> = all.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for key in ["tcp_keepidle", "tcp_keepintvl", "tcp_keepcnt"] {
+        let line = lines.iter().find(|l| l.starts_with(key)).expect(key);
+        assert!(line.contains("0 for the system's value"), "{line}");
+    }
+}
+
+#[test]
+fn reserve_pool_defaults_to_none_and_is_set_per_database() {
+    let config = Config::from_args(&["--upstream", "postgres://u@h/d"], &[]).unwrap();
+    assert_eq!(config.databases[0].reserve_pool_size, 0);
+    assert_eq!(config.reserve_pool_timeout, Duration::from_secs(5));
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            "postgres://u@h/a?reserve_pool_size=3 postgres://u@h/b",
+            "--reserve-pool-size",
+            "1",
+            "--reserve-pool-timeout",
+            "250ms",
+        ],
+        &[],
+    )
+    .unwrap();
+    let sizes: Vec<usize> = config
+        .databases
+        .iter()
+        .map(|d| d.reserve_pool_size)
+        .collect();
+    assert_eq!(sizes, [3, 1]);
+    assert_eq!(config.reserve_pool_timeout, Duration::from_millis(250));
+    let e = one_error(
+        &[
+            "--upstream",
+            "postgres://u@h/d",
+            "--reserve-pool-size",
+            "many",
+        ],
+        &[],
+    );
+    assert_eq!(e.key, "reserve_pool_size");
+}
+
+#[test]
+fn server_check_defaults_to_no_query_and_30s() {
+    let config = Config::from_args(&["--upstream", "postgres://u@h/d"], &[]).unwrap();
+    assert_eq!(config.server_check_query, "");
+    assert_eq!(config.server_check_delay, Duration::from_secs(30));
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            "postgres://u@h/d",
+            "--server-check-query",
+            "select 1",
+            "--server-check-delay",
+            "0",
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.server_check_query, "select 1");
+    assert_eq!(config.server_check_delay, Duration::ZERO);
+}
+
+#[test]
+fn connection_caps_default_to_none() {
+    let config = Config::from_args(
+        &[
+            "--upstream",
+            "postgres://u@h/a?max_db_connections=7 postgres://u@h/b",
+            "--max-user-connections",
+            "9",
+        ],
+        &[],
+    )
+    .unwrap();
+    let caps: Vec<usize> = config
+        .databases
+        .iter()
+        .map(|d| d.max_db_connections)
+        .collect();
+    assert_eq!(caps, [7, 0]);
+    assert_eq!(config.max_user_connections, 9);
+    let e = one_error(
+        &[
+            "--upstream",
+            "postgres://u@h/d",
+            "--max-db-connections",
+            "lots",
+        ],
+        &[],
+    );
+    assert_eq!(e.key, "max_db_connections");
+}

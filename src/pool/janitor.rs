@@ -65,8 +65,7 @@ impl Pool {
                 }
             }
             if !conn.renewing && now >= conn.renew_at() && st.total < st.settings.pool_size {
-                conn.renewing = true;
-                self.spawn_connect(&mut st);
+                conn.renewing = self.spawn_connect(&mut st);
             }
             keep.push_back(conn);
         }
@@ -75,11 +74,13 @@ impl Pool {
         match st.backoff {
             Some(b) if now < b.until || st.connecting > 0 => {}
             Some(_) if st.total < min && st.total < st.settings.pool_size => {
-                self.spawn_connect(&mut st)
+                self.spawn_connect(&mut st);
             }
             _ => {
                 while st.backoff.is_none() && st.total < min && st.total < st.settings.pool_size {
-                    self.spawn_connect(&mut st);
+                    if !self.spawn_connect(&mut st) {
+                        break;
+                    }
                 }
             }
         }

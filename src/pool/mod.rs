@@ -6,11 +6,14 @@
 //! that died, outlived `server_lifetime` or sat idle past `server_idle_timeout`, and keeps
 //! `min_pool_size` open.
 
+mod check;
 mod janitor;
 pub mod listen;
 mod pins;
+mod shared_limit;
 
 pub use pins::PinLimit;
+pub use shared_limit::SharedCount;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,8 +39,21 @@ pub struct PoolSettings {
     pub mode: PoolMode,
     pub pool_size: usize,
     pub min_pool_size: usize,
+    /// Extra servers beyond pool_size, for clients that have waited `reserve_pool_timeout`.
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Duration,
+    /// Most server connections of all the pools to this pool's upstream database, and of
+    /// all those signed in as its upstream user; 0 for no limit.
+    pub max_db_connections: usize,
+    pub max_user_connections: usize,
     pub query_wait_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Run on a server idle for `server_check_delay` or longer before a client gets it;
+    /// empty for no check.
+    pub server_check_query: String,
+    pub server_check_delay: Duration,
+    /// How long a server may take to answer `server_check_query`.
+    pub server_check_limit: Duration,
     pub login_retry: Duration,
     /// Transaction mode: clients with session state keep their server (else they are only
     /// warned about, as PgBouncer does).
@@ -94,6 +110,16 @@ pub type Server = Box<ServerConn>;
 
 type Delivery = Result<Server, PoolError>;
 
+/// What a checkout finds.
+enum Taken {
+    Ready(Server),
+    /// An idle server that must answer server_check_query (this query, within this long)
+    /// before the client gets it.
+    Check(Server, String, Duration),
+    /// No idle server: the client is queued.
+    Wait(oneshot::Receiver<Delivery>, Duration),
+}
+
 struct Waiter {
     tx: oneshot::Sender<Delivery>,
     since: Instant,
@@ -118,6 +144,9 @@ struct State {
     backoff: Option<Backoff>,
     /// A retry is scheduled for when the backoff ends.
     retry_armed: bool,
+    /// A look at the reserve is scheduled for when the oldest waiter has waited
+    /// reserve_pool_timeout.
+    reserve_armed: bool,
     closed: bool,
     /// Admin PAUSE: no connection is handed out until RESUME.
     paused: bool,
@@ -181,6 +210,28 @@ impl State {
     fn busy(&self) -> usize {
         self.total - self.idle.len() - self.connecting - self.closing
     }
+
+    /// Whether the longest-waiting client has waited reserve_pool_timeout (waiters are
+    /// FIFO, so the first live one is the oldest).
+    fn reserve_due(&self, now: Instant) -> bool {
+        self.settings.reserve_pool_size > 0
+            && self
+                .waiters
+                .iter()
+                .find(|w| !w.tx.is_closed())
+                .is_some_and(|w| {
+                    now.saturating_duration_since(w.since) >= self.settings.reserve_pool_timeout
+                })
+    }
+
+    /// The most connections the pool may have now: pool_size, and its reserve while a
+    /// client has waited reserve_pool_timeout.
+    fn limit(&self, now: Instant) -> usize {
+        match self.reserve_due(now) {
+            true => self.settings.pool_size + self.settings.reserve_pool_size,
+            false => self.settings.pool_size,
+        }
+    }
 }
 
 /// A snapshot for the admin console and metrics.
@@ -194,6 +245,9 @@ pub struct PoolStatus {
     pub waiting: usize,
     pub pool_size: usize,
     pub min_pool_size: usize,
+    pub reserve_pool_size: usize,
+    pub max_db_connections: usize,
+    pub max_user_connections: usize,
     pub mode: Option<PoolMode>,
     /// Logged-in client sessions of this pool, and those holding a server right now.
     pub sessions: usize,
@@ -231,49 +285,66 @@ pub struct Pool {
     pub servers: Arc<ServerList>,
     /// Admin DISABLE: new clients are refused until ENABLE.
     disabled: AtomicBool,
+    /// Server connections of every pool to the same upstream database, and signed in as the
+    /// same upstream user (max_db_connections, max_user_connections).
+    pub db_count: Arc<SharedCount>,
+    pub user_count: Arc<SharedCount>,
+    /// Clients wait that a full shared count kept this pool from opening a connection for.
+    starved: AtomicBool,
 }
 
 impl Pool {
-    /// `servers` is the list the pool's connections enter (for the admin console).
+    /// `servers` is the list the pool's connections enter (for the admin console);
+    /// `db_count` and `user_count` are shared with the pools to the same upstream database
+    /// and user.
     pub fn new(
         database: String,
         connector: Connector,
         settings: PoolSettings,
         metrics: PoolMetrics,
         servers: Arc<ServerList>,
+        (db_count, user_count): (Arc<SharedCount>, Arc<SharedCount>),
     ) -> Arc<Pool> {
         let user = connector.upstream.user.clone();
         let pins = Arc::new(PinLimit::new(settings.max_pinned_servers));
-        Arc::new_cyclic(|pool| Pool {
-            database,
-            user,
-            connector,
-            state: Mutex::new(State {
-                settings,
-                idle: VecDeque::new(),
-                total: 0,
-                connecting: 0,
-                closing: 0,
-                being_canceled: 0,
-                waiters: VecDeque::new(),
-                last_error: None,
-                backoff: None,
-                retry_armed: false,
-                closed: false,
-                paused: false,
-                retired_before: None,
-                clock: Instant::now(),
-                failover: None,
-            }),
-            welcome: Mutex::new(None),
-            metrics,
-            sessions: AtomicUsize::new(0),
-            linked: AtomicUsize::new(0),
-            statements: Default::default(),
-            pins,
-            notifications: listen::Hub::new(pool.clone()),
-            servers,
-            disabled: AtomicBool::new(false),
+        Arc::new_cyclic(|pool| {
+            db_count.join(pool.clone());
+            user_count.join(pool.clone());
+            Pool {
+                database,
+                user,
+                connector,
+                state: Mutex::new(State {
+                    settings,
+                    idle: VecDeque::new(),
+                    total: 0,
+                    connecting: 0,
+                    closing: 0,
+                    being_canceled: 0,
+                    waiters: VecDeque::new(),
+                    last_error: None,
+                    backoff: None,
+                    retry_armed: false,
+                    reserve_armed: false,
+                    closed: false,
+                    paused: false,
+                    retired_before: None,
+                    clock: Instant::now(),
+                    failover: None,
+                }),
+                welcome: Mutex::new(None),
+                metrics,
+                sessions: AtomicUsize::new(0),
+                linked: AtomicUsize::new(0),
+                statements: Default::default(),
+                pins,
+                notifications: listen::Hub::new(pool.clone()),
+                servers,
+                disabled: AtomicBool::new(false),
+                db_count,
+                user_count,
+                starved: AtomicBool::new(false),
+            }
         })
     }
 
@@ -313,6 +384,9 @@ impl Pool {
             waiting: live.clone().count(),
             pool_size: st.settings.pool_size,
             min_pool_size: st.settings.min_pool_size,
+            reserve_pool_size: st.settings.reserve_pool_size,
+            max_db_connections: st.settings.max_db_connections,
+            max_user_connections: st.settings.max_user_connections,
             mode: Some(st.settings.mode),
             sessions: self.sessions.load(Ordering::Relaxed),
             linked_clients: self.linked.load(Ordering::Relaxed),
@@ -339,7 +413,26 @@ impl Pool {
 
     /// Waits (FIFO, up to `query_wait_timeout`) for a clean server connection.
     pub async fn checkout(self: &Arc<Self>) -> Result<Server, PoolError> {
-        let (mut rx, wait) = {
+        let started = Instant::now();
+        let (rx, wait) = loop {
+            let (mut conn, sql, limit) = match self.take_idle_or_wait()? {
+                Taken::Ready(conn) => return Ok(conn),
+                Taken::Check(conn, sql, limit) => (conn, sql, limit),
+                Taken::Wait(rx, wait) => break (rx, wait),
+            };
+            if check::passes(&mut conn, &sql, limit).await {
+                self.metrics.wait.observe(started.elapsed().as_secs_f64());
+                return Ok(conn);
+            }
+            self.discard(conn);
+        };
+        self.wait_for(rx, wait).await
+    }
+
+    /// An idle server (checked or about to be), or a place in the queue: in one step, so a
+    /// server checked in meanwhile cannot sit idle while this client waits.
+    fn take_idle_or_wait(self: &Arc<Self>) -> Result<Taken, PoolError> {
+        {
             let mut st = self.lock();
             if st.closed {
                 return Err(PoolError::Closed);
@@ -348,9 +441,13 @@ impl Pool {
             while let Some(mut conn) = (!st.paused).then(|| st.idle.pop_front()).flatten() {
                 match conn.check_idle() {
                     IdleCheck::Healthy if !conn.expired(clock) => {
-                        self.metrics.wait.observe(0.0);
                         conn.set_state(ServerState::Active, clock);
-                        return Ok(conn);
+                        if check::due(&st.settings, &conn, clock) {
+                            let sql = st.settings.server_check_query.clone();
+                            return Ok(Taken::Check(conn, sql, st.settings.server_check_limit));
+                        }
+                        self.metrics.wait.observe(0.0);
+                        return Ok(Taken::Ready(conn));
                     }
                     IdleCheck::Gone { fatal } => {
                         if let Some(sign) = failover_sign(fatal.as_ref()) {
@@ -374,8 +471,16 @@ impl Pool {
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(Waiter { tx, since: now });
             self.grow_for_waiters(&mut st);
-            (rx, st.settings.query_wait_timeout)
-        };
+            Ok(Taken::Wait(rx, st.settings.query_wait_timeout))
+        }
+    }
+
+    /// Waits in the queue (FIFO, up to `wait`) for a server.
+    async fn wait_for(
+        self: &Arc<Self>,
+        mut rx: oneshot::Receiver<Delivery>,
+        wait: Duration,
+    ) -> Result<Server, PoolError> {
         let started = Instant::now();
         let give_up = started + wait;
         // Every UNAVAILABLE_GRACE the wait looks up: if logins are failing and the pool has
@@ -448,7 +553,10 @@ impl Pool {
         let mut st = self.lock();
         let now = st.clock;
         let retired = st.retired_before.is_some_and(|t| conn.created_at <= t);
-        if st.closed || conn.expired(now) || retired || st.total > st.settings.pool_size {
+        // Above pool_size (a reserve connection, or a pool shrunk by a reload) a connection
+        // stays only for a client that has waited reserve_pool_timeout.
+        let over = st.total > st.limit(Instant::now());
+        if st.closed || conn.expired(now) || retired || over {
             self.forget(&mut st, conn);
             return;
         }
@@ -664,8 +772,24 @@ impl Pool {
                 Err(Err(_)) => unreachable!("only connections are sent here"),
             }
         }
+        if self.shared_count_wanted(st) {
+            // Another pool's clients wait for a place in a shared count this server holds.
+            self.forget(st, conn);
+            return;
+        }
         conn.set_state(ServerState::Idle, st.clock);
         st.idle.push_front(conn);
+    }
+
+    /// Whether a pool sharing a full max_db_connections or max_user_connections count with
+    /// this one has clients waiting that it could not open a connection for.
+    fn shared_count_wanted(&self, st: &State) -> bool {
+        let (db, user) = (
+            st.settings.max_db_connections,
+            st.settings.max_user_connections,
+        );
+        (db > 0 && self.db_count.count() >= db && self.db_count.other_starved(self))
+            || (user > 0 && self.user_count.count() >= user && self.user_count.other_starved(self))
     }
 
     /// Closes a connection in the background. It stays on the books until its backend has
@@ -681,6 +805,7 @@ impl Pool {
             let mut st = pool.lock();
             st.closing -= 1;
             st.total -= 1;
+            pool.give_back_places();
             pool.grow_for_waiters(&mut st);
         });
     }
@@ -688,26 +813,58 @@ impl Pool {
     /// Opens connections while clients wait and the pool has room.
     fn grow_for_waiters(self: &Arc<Self>, st: &mut State) {
         st.waiters.retain(|w| !w.tx.is_closed());
+        // Set again below if a shared count still turns a waiting client away.
+        self.starved.store(false, Ordering::Relaxed);
         if let Some(b) = st.backoff {
             // Logins are failing: none before the backoff ends, then one at a time until
             // one succeeds, however many clients wait.
             if st.closed || st.paused || st.waiters.is_empty() {
                 return;
             }
-            if Instant::now() < b.until {
+            let now = Instant::now();
+            if now < b.until {
                 self.arm_retry(st, b.until);
-            } else if st.connecting == 0 && st.total < st.settings.pool_size {
+            } else if st.connecting == 0 && st.total < st.limit(now) {
                 self.spawn_connect(st);
             }
             return;
         }
-        while !st.closed
-            && !st.paused
-            && st.total < st.settings.pool_size
-            && st.waiters.len() > st.connecting
-        {
-            self.spawn_connect(st);
+        let limit = st.limit(Instant::now());
+        while !st.closed && !st.paused && st.total < limit && st.waiters.len() > st.connecting {
+            if !self.spawn_connect(st) {
+                break;
+            }
         }
+        self.arm_reserve(st);
+    }
+
+    /// Clients wait that no login in progress will serve, and the pool has a reserve it
+    /// may not use yet: look again once the oldest has waited reserve_pool_timeout (one
+    /// timer at a time; each look arms the next).
+    fn arm_reserve(self: &Arc<Self>, st: &mut State) {
+        if st.reserve_armed
+            || st.closed
+            || st.paused
+            || st.settings.reserve_pool_size == 0
+            || st.waiters.len() <= st.connecting
+        {
+            return;
+        }
+        let Some(oldest) = st.waiters.front() else {
+            return;
+        };
+        let at = oldest.since + st.settings.reserve_pool_timeout;
+        if at <= Instant::now() {
+            return;
+        }
+        st.reserve_armed = true;
+        let pool = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let mut st = pool.lock();
+            st.reserve_armed = false;
+            pool.grow_for_waiters(&mut st);
+        });
     }
 
     /// Tries again for the waiting clients once the backoff ends (one timer at a time).
@@ -725,7 +882,28 @@ impl Pool {
         });
     }
 
-    fn spawn_connect(self: &Arc<Self>, st: &mut State) {
+    /// Opens a connection, unless max_db_connections or max_user_connections is reached
+    /// (then another pool sharing the full count is asked for an idle server): whether it
+    /// started.
+    fn spawn_connect(self: &Arc<Self>, st: &mut State) -> bool {
+        // Only clients waiting are a reason to close another pool's server, not keeping
+        // min_pool_size or renewing ahead of time.
+        let waited = !st.waiters.is_empty();
+        if !self.db_count.try_take(st.settings.max_db_connections) {
+            if waited {
+                self.starved.store(true, Ordering::Relaxed);
+                self.evict_elsewhere(self.db_count.clone());
+            }
+            return false;
+        }
+        if !self.user_count.try_take(st.settings.max_user_connections) {
+            self.db_count.give_back();
+            if waited {
+                self.starved.store(true, Ordering::Relaxed);
+                self.evict_elsewhere(self.user_count.clone());
+            }
+            return false;
+        }
         st.total += 1;
         st.connecting += 1;
         let pool = self.clone();
@@ -741,6 +919,47 @@ impl Pool {
                 }
             }
             pool.connected(result);
+        });
+        true
+    }
+
+    /// A connection is gone: its places in the shared counts are free, and the other pools
+    /// sharing them look at their waiting clients again (in a task: no two pools' locks are
+    /// ever held together).
+    fn give_back_places(self: &Arc<Self>) {
+        self.db_count.give_back();
+        self.user_count.give_back();
+        let mut others = self.db_count.others(self);
+        others.extend(self.user_count.others(self));
+        if others.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for pool in others {
+                let mut st = pool.lock();
+                pool.grow_for_waiters(&mut st);
+            }
+        });
+    }
+
+    /// This pool's clients wait on a full shared count: one idle server of another pool
+    /// sharing it, one with no client waiting, is closed to make room (its least recently
+    /// used).
+    fn evict_elsewhere(self: &Arc<Self>, count: Arc<SharedCount>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            for other in count.others(&me) {
+                let mut st = other.lock();
+                if st.waiters.iter().any(|w| !w.tx.is_closed()) {
+                    continue;
+                }
+                if let Some(conn) = st.idle.pop_back() {
+                    debug!(pool = %other.database, for_pool = %me.database, backend_pid = conn.backend_pid,
+                        "closing an idle server to make room under max_db_connections or max_user_connections");
+                    other.forget(&mut st, conn);
+                    return;
+                }
+            }
         });
     }
 
@@ -776,6 +995,7 @@ impl Pool {
             }
             Err(e) => {
                 st.total -= 1;
+                self.give_back_places();
                 let now = Instant::now();
                 let failures = st.backoff.map_or(0, |b| b.failures) + 1;
                 let delay = backoff_delay(st.settings.login_retry, failures);

@@ -126,6 +126,8 @@ pub struct Connector {
     connect_timeout: Duration,
     lifetime: Duration,
     lifetime_jitter: Duration,
+    /// Keepalive and TCP_USER_TIMEOUT for each socket dialled.
+    tcp: crate::config::TcpOptions,
     next_id: AtomicU64,
 }
 
@@ -196,8 +198,15 @@ impl Connector {
             connect_timeout,
             lifetime,
             lifetime_jitter,
+            tcp: crate::config::TcpOptions::default(),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Keepalive and TCP_USER_TIMEOUT for the sockets it dials (default: PgBouncer's).
+    pub fn with_tcp(mut self, tcp: crate::config::TcpOptions) -> Connector {
+        self.tcp = tcp;
+        self
     }
 
     /// A rotated upstream password, for the logins that follow; connections already signed
@@ -355,6 +364,9 @@ impl Connector {
             source,
         })?;
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = crate::tcp::apply(&tcp, &self.tcp) {
+            debug!(error = %e, "could not set TCP options on a server socket");
+        }
         let peer = tcp.peer_addr()?;
         Ok((tcp, peer))
     }

@@ -179,6 +179,18 @@ impl ServerConn {
         Ok(())
     }
 
+    /// Runs `sql` (`server_check_query`) on this idle server within `limit`: Ok when the
+    /// server answers it and is idle again.
+    pub async fn check_alive(&mut self, sql: &str, limit: Duration) -> Result<(), SessionError> {
+        match tokio::time::timeout(limit, self.run_own(sql)).await {
+            Ok(r) => r.map(drop),
+            Err(_) => Err(SessionError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("server_check_query took longer than {limit:?}"),
+            ))),
+        }
+    }
+
     /// Puts this idle server inside a failed transaction block, for a client whose
     /// transaction was lost with its previous server: PostgreSQL then answers the client's
     /// next requests as it would inside that transaction (25P02 until the client rolls back).

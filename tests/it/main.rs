@@ -16,6 +16,7 @@ mod frontend;
 mod harness;
 mod iam;
 mod inject;
+mod knobs;
 mod observability;
 mod pgbench;
 mod pgbouncer_import;

@@ -170,13 +170,13 @@ auth_hba_file = /etc/pgbouncer/pg_hba.conf
         let rest = &report[start..];
         rest[..rest.find("\n\n").unwrap_or(rest.len())].to_string()
     };
-    let not_yet = section("not carried yet");
-    for later in [
-        "reserve_pool_size = 3",
-        "tcp_keepalive = 1",
-        "reports: reserve_pool=2",
+    let carried = section("carried over (");
+    for knob in [
+        "reserve_pool_size = 3 -> reserve_pool_size = 3",
+        "tcp_keepalive = 1 -> tcp_keepalive = true",
+        "reports: reserve_pool=2 -> reserve_pool_size = 2",
     ] {
-        assert!(not_yet.contains(later), "{later}:\n{report}");
+        assert!(carried.contains(knob), "{knob}:\n{report}");
     }
     assert!(
         report.contains("query_timeout = 30 -> query_timeout = "),

@@ -55,6 +55,7 @@ pub struct Import<'a> {
 
 /// `[pgbouncer]` settings taken by hand rather than through the table.
 pub const BY_HAND: &[&str] = &[
+    "tcp_user_timeout",
     "listen_addr",
     "listen_port",
     "unix_socket_dir",
@@ -125,6 +126,9 @@ impl Import<'_> {
         }
         if let Some(entry) = find("max_packet_size") {
             self.max_packet_size(entry);
+        }
+        if let Some(entry) = find("tcp_user_timeout") {
+            self.tcp_user_timeout(entry);
         }
         for entry in entries {
             let name = entry.key.to_ascii_lowercase();
@@ -440,6 +444,29 @@ impl Import<'_> {
             "log_level",
             toml::Value::String(level.into()),
             format!("{} verbose", entry.at),
+        );
+    }
+
+    /// PgBouncer's tcp_user_timeout is a number of milliseconds, not seconds.
+    fn tcp_user_timeout(&mut self, entry: &Entry) {
+        let Some(ms) = value::integer(&entry.value).filter(|n| *n >= 0) else {
+            self.error(
+                &entry.at,
+                format!(
+                    "tcp_user_timeout: {:?} is not a number of milliseconds",
+                    entry.value
+                ),
+                "fix the value in pgbouncer.ini (PgBouncer would refuse it too)",
+            );
+            return;
+        };
+        let carried = value::duration(std::time::Duration::from_millis(ms as u64));
+        let text = format!("tcp_user_timeout = {ms} -> tcp_user_timeout = {carried}");
+        self.report.note(Kind::Carried, Some(&entry.at), text);
+        self.global(
+            "tcp_user_timeout",
+            carried,
+            format!("{} tcp_user_timeout", entry.at),
         );
     }
 

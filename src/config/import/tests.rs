@@ -61,6 +61,7 @@ logfile = /var/log/pgbouncer/pgbouncer.log
 pidfile = /var/run/pgbouncer/pgbouncer.pid
 reserve_pool_size = 5
 tcp_keepalive = 1
+tcp_user_timeout = 2500
 auth_hba_file = /etc/pgbouncer/hba.conf
 unix_socket_dir =
 ignore_startup_parameters = extra_float_digits
@@ -170,6 +171,26 @@ fn a_realistic_pgbouncer_ini_becomes_a_configuration_iampool_loads() {
         Kind::Carried,
         "ignore_startup_parameters = extra_float_digits -> ignore_startup_parameters = [\"extra_float_digits\"]"
     ));
+    assert!(has(
+        report,
+        Kind::Carried,
+        "tcp_keepalive = 1 -> tcp_keepalive = true"
+    ));
+    assert!(has(
+        report,
+        Kind::Carried,
+        "reserve_pool_size = 5 -> reserve_pool_size = 5"
+    ));
+    assert!(has(
+        report,
+        Kind::Carried,
+        "reports: reserve_pool=3 -> reserve_pool_size = 3"
+    ));
+    assert!(has(
+        report,
+        Kind::Carried,
+        "tcp_user_timeout = 2500 -> tcp_user_timeout = \"2500ms\""
+    ));
     assert!(has(report, Kind::Changed, "legacy: no user="));
     assert!(has(report, Kind::Changed, "shop_app log in as a client"));
     assert!(has(report, Kind::Changed, "round-robin"));
@@ -186,13 +207,6 @@ fn a_realistic_pgbouncer_ini_becomes_a_configuration_iampool_loads() {
         "bogus_setting: not a PgBouncer 1.25 setting",
     ] {
         assert!(has(report, Kind::NotCarried, gone), "{gone}:\n{report}");
-    }
-    for later in [
-        "reserve_pool_size = 5",
-        "tcp_keepalive = 1",
-        "reports: reserve_pool=3",
-    ] {
-        assert!(has(report, Kind::NotYet, later), "{later}:\n{report}");
     }
     assert!(
         report
