@@ -288,21 +288,8 @@ async fn copy_in_and_out() {
     let (db2, addr2) = (db.clone(), addr);
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
         run(
-            std::process::Command::new("psql")
-                .env("PGPASSWORD", &db2.password)
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &addr2.port().to_string(),
-                    "-U",
-                    &db2.user,
-                    "-d",
-                    &db2.name,
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-Atc",
-                ])
+            pooler::psql_command(addr2.port(), &db2)
+                .args(["-v", "ON_ERROR_STOP=1", "-Atc"])
                 .arg("\\copy (select count(*) from t) to stdout"),
             T,
         )

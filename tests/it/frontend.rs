@@ -160,18 +160,7 @@ async fn psql_ctrl_c_cancels_a_running_query() {
     let iam = start(pooler::config(pg, &db)).await;
     let port = iam.local_addr().port();
     let db2 = db.clone();
-    let child = std::process::Command::new("psql")
-        .env("PGPASSWORD", &db2.password)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            &db2.user,
-            "-d",
-            &db2.name,
-        ])
+    let child = pooler::psql_command(port, &db2)
         .args(["-c", "select pg_sleep(30)"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -122,6 +122,23 @@ pub async fn start(config: Config) -> Running {
     iampool::app::start(config).await.expect("iampool starts")
 }
 
+/// psql connected to iampool on 127.0.0.1:`port` as the test database's user; the caller adds
+/// what psql is to run.
+pub fn psql_command(port: u16, db: &TestDb) -> std::process::Command {
+    let mut cmd = std::process::Command::new("psql");
+    cmd.env("PGPASSWORD", &db.password).args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        &db.user,
+        "-d",
+        &db.name,
+    ]);
+    cmd
+}
+
 pub fn client_config(addr: SocketAddr, db: &TestDb) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host(addr.ip().to_string())

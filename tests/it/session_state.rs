@@ -527,20 +527,8 @@ async fn psql_session_state_never_reaches_the_next_client() {
     ];
     let (db2, port) = (db.clone(), addr.port());
     let out = tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new("psql");
-        cmd.env("PGPASSWORD", &db2.password).args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            &db2.user,
-            "-d",
-            &db2.name,
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-At",
-        ]);
+        let mut cmd = pooler::psql_command(port, &db2);
+        cmd.args(["-v", "ON_ERROR_STOP=1", "-At"]);
         for s in statements {
             cmd.args(["-c", s]);
         }
