@@ -515,7 +515,7 @@ impl Session {
                         self.shutdown_seen = true;
                         return Some(self.shut_down().await);
                     }
-                    m = next_notification(&mut self.notifications) => {
+                    m = next_notification(&mut self.notifications), if self.notifications.is_some() => {
                         if self.deliver_notification(m).await.is_err() {
                             return Some(End::ClientGone);
                         }
@@ -534,7 +534,7 @@ impl Session {
                     self.shutdown_seen = true;
                     return Some(self.shut_down().await);
                 }
-                m = next_notification(&mut self.notifications) => {
+                m = next_notification(&mut self.notifications), if self.notifications.is_some() => {
                     if self.deliver_notification(m).await.is_err() {
                         return Some(End::ClientGone);
                     }

@@ -350,16 +350,13 @@ impl Scan {
     /// state has the server asked again. A named statement does either only when a Bind
     /// executes it.
     fn pin_on_sql(&mut self, tag: u8, start: usize, end: usize, effects: Effects) -> bool {
-        let creates = effects.kinds & session_state::PINS != 0;
         let body = &self.c.buf[start..end];
         let name_len = body.len() - statement_text(tag, body).len();
         if tag == frontend::PARSE && name_len > 1 {
-            let name = &body[..name_len - 1];
-            let effect = (creates || effects.drops).then_some(creates);
-            self.pin_names.remember(name, effect);
+            self.pin_names.remember(&body[..name_len - 1], effects);
             return false;
         }
-        if creates {
+        if effects.pins() {
             if !self.pin.on_creating() {
                 self.pin
                     .refuse_statement(self.requests_sent, &mut self.c.buf[start + name_len..end]);
@@ -411,10 +408,8 @@ impl Scan {
         let text = statement_text(frontend::PARSE, body);
         let name = &body[..body.len() - text.len()];
         if name.len() > 1 {
-            let e = session_state::effects(text);
-            let creates = e.kinds & session_state::PINS != 0;
-            let effect = (creates || e.drops).then_some(creates);
-            self.pin_names.remember(&name[..name.len() - 1], effect);
+            let effects = session_state::effects(text);
+            self.pin_names.remember(&name[..name.len() - 1], effects);
         }
     }
 
@@ -689,10 +684,11 @@ struct PinNames {
 }
 
 impl PinNames {
-    /// A Parse of `name`: what its statement does now (None: neither).
-    fn remember(&mut self, name: &[u8], effect: Option<bool>) {
+    /// A Parse of `name` whose statement has these effects.
+    fn remember(&mut self, name: &[u8], effects: Effects) {
         self.names.retain(|(n, _)| n.as_slice() != name);
-        if let Some(creates) = effect {
+        let creates = effects.pins();
+        if creates || effects.drops {
             if self.names.len() < MAX_PIN_NAMES {
                 self.names.push((name.to_vec(), creates));
             } else {

@@ -49,6 +49,13 @@ pub struct Effects {
     pub drops: bool,
 }
 
+impl Effects {
+    /// Creates state that pins a transaction-mode client to its server ([`PINS`]).
+    pub fn pins(&self) -> bool {
+        self.kinds & PINS != 0
+    }
+}
+
 /// Each kind's bit (its index in [`KINDS`]).
 const LISTEN: u8 = 1 << 0;
 const SQL_PREPARE: u8 = 1 << 1;
